@@ -1,0 +1,128 @@
+"""Checkpoints: atomic writes survive a crash mid-save, damaged files fail clearly and fall back to the previous
+one, hostile pickles are refused without running, and every RNG round-trips."""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+
+import numpy as np
+import pytest
+import torch
+
+from vitdiff import checkpoint as ckpt
+
+
+def state(step: int) -> dict:
+    return {"step": step, "model": {"weight": torch.full((4, 4), float(step))}, "rng": [ckpt.capture_rng_state()]}
+
+
+def test_save_rotates_the_previous_checkpoint(tmp_path):
+    ckpt.save_checkpoint(state(1), tmp_path)
+    ckpt.save_checkpoint(state(2), tmp_path)
+    assert ckpt.load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    assert ckpt.load_checkpoint(tmp_path / "last.prev.pt")["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.prev.pt", "last.pt"]  # no temporary file left
+
+
+def test_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(state(1), tmp_path)
+    real_save = torch.save
+
+    def save_half_then_die(obj, handle, *args, **kwargs):
+        real_save(obj, handle, *args, **kwargs)
+        handle.truncate(handle.tell() // 2)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", save_half_then_die)
+    with pytest.raises(OSError, match="disk full"):
+        ckpt.save_checkpoint(state(2), tmp_path)
+    assert ckpt.load_latest(tmp_path)[0]["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def test_crash_between_the_renames_falls_back_to_the_previous_checkpoint(tmp_path, monkeypatch):
+    ckpt.save_checkpoint(state(1), tmp_path)
+    real_replace = os.replace
+    calls = []
+
+    def die_on_second_rename(src, dst):
+        calls.append(dst)
+        if len(calls) == 2:
+            raise KeyboardInterrupt  # killed after last.pt -> last.prev.pt, before the new file took its name
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", die_on_second_rename)
+    with pytest.raises(KeyboardInterrupt):
+        ckpt.save_checkpoint(state(2), tmp_path)
+    monkeypatch.undo()
+    assert not (tmp_path / "last.pt").exists()
+    loaded, path = ckpt.load_latest(tmp_path)
+    assert loaded["step"] == 1 and path.name == "last.prev.pt"
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage", "bit-flip-in-a-tensor"])
+def test_damaged_file_gives_a_clear_error_and_load_latest_falls_back(tmp_path, damage):
+    ckpt.save_checkpoint(state(1), tmp_path)
+    ckpt.save_checkpoint(state(2), tmp_path)
+    newest = tmp_path / "last.pt"
+    data = bytearray(newest.read_bytes())
+    if damage == "truncate":
+        data = data[: len(data) // 3]
+    elif damage == "garbage":
+        data[100:-100] = os.urandom(len(data) - 200)
+    else:  # the structure stays intact: only the record checksums can tell
+        data[data.find(torch.full((4, 4), 2.0).numpy().tobytes())] ^= 0x10
+    newest.write_bytes(data)
+    with pytest.raises(ckpt.CorruptCheckpointError, match=r"last\.pt is corrupt or truncated .*delete it to fall back "
+                                                           r"to last\.prev\.pt / retrain"):
+        ckpt.load_checkpoint(newest)
+    with pytest.warns(UserWarning, match="using the previous checkpoint"):
+        loaded, path = ckpt.load_latest(tmp_path)
+    assert loaded["step"] == 1 and path.name == "last.prev.pt"
+
+
+def test_no_usable_checkpoint_is_an_error(tmp_path):
+    assert ckpt.load_latest(tmp_path) is None
+    (tmp_path / "last.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ckpt.CheckpointError, match="no usable checkpoint"):
+        ckpt.load_latest(tmp_path)
+    torch.save({"weight": torch.zeros(2)}, tmp_path / "plain.pt")
+    with pytest.raises(ckpt.CheckpointError, match="not a vitdiff training checkpoint"):
+        ckpt.load_checkpoint(tmp_path / "plain.pt")
+
+
+class RunsCode:
+    """Unpickling this calls os.system: what a hostile checkpoint would do."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)
+
+
+@pytest.mark.parametrize("container", ["torch-zip", "raw-pickle"])
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, container):
+    marker = tmp_path / "code-ran"
+    payload = {"format": ckpt.FORMAT, "version": 1, "step": 1, "model": RunsCode(marker)}
+    path = tmp_path / "hostile.pt"
+    if container == "torch-zip":
+        torch.save(payload, path)
+    else:
+        path.write_bytes(pickle.dumps(payload, protocol=2))
+    with pytest.raises(ckpt.UnsafeCheckpointError, match="weights_only"):
+        ckpt.load_checkpoint(path)
+    assert not marker.exists()
+    pickle.loads(pickle.dumps(RunsCode(marker)))  # the payload is live: plain unpickling runs it
+    assert marker.exists()
+
+
+def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
+    random.seed(1), np.random.seed(2), torch.manual_seed(3)
+    np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
+    ckpt.save_checkpoint({"step": 0, "rng": ckpt.capture_rng_state()}, tmp_path)
+    expected = random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    ckpt.restore_rng_state(ckpt.load_checkpoint(tmp_path / "last.pt")["rng"])
+    assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected

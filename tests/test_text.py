@@ -1,0 +1,255 @@
+"""Text conditioning (tokenizer, encoders, TextToImage) and the shapes data set and judge."""
+from __future__ import annotations
+
+import importlib.util
+
+import numpy as np
+import pytest
+import torch
+
+from vitdiff.data import make_dataset
+from vitdiff.diffusion import DiffusionLoss, make_process
+from vitdiff.models import create_model
+from vitdiff.sampling import sample
+from vitdiff.shapes import (ABSENT, CHANCE_LEVELS, COLOURS, HELD_OUT_PAIRS, SHAPES, ShapesDataset, parse_caption,
+                            sample_scenes, shapes_tokenizer, text_alignment_accuracy, train_attribute_classifier)
+from vitdiff.text import (FrozenCLIPEncoder, PrecomputedTextEmbeddings, TextEncoder, TextToImage, WordTokenizer)
+
+CONTEXT_DIM = 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer() -> WordTokenizer:
+    return shapes_tokenizer()
+
+
+def tiny_text_model(tokenizer, backbone: str = "U-ViT-tiny", **overrides) -> TextToImage:
+    if not backbone.startswith("DiT"):  # DiT pools the text into its adaLN vector: any length
+        overrides.setdefault("context_len", tokenizer.max_length)
+    net = create_model(backbone, context_dim=CONTEXT_DIM, **overrides)
+    return TextToImage(net, TextEncoder.for_tokenizer(tokenizer, context_dim=CONTEXT_DIM, depth=1), tokenizer)
+
+
+# --------------------------------------------------------------------------- tokenizer
+def test_tokenizer_round_trips_every_caption_and_pads(tokenizer):
+    captions = ShapesDataset("all", num_samples=300).captions
+    ids = tokenizer(captions)
+    assert ids.shape == (300, tokenizer.max_length) and ids.dtype == torch.long
+    assert [tokenizer.decode(row) for row in ids] == captions
+    assert (ids == tokenizer.unk_id).sum() == 0
+    short = tokenizer(["a red circle"])[0]
+    assert short[3:].eq(tokenizer.pad_id).all() and short[:3].ne(tokenizer.pad_id).all()
+    assert tokenizer([""]).eq(tokenizer.pad_id).all()  # the empty caption is all padding
+
+
+def test_tokenizer_from_corpus_unknown_truncation_and_json(tmp_path):
+    tok = WordTokenizer.from_corpus(["A red bird.", "a blue bird"])
+    assert tok.vocab[:2] == ["<pad>", "<unk>"] and tok.max_length == 4  # "a red bird ." is 4 tokens
+    assert tok.decode(tok(["a green bird"])[0]) == "a <unk> bird"
+    assert tok(["a red bird a red bird"]).shape == (1, 4)
+    tok.save(tmp_path / "tok.json")
+    loaded = WordTokenizer.load(tmp_path / "tok.json")
+    assert loaded.vocab == tok.vocab and loaded.max_length == tok.max_length
+    assert torch.equal(loaded(["a blue bird ."]), tok(["a blue bird ."]))
+    with pytest.raises(TypeError, match="list of captions"):
+        tok("a red bird")
+    with pytest.raises(ValueError, match="must start with"):
+        WordTokenizer(["a", "b"], 4)
+
+
+# --------------------------------------------------------------------------- encoders and wrapper
+def test_text_encoder_shapes_and_errors(tokenizer):
+    encoder = TextEncoder.for_tokenizer(tokenizer, context_dim=CONTEXT_DIM, depth=2)
+    ids = tokenizer(["a small red circle on the left", "a large blue square above a small white triangle"])
+    out = encoder(ids)
+    assert out.shape == (2, tokenizer.max_length, CONTEXT_DIM) and out.isfinite().all()
+    with pytest.raises(ValueError, match="long token ids"):
+        encoder(ids[:, :3])
+    with pytest.raises(ValueError, match="disagree"):
+        encoder(torch.full_like(ids, tokenizer.vocab_size))
+
+
+def test_wrapper_attributes_drop_and_null_cond(tokenizer):
+    model = tiny_text_model(tokenizer)
+    assert model.is_conditional and model.num_classes == 0 and model.context_dim == CONTEXT_DIM
+    assert (model.image_size, model.in_channels, model.out_channels, model.learn_sigma) == (32, 3, 3, False)
+    ids = model.encode_prompts(["a small red circle on the left", "a large green square at the top"])
+    dropped = model.drop_cond(ids, torch.tensor([True, False]))
+    assert dropped[0].eq(tokenizer.pad_id).all() and torch.equal(dropped[1], ids[1])
+    assert torch.equal(model.null_cond(ids), model.encode_prompts(["", ""]))
+    assert model.no_weight_decay() == {"backbone.pos_embed", "text_encoder.pos_embed"}  # U-ViT's rule, both parts
+    model.eval()
+    x, t = torch.randn(2, 3, 32, 32), torch.tensor([10.0, 500.0])
+    out = model(x, t, ids)
+    assert out.shape == x.shape
+    assert not torch.allclose(out, model(x, t, model.null_cond(ids)))  # the caption changes the prediction
+    with pytest.raises(ValueError, match="long token ids"):
+        model(x, t, ids.float())
+    with pytest.raises(ValueError, match="needs cond"):
+        model(x, t, None)
+
+
+def test_wrapper_rejects_mismatched_parts(tokenizer):
+    with pytest.raises(ValueError, match="context_dim"):
+        TextToImage(create_model("U-ViT-tiny"), TextEncoder.for_tokenizer(tokenizer), tokenizer)
+    with pytest.raises(ValueError, match="same width"):
+        TextToImage(create_model("U-ViT-tiny", context_dim=16, context_len=tokenizer.max_length),
+                    TextEncoder.for_tokenizer(tokenizer, context_dim=CONTEXT_DIM), tokenizer)
+    with pytest.raises(ValueError, match="both"):
+        TextToImage(create_model("U-ViT-tiny", context_dim=16), TextEncoder.for_tokenizer(tokenizer), None)
+
+
+@pytest.mark.parametrize("backbone,overrides", [("U-ViT-tiny", {}), ("U-ViT-tiny", {"text_mode": "cross_attn"}),
+                                                ("DiT-tiny", {})])
+def test_diffusion_loss_trains_encoder_jointly(tokenizer, backbone, overrides):
+    model = tiny_text_model(tokenizer, backbone, **overrides)
+    data = ShapesDataset("train", image_size=32, num_samples=4)
+    ids, images = model.encode_prompts(data.captions), data.images()
+    loss_fn = DiffusionLoss(make_process("ddpm-linear"), cond_drop_prob=0.5)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    # Three steps: DiT's zero-initialised final layer, then adaLN, must move before the condition gets a gradient.
+    for _ in range(3):
+        optimizer.zero_grad()
+        loss = loss_fn(model, images, ids)
+        assert loss.shape == (4,) and loss.isfinite().all()
+        loss.mean().backward()
+        optimizer.step()
+    assert model.text_encoder.token_embed.weight.grad.abs().sum() > 0
+
+
+def test_classifier_free_guidance_sampling(tokenizer):
+    model = tiny_text_model(tokenizer).eval()
+    ids = model.encode_prompts(["a small red circle on the left", "a large blue square left of a small red circle"])
+    process = make_process("ddpm-linear")
+
+    def draw(guidance: float) -> torch.Tensor:
+        return sample(model, process, (2, 3, 32, 32), sampler="ddim", steps=3, cond=ids, guidance=guidance,
+                      generator=torch.Generator().manual_seed(0), progress=False)
+
+    plain, guided = draw(1.0), draw(4.0)
+    assert guided.shape == (2, 3, 32, 32) and guided.isfinite().all()
+    assert not torch.allclose(plain, guided)  # the guided path runs the empty caption too
+
+
+def test_precomputed_embeddings_and_their_null(tmp_path, tokenizer):
+    rng = np.random.default_rng(0)
+    for name in ("0_0", "0_1", "1_0"):
+        np.save(tmp_path / f"{name}.npy", rng.standard_normal((5, CONTEXT_DIM)).astype(np.float32))
+    np.save(tmp_path / "empty_context.npy", np.zeros((5, CONTEXT_DIM), np.float32))
+    embeddings = PrecomputedTextEmbeddings(tmp_path)
+    assert len(embeddings) == 3 and embeddings.context_dim == CONTEXT_DIM
+    assert torch.equal(embeddings["0_1"], embeddings[1]) and embeddings.empty.abs().sum() == 0
+    model = TextToImage(create_model("U-ViT-tiny", context_dim=CONTEXT_DIM, context_len=5),
+                        null_context=embeddings.empty)
+    context = torch.stack([embeddings[0], embeddings[2]])
+    dropped = model.drop_cond(context, torch.tensor([False, True]))
+    assert torch.equal(dropped[0], context[0]) and dropped[1].abs().sum() == 0
+    assert model(torch.randn(2, 3, 32, 32), torch.tensor([1.0, 2.0]), context).shape == (2, 3, 32, 32)
+    with pytest.raises(ValueError, match="float embeddings"):
+        model.encode_text(torch.zeros(2, 5, dtype=torch.long))
+    np.save(tmp_path / "bad.npy", np.zeros(3, np.float32))
+    with pytest.raises(ValueError, match="one \\(L, D\\)"):
+        PrecomputedTextEmbeddings(tmp_path)["bad"]
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        PrecomputedTextEmbeddings(tmp_path / "missing")
+
+
+def test_clip_adapter_errors_clearly(tmp_path):
+    with pytest.raises(FileNotFoundError, match="LOCAL folder"):
+        FrozenCLIPEncoder(tmp_path / "no-such-clip")
+    if importlib.util.find_spec("transformers") is None:
+        with pytest.raises(ImportError, match="pip install transformers"):
+            FrozenCLIPEncoder(tmp_path)
+    else:  # an empty folder holds no weights
+        with pytest.raises(FileNotFoundError, match="could not load CLIP"):
+            FrozenCLIPEncoder(tmp_path)
+
+
+# --------------------------------------------------------------------------- shapes data
+def test_shapes_is_deterministic_at_every_size():
+    a, b = ShapesDataset("train", num_samples=20, seed=3), ShapesDataset("train", num_samples=20, seed=3)
+    assert a.captions == b.captions and torch.equal(a.attributes, b.attributes)
+    assert torch.equal(a.images(range(5)), b.images(range(5)))
+    assert ShapesDataset("train", num_samples=20, seed=4).captions != a.captions
+    for size in (32, 64, 256):
+        image, caption, attributes = ShapesDataset("val", image_size=size, num_samples=2)[0]
+        assert image.shape == (3, size, size) and image.min() >= -1 and image.max() <= 1
+        assert isinstance(caption, str) and attributes.shape == (2, 4)
+
+
+def test_held_out_pairs_never_reach_training():
+    held = {(COLOURS.index(c), SHAPES.index(s)) for c, s in HELD_OUT_PAIRS}
+
+    def pairs(split: str) -> list[set]:
+        attributes = sample_scenes(3000, split=split)["attributes"]
+        return [{(int(c), int(s)) for s, c, _, _ in scene if s != ABSENT} for scene in attributes]
+
+    for split in ("train", "val"):
+        assert all(not (scene & held) for scene in pairs(split))
+    assert all(scene & held for scene in pairs("test"))
+    seen = set().union(*pairs("train"))
+    assert {c for c, _ in seen} == set(range(len(COLOURS))) and {s for _, s in seen} == set(range(len(SHAPES)))
+
+
+def test_captions_state_the_attributes():
+    data = ShapesDataset("all", num_samples=200)
+    for caption, attributes in zip(data.captions, data.attributes):
+        assert torch.equal(parse_caption(caption), attributes)
+    assert {c.split()[4] for c in data.captions if len(c.split()) > 7} == {"left", "above"}  # both relations
+    with pytest.raises(ValueError, match="not a shapes caption"):
+        parse_caption("a dog on a skateboard")
+
+
+def test_shapes_in_the_data_registry(tokenizer):
+    image, caption = make_dataset("shapes", train=False, max_items=3)[2]
+    assert image.shape == (3, 64, 64) and parse_caption(caption)[:, 0].ne(ABSENT).any()
+    _, ids = make_dataset("shapes", image_size=32, split="val", num_samples=2, tokenizer=tokenizer)[1]
+    assert ids.shape == (tokenizer.max_length,) and ids.dtype == torch.long
+    with pytest.raises(ValueError, match="flip"):
+        make_dataset("shapes", flip=True)
+
+
+# --------------------------------------------------------------------------- judge
+@pytest.fixture(scope="module")
+def quick_judge():
+    # A short run (the cached judge trains 3x longer on 4x the images); enough to show the metric works.
+    return train_attribute_classifier(num_images=2000, steps=100, batch_size=64)
+
+
+def test_judge_reads_real_test_images(quick_judge):
+    data = ShapesDataset("test", num_samples=300)
+    scores = text_alignment_accuracy(data.images(), data.attributes, quick_judge)
+    assert min(scores["count"], scores["colour"], scores["size"], scores["position"]) > 0.9
+    assert scores["shape"] > 0.6 and scores["all_correct"] > 0.4
+    assert scores["all_correct"] > 100 * CHANCE_LEVELS["all_correct"]
+    # Captions that do not match the images score far lower: the metric can fail.
+    shuffled = text_alignment_accuracy(data.images(), data.attributes.roll(1, 0), quick_judge)
+    assert shuffled["all_correct"] < 0.1 and shuffled["colour"] < 0.5
+
+
+def test_chance_levels_are_uniform_guessing():
+    assert CHANCE_LEVELS["shape"] == pytest.approx(1 / 3) and CHANCE_LEVELS["colour"] == pytest.approx(1 / 6)
+    one = 1 / 3 * 1 / 6 * 1 / 2 * 1 / 4
+    assert CHANCE_LEVELS["all_correct"] == pytest.approx(0.5 * (0.5 * one + 0.5 * one ** 2))
+
+
+# --------------------------------------------------------------------------- resolution
+def test_text_to_image_256_trains_on_cpu_at_batch_1(tokenizer):
+    # The 256x256 hierarchical ASCEND preset, trunk cut to 2 blocks so the test stays quick.
+    net = create_model("ASCEND-H-S/16-256", context_dim=64, context_len=tokenizer.max_length, depth=2)
+    model = TextToImage(net, TextEncoder.for_tokenizer(tokenizer, context_dim=64, depth=1), tokenizer)
+    model.set_gradient_checkpointing(True)
+    data = ShapesDataset("train", image_size=256, num_samples=2)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.0)  # no decay: only gradients move them
+    loss_fn = DiffusionLoss(make_process("ddpm-linear"), cond_drop_prob=0.1)
+    for index in range(2):
+        image, caption, _ = data[index]
+        loss = loss_fn(model, image[None], model.encode_prompts([caption])).mean()
+        assert loss.isfinite()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
+    assert "text_encoder.token_embed.weight" in changed and "backbone.context_embed.weight" in changed
+    assert len(changed) > 0.8 * len(before)

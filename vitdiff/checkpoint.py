@@ -1,0 +1,177 @@
+"""Full-state training checkpoints that survive crashes and cannot run code.
+
+A checkpoint holds everything a run needs to continue bit-exactly: model,
+EMA, optimizer and LR-scheduler state, the step, every random generator
+(python, numpy, torch CPU, CUDA) and the data position, plus the config.
+
+Writing is atomic: the new file is written to a temporary name in the same
+directory, flushed and fsynced, then the current ``last.pt`` is renamed to
+``last.prev.pt`` and the new file renamed to ``last.pt`` (``os.replace``), and
+the directory is fsynced. A crash at any moment leaves at least one whole
+checkpoint, and :func:`load_latest` falls back to ``last.prev.pt`` with a
+warning when ``last.pt`` is missing, truncated or corrupt.
+
+Reading first checks every record's CRC32 (torch.load does not, so a flipped
+bit in a tensor would load silently), then uses ``torch.load(weights_only=True)``,
+which refuses any pickle that would import or call code, so a hostile file
+raises instead of running. That is why the RNG states are stored as tensors and
+plain Python types.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT = "vitdiff-checkpoint"
+VERSION = 1
+LAST = "last.pt"
+PREVIOUS = "last.prev.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint file that cannot be used."""
+
+
+class CorruptCheckpointError(CheckpointError):
+    pass
+
+
+class UnsafeCheckpointError(CheckpointError):
+    pass
+
+
+# -- random generators ------------------------------------------------------------
+def capture_rng_state() -> dict[str, Any]:
+    """Every global generator's state as tensors and plain types (loadable with weights_only=True)."""
+    version, internal, gauss_next = random.getstate()
+    np_kind, np_keys, np_pos, np_has_gauss, np_cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "python": {"version": version, "internal": torch.tensor(internal, dtype=torch.int64),
+                   "gauss_next": gauss_next},
+        "numpy": {"kind": np_kind, "keys": torch.from_numpy(np_keys.astype(np.int64)), "pos": int(np_pos),
+                  "has_gauss": int(np_has_gauss), "cached_gaussian": float(np_cached)},
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    py = state["python"]
+    random.setstate((py["version"], tuple(py["internal"].tolist()), py["gauss_next"]))
+    npy = state["numpy"]
+    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
+                         npy["has_gauss"], npy["cached_gaussian"]))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        if len(state["cuda"]) != torch.cuda.device_count():
+            warnings.warn(f"checkpoint has CUDA RNG states for {len(state['cuda'])} devices, this machine has "
+                          f"{torch.cuda.device_count()}: the CUDA generators are not restored")
+        else:
+            torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# -- writing -----------------------------------------------------------------------
+def save_checkpoint(state: dict[str, Any], directory: str | Path, name: str = LAST) -> Path:
+    """Atomically write ``state`` to ``directory/name``, keeping the previous file as ``last.prev.pt``."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    target = directory / name
+    temporary = directory / f".{name}.tmp-{os.getpid()}"
+    payload = {"format": FORMAT, "version": VERSION, **state}
+    try:
+        with open(temporary, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if name == LAST and target.exists():
+            os.replace(target, directory / PREVIOUS)
+        os.replace(temporary, target)
+        _fsync_directory(directory)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
+    return target
+
+
+def _fsync_directory(directory: Path) -> None:
+    """Make the renames durable: a rename lives in the directory entry, not in the file."""
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# -- reading -----------------------------------------------------------------------
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load one checkpoint safely; corrupt, truncated or code-carrying files raise :class:`CheckpointError`."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        _verify_zip_checksums(path)
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as error:
+        raise UnsafeCheckpointError(
+            f"checkpoint {path} holds objects that safe loading (weights_only=True) refuses: it was not written "
+            f"by vitdiff, is damaged, or carries code. Do not load it with weights_only=False unless you trust "
+            f"its source; delete it to fall back to {PREVIOUS} / retrain. ({str(error).split('.')[0]})") from error
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, KeyError, OSError) as error:
+        raise CorruptCheckpointError(
+            f"checkpoint {path} is corrupt or truncated ({type(error).__name__}: {str(error).splitlines()[0]}): "
+            f"delete it to fall back to {PREVIOUS} / retrain") from error
+    if not isinstance(state, dict) or state.get("format") != FORMAT:
+        raise CheckpointError(f"{path} is not a vitdiff training checkpoint (no '{FORMAT}' marker); "
+                              "`vitdiff train` writes them as <out_dir>/last.pt")
+    if state.get("version", 0) > VERSION:
+        raise CheckpointError(f"{path} has checkpoint format version {state['version']}, newer than this "
+                              f"vitdiff ({VERSION}): upgrade vitdiff")
+    return state
+
+
+def _verify_zip_checksums(path: Path) -> None:
+    """torch.load does not check the CRC32 of each record, so a flipped bit in a tensor would load silently."""
+    if not zipfile.is_zipfile(path):
+        return  # not torch's zip format: torch.load reports it
+    with zipfile.ZipFile(path) as archive:
+        damaged = archive.testzip()
+    if damaged is not None:
+        raise zipfile.BadZipFile(f"record {damaged} fails its CRC32 check")
+
+
+def load_latest(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
+    """The newest usable checkpoint in ``directory``: ``last.pt``, else ``last.prev.pt``; None if neither exists."""
+    directory = Path(directory)
+    candidates = [directory / LAST, directory / PREVIOUS]
+    existing = [path for path in candidates if path.is_file()]
+    if not existing:
+        return None
+    failures = []
+    for path in existing:
+        try:
+            state = load_checkpoint(path, map_location)
+        except CheckpointError as error:
+            failures.append(error)
+            continue
+        for error in failures:
+            warnings.warn(f"{error}; using the previous checkpoint {path} (step {state.get('step')}) instead")
+        return state, path
+    raise CheckpointError("no usable checkpoint in " + str(directory) + ":\n  " + "\n  ".join(map(str, failures)))
+
+
+def latest_path(directory: str | Path) -> Path | None:
+    """The path :func:`load_latest` would try first, without loading it."""
+    for name in (LAST, PREVIOUS):
+        if (Path(directory) / name).is_file():
+            return Path(directory) / name
+    return None

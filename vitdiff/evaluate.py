@@ -1,0 +1,162 @@
+"""``vitdiff eval CKPT --metric fd-clf|fid|nll``: one number, saved with the protocol that produced it.
+
+* ``fd-clf``: Fréchet distance of a small offline classifier's features
+  (``FD-fmnist-clf`` / ``FD-digits-clf``), against the data set's test split or
+  ``--reference`` stats. A CPU proxy with its own name: never comparable with FID.
+* ``fid``: Inception-v3 FID (local weights only), against ``--reference`` stats
+  (.npz) or the training split streamed from disk.
+* ``nll``: bits/dim of the first ``--n`` test images through the probability-flow
+  ODE (:func:`vitdiff.likelihood.nll_bits_per_dim`, Hutchinson trace, RK4).
+
+A text-to-image model is sampled with the test split's captions (cycled) and
+scored for NLL on the test images with their own captions.
+
+Sampling defaults come from the checkpoint's config: the ``eval`` section,
+falling back to ``sample``. The result (metric, value, n, sampler, steps,
+guidance and its convention, seed, reference set, checkpoint, EMA or not, step)
+is appended to ``--results`` (default ``<run dir>/results.jsonl``) through
+:func:`vitdiff.metrics.save_result`.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+METRICS = ("fd-clf", "fid", "nll")
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .metrics import InceptionWeightsNotFound, MetricResult, save_result
+    from .sample_cli import add_sampling_arguments
+    from .trainer import load_for_inference
+
+    parser = argparse.ArgumentParser(prog="vitdiff eval", description=__doc__.splitlines()[0])
+    add_sampling_arguments(parser)
+    parser.add_argument("--metric", choices=METRICS, help="default: the config's eval.metric")
+    parser.add_argument("--n", type=int, help="samples (fd-clf, fid) or test images (nll); default: eval.n")
+    parser.add_argument("--reference", type=Path,
+                        help="reference feature statistics (.npz from vitdiff.metrics); default: eval.reference, "
+                             "else fd-clf the test split, fid the training split")
+    parser.add_argument("--results", type=Path, help="JSONL to append to; default: <run dir>/results.jsonl")
+    parser.add_argument("--inception-weights", type=Path, help="FID: the local Inception-v3 weights file")
+    parser.add_argument("--nll-steps", type=int, default=100, help="nll: RK4 steps of the probability-flow ODE")
+    args = parser.parse_args(argv)
+
+    device = torch.device(args.device)
+    model, process, config, state, checkpoint = load_for_inference(args.checkpoint, ema=args.ema, device=device)
+    metric = args.metric or config.eval.metric
+    if metric not in METRICS:
+        parser.error(f"the config's eval.metric {metric!r} is not one of {METRICS}: pass --metric")
+    n = args.n or config.eval.n
+    sampler = args.sampler or config.eval.sampler or config.sample.sampler
+    steps = args.steps or config.eval.steps or config.sample.steps
+    guidance = next(g for g in (args.guidance, config.eval.guidance, config.sample.guidance) if g is not None)
+    dataset = config.data.dataset
+    reference_file = args.reference or (Path(config.eval.reference) if config.eval.reference else None)
+    protocol = dict(sampler=sampler, steps=steps, guidance=guidance,
+                    guidance_convention=config.sample.guidance_convention)
+    # A text model is sampled with the test split's captions (cycled), the conditions the reference images came with.
+    prompts = test_captions(config) if getattr(model, "takes_token_ids", False) else None
+
+    if metric == "nll":
+        name, value, reference = "NLL-bpd", nll_on_test_split(model, process, config, n, args), f"{dataset}:test"
+        protocol = dict(sampler="probability-flow ODE, RK4, Hutchinson trace", steps=args.nll_steps, guidance=None,
+                        guidance_convention=None)
+    else:
+        from .sample_cli import sample_batches
+
+        images = sample_batches(model, process, config, n=n, batch_size=args.batch_size, seed=args.seed,
+                                device=device, sampler=sampler, steps=steps, guidance=guidance, prompts=prompts,
+                                progress=True)
+        if metric == "fd-clf":
+            name, value, reference = fd_clf(images, config, reference_file)
+        else:
+            try:
+                name, value, reference = fid(images, config, reference_file, args.inception_weights, device)
+            except InceptionWeightsNotFound as error:
+                print(f"vitdiff eval: {error}", file=sys.stderr)
+                return 2
+
+    result = MetricResult(metric=name, value=float(value), num_samples=n, dataset=dataset, reference=reference,
+                          checkpoint=str(checkpoint.resolve()), seed=args.seed,
+                          extra={"ema": args.ema, "step": state["step"], "config": config.name,
+                                 "batch_size": args.batch_size}, **protocol)
+    results = args.results or checkpoint.parent / "results.jsonl"
+    save_result(results, result)
+    print(f"{result.label} = {result.value:.4f}  ({dataset}, reference {reference}, {protocol['sampler']} "
+          f"{protocol['steps']} steps, seed {args.seed}; saved to {results})")
+    return 0
+
+
+def test_captions(config) -> list[str]:
+    from .data import make_dataset
+    from .trainer import caption_corpus
+
+    section = config.data
+    test_set = make_dataset(section.dataset, root=section.root, image_size=section.image_size, train=False, flip=False)
+    return caption_corpus(test_set)
+
+
+def fd_clf(images: torch.Tensor, config, reference_file: Path | None) -> tuple[str, float, str]:
+    from .metrics import FD_METRIC_NAMES, FeatureStats, fd_classifier
+
+    dataset = config.data.dataset
+    if dataset not in FD_METRIC_NAMES:
+        hint = (" (for shapes, vitdiff.workbook.text_alignment scores FD-shapes-clf and text alignment)"
+                if dataset == "shapes" else "")
+        raise SystemExit(f"vitdiff eval: fd-clf has a classifier for {sorted(FD_METRIC_NAMES)} only, and this model "
+                         f"was trained on {dataset!r}: use --metric fid (with Inception weights) instead{hint}")
+    reference = FeatureStats.load(reference_file) if reference_file else None
+    value = fd_classifier(images, dataset=dataset, reference=reference, root=config.data.root)
+    return FD_METRIC_NAMES[dataset], value, str(reference_file) if reference_file else f"{dataset}:test"
+
+
+def fid(images: torch.Tensor, config, reference_file: Path | None, weights: Path | None,
+        device: torch.device) -> tuple[str, float, str]:
+    from torch.utils.data import DataLoader
+
+    from .data import make_dataset
+    from .metrics import FeatureStats, compute_fid
+
+    if reference_file:
+        real, reference = FeatureStats.load(reference_file), str(reference_file)
+    else:
+        section = config.data
+        train_set = make_dataset(section.dataset, root=section.root, image_size=section.image_size, train=True,
+                                 flip=False)
+        real = DataLoader(train_set, batch_size=250, num_workers=section.num_workers)
+        reference = f"{section.dataset}:train (all {len(train_set)})"
+    return "FID", compute_fid(images, real, weights_path=weights, device=device), reference
+
+
+def nll_on_test_split(model, process, config, n: int, args) -> float:
+    from .data import make_dataset
+    from .likelihood import nll_bits_per_dim
+
+    section = config.data
+    test_set = make_dataset(section.dataset, root=section.root, image_size=section.image_size, train=False, flip=False)
+    if n > len(test_set):
+        raise SystemExit(f"vitdiff eval: --n {n} exceeds the {len(test_set)} test images of {section.dataset}")
+    generator = torch.Generator(args.device).manual_seed(args.seed)
+    device = torch.device(args.device)
+    total = 0.0
+    for start in range(0, n, args.batch_size):
+        items = [test_set[i] for i in range(start, min(n, start + args.batch_size))]
+        x0 = torch.stack([image for image, _ in items]).to(device)
+        if getattr(model, "takes_token_ids", False):
+            cond = model.encode_prompts([caption for _, caption in items])
+        elif getattr(model, "num_classes", 0):
+            cond = torch.tensor([label for _, label in items], device=device)
+        else:
+            cond = None
+        bits = nll_bits_per_dim(model, process, x0, prediction=config.diffusion.prediction, cond=cond,
+                                steps=args.nll_steps, generator=generator)
+        total += float(bits.sum())
+    return total / n
+
+
+if __name__ == "__main__":
+    sys.exit(main())

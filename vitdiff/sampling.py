@@ -1,0 +1,327 @@
+"""Samplers, sigma grids and classifier-free guidance (after k-diffusion's sampling.py).
+
+Every sampler has one signature and works in sigma-space on a denoiser
+``D(x, sigma, cond) -> x0_hat`` (see :mod:`vitdiff.diffusion`)::
+
+    sampler(denoiser, x, sigmas, *, cond=None, generator=None, callback=None, progress=True, **opts)
+
+``x`` starts at ``sigmas[0]`` in VE coordinates (``x = x0 + sigma * eps``) and the
+sampler walks the decreasing grid ``sigmas`` (usually ending in 0) and returns x at
+``sigmas[-1]``. ``callback`` receives ``dict(i, x, sigma, denoised)`` once per step;
+``progress=False`` silences the tqdm bar.
+
+Correspondences (all exact, in VE coordinates; tested against diffusers):
+
+* ``ddim`` with eta = 0 *is* ``euler`` without churn (Karras et al. 2022, Sec. 4);
+* ``ddpm`` is ``ddim`` with eta = 1: DDPM's ancestral step with the posterior variance
+  ``beta_tilde`` ("fixed_small"); DDPM's "fixed_large" variance is not offered;
+* ``dpmpp_2m`` is DPM-Solver++(2M) (Lu et al. 2022) in its multistep midpoint form,
+  first order on the first step and on a final step to sigma = 0;
+* ``euler_maruyama`` is U-ViT's final-FID sampler, Euler–Maruyama on the reverse
+  VP-SDE written in VP coordinates, with the step's ``beta(t) dt`` replaced by its
+  exact integral ``log((1 + sigma^2) / (1 + sigma_next^2))`` so the sampler needs
+  only sigmas. With U-ViT's 1000 steps the two differ by ``beta' dt^2 / 2 ~ 1e-5``
+  per step; both are first-order weak schemes of the same SDE. As U-ViT, the last
+  step (to sigma = 0) adds no noise.
+
+Step counts: ``steps`` grid points plus a final 0, so ``steps`` sampler iterations;
+``heun`` costs ``2 * steps - 1`` network evaluations, the others ``steps``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+from tqdm.auto import trange
+
+from .diffusion import DiscreteVP, NoiseProcess, make_denoiser, randn
+
+DenoiserFn = Callable[..., torch.Tensor]  # D(x, sigma, cond) -> x0_hat
+
+
+# --------------------------------------------------------------------------- sigma grids
+def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
+    return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+def get_sigmas_uniform_t(process: NoiseProcess, steps: int, *, spacing: str | None = None) -> torch.Tensor:
+    """``steps`` points uniform on the process's time axis, from t_max down, then 0.
+
+    Continuous VP: ``t = linspace(1, t_min, steps)`` (U-ViT's Euler–Maruyama grid).
+    EDM: uniform in sigma. Discrete VP: integer steps, ``spacing`` as diffusers'
+    ``timestep_spacing`` (Lin et al. 2023, Table 2): "trailing" (default; starts at
+    T-1), "leading" (DDIM paper; multiples of T//steps, starts below T-1) or
+    "linspace" (rounded linspace over [0, T-1]).
+    """
+    if isinstance(process, DiscreteVP):
+        num = process.num_steps
+        if steps > num:
+            raise ValueError(f"uniform_t on a {num}-step process takes at most {num} steps, got {steps}: "
+                             "use fewer steps or a fractional grid (karras, quadratic)")
+        spacing = spacing or "trailing"
+        if spacing == "trailing":
+            t = torch.arange(num, 0, -num / steps, dtype=torch.float64).round() - 1
+        elif spacing == "leading":
+            t = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * (num // steps)
+        elif spacing == "linspace":
+            t = torch.linspace(0, num - 1, steps, dtype=torch.float64).round().flip(0)
+        else:
+            raise ValueError(f"unknown spacing {spacing!r}; choose 'trailing', 'leading' or 'linspace'")
+    elif spacing is not None:
+        raise ValueError(f"spacing applies to discrete processes only; {type(process).__name__} has a "
+                         "continuous time axis: leave spacing unset")
+    else:
+        t = torch.linspace(process.t_max, process.t_min, steps, dtype=torch.float64)
+    return _append_zero(process.t_to_sigma(t).to(torch.float64))
+
+
+def get_sigmas_quadratic(process: NoiseProcess, steps: int) -> torch.Tensor:
+    """Time quadratic in the step index, dense near t_min (DDIM's "quad" skip), then 0."""
+    u = torch.linspace(1, 0, steps, dtype=torch.float64)
+    t = process.t_min + (process.t_max - process.t_min) * u ** 2
+    return _append_zero(process.t_to_sigma(t).to(torch.float64))
+
+
+def get_sigmas_karras(process: NoiseProcess, steps: int, *, rho: float = 7.0,
+                      sigma_min: float | None = None, sigma_max: float | None = None) -> torch.Tensor:
+    """EDM's grid: uniform in sigma^(1/rho) between the process's sigma_max and sigma_min, then 0."""
+    lo = (sigma_min or process.sigma_min) ** (1 / rho)
+    hi = (sigma_max or process.sigma_max) ** (1 / rho)
+    u = torch.linspace(0, 1, steps, dtype=torch.float64)
+    return _append_zero((hi + u * (lo - hi)) ** rho)
+
+
+GRIDS: dict[str, Callable[..., torch.Tensor]] = {
+    "uniform_t": get_sigmas_uniform_t,
+    "quadratic": get_sigmas_quadratic,
+    "karras": get_sigmas_karras,
+}
+
+
+def get_sigmas(process: NoiseProcess, steps: int, grid: str | None = None, **opts) -> torch.Tensor:
+    """The named grid (default: the process's ``default_grid``) with ``steps`` points plus a final 0."""
+    if not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    grid = grid or process.default_grid
+    if grid not in GRIDS:
+        raise ValueError(f"unknown grid {grid!r}; choose one of {', '.join(GRIDS)}")
+    return GRIDS[grid](process, steps, **opts)
+
+
+# --------------------------------------------------------------------------- helpers
+def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    return randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+
+
+def _churn(x, sigma, num_steps, generator, s_churn, s_tmin, s_tmax, s_noise):
+    """EDM's stochastic "churn": raise sigma to sigma_hat = sigma (1 + gamma) by adding fresh noise."""
+    gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
+    if gamma == 0:
+        return x, sigma
+    sigma_hat = sigma * (1 + gamma)
+    return x + _noise_like(x, generator) * s_noise * (sigma_hat ** 2 - sigma ** 2).sqrt(), sigma_hat
+
+
+def _report(callback, i, x, sigma, denoised) -> None:
+    if callback is not None:
+        callback(dict(i=i, x=x, sigma=sigma, denoised=denoised))
+
+
+# --------------------------------------------------------------------------- samplers
+@torch.no_grad()
+def sample_euler(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None, generator=None,
+                 callback=None, progress: bool = True, s_churn: float = 0.0, s_tmin: float = 0.0,
+                 s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
+    """Euler on the probability-flow ODE dx/dsigma = (x - D(x, sigma)) / sigma; optional EDM churn."""
+    sigmas = sigmas.to(x)
+    for i in trange(len(sigmas) - 1, disable=not progress, desc="euler"):
+        x, sigma = _churn(x, sigmas[i], len(sigmas) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
+        denoised = denoiser(x, sigma, cond)
+        _report(callback, i, x, sigma, denoised)
+        x = x + (x - denoised) / sigma * (sigmas[i + 1] - sigma)
+    return x
+
+
+@torch.no_grad()
+def sample_heun(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None, generator=None,
+                callback=None, progress: bool = True, s_churn: float = 0.0, s_tmin: float = 0.0,
+                s_tmax: float = float("inf"), s_noise: float = 1.0) -> torch.Tensor:
+    """EDM's Algorithm 2: Heun (trapezoidal) steps, Euler on a final step to sigma = 0; optional churn."""
+    sigmas = sigmas.to(x)
+    for i in trange(len(sigmas) - 1, disable=not progress, desc="heun"):
+        x, sigma = _churn(x, sigmas[i], len(sigmas) - 1, generator, s_churn, s_tmin, s_tmax, s_noise)
+        sigma_next = sigmas[i + 1]
+        denoised = denoiser(x, sigma, cond)
+        _report(callback, i, x, sigma, denoised)
+        slope = (x - denoised) / sigma
+        x_euler = x + slope * (sigma_next - sigma)
+        if sigma_next == 0:
+            x = x_euler
+        else:
+            slope_next = (x_euler - denoiser(x_euler, sigma_next, cond)) / sigma_next
+            x = x + (slope + slope_next) / 2 * (sigma_next - sigma)
+    return x
+
+
+@torch.no_grad()
+def sample_ddim(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None, generator=None,
+                callback=None, progress: bool = True, eta: float = 0.0) -> torch.Tensor:
+    """DDIM (Song et al. 2021): eta = 0 deterministic, eta = 1 DDPM's ancestral sampler.
+
+    In VE coordinates, x_next = x0_hat + sqrt(sigma_next^2 - s_up^2) * eps_hat + s_up * z with
+    s_up = eta * sigma_next * sqrt(1 - sigma_next^2 / sigma^2) (DDIM's sigma_t(eta), rescaled).
+    """
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta}")
+    sigmas = sigmas.to(x)
+    for i in trange(len(sigmas) - 1, disable=not progress, desc="ddim"):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma, cond)
+        _report(callback, i, x, sigma, denoised)
+        sigma_up = (eta * sigma_next * (1 - sigma_next ** 2 / sigma ** 2).sqrt()).clamp(max=sigma_next)
+        sigma_down = (sigma_next ** 2 - sigma_up ** 2).sqrt()
+        x = denoised + (x - denoised) / sigma * sigma_down
+        if eta > 0 and sigma_next > 0:
+            x = x + _noise_like(x, generator) * sigma_up
+    return x
+
+
+def sample_ddpm(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None, generator=None,
+                callback=None, progress: bool = True) -> torch.Tensor:
+    """DDPM's ancestral sampler (Ho et al. 2020), posterior variance ("fixed_small"): DDIM with eta = 1."""
+    return sample_ddim(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
+                       progress=progress, eta=1.0)
+
+
+@torch.no_grad()
+def sample_euler_maruyama(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
+                          generator=None, callback=None, progress: bool = True) -> torch.Tensor:
+    """Euler–Maruyama on the reverse VP-SDE (U-ViT's sampler; see the module docstring).
+
+    In VP coordinates x_vp = x / sqrt(1 + sigma^2), with b = integral of beta over the step:
+    x_vp_next = (1 + b/2) x_vp + b * score + sqrt(b) z, score = -eps_hat / sqrt(1 - abar).
+    """
+    sigmas = sigmas.to(x)
+    for i in trange(len(sigmas) - 1, disable=not progress, desc="euler_maruyama"):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma, cond)
+        _report(callback, i, x, sigma, denoised)
+        beta_dt = torch.log1p(sigma ** 2) - torch.log1p(sigma_next ** 2)
+        scale = (1 + sigma ** 2).sqrt()             # 1 / alpha
+        eps_hat = (x - denoised) / sigma
+        # score term: -b * eps_hat / (sigma * alpha) in VP coordinates
+        x_vp = (1 + beta_dt / 2) * x / scale - beta_dt * eps_hat * scale / sigma
+        if sigma_next > 0:
+            x_vp = x_vp + beta_dt.sqrt() * _noise_like(x, generator)
+        x = x_vp * (1 + sigma_next ** 2).sqrt()
+    return x
+
+
+@torch.no_grad()
+def sample_dpmpp_2m(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None, generator=None,
+                    callback=None, progress: bool = True) -> torch.Tensor:
+    """DPM-Solver++(2M) in lambda = -log(sigma); x0_hat extrapolated linearly from the last two steps."""
+    sigmas = sigmas.to(x)
+    previous = None
+    for i in trange(len(sigmas) - 1, disable=not progress, desc="dpmpp_2m"):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised = denoiser(x, sigma, cond)
+        _report(callback, i, x, sigma, denoised)
+        if sigma_next == 0:
+            x = denoised
+            continue
+        h = sigma.log() - sigma_next.log()
+        if previous is not None:
+            ratio = (sigmas[i - 1].log() - sigma.log()) / h  # h_last / h
+            denoised_2 = (1 + 1 / (2 * ratio)) * denoised - 1 / (2 * ratio) * previous
+        else:
+            denoised_2 = denoised
+        x = sigma_next / sigma * x - torch.expm1(-h) * denoised_2
+        previous = denoised
+    return x
+
+
+SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
+    "ddpm": sample_ddpm,
+    "ddim": sample_ddim,
+    "euler_maruyama": sample_euler_maruyama,
+    "euler": sample_euler,
+    "heun": sample_heun,
+    "dpmpp_2m": sample_dpmpp_2m,
+}
+
+
+# --------------------------------------------------------------------------- guidance
+NO_GUIDANCE = {"dit": 1.0, "uvit": 0.0}
+
+
+class ClassifierFreeGuidance:
+    """Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper.
+
+    Conventions (``guidance`` is read in the one chosen):
+
+    * ``"dit"`` (default): ``out = uncond + w * (cond - uncond)``; w = 1 is no guidance.
+    * ``"uvit"``: ``eps = (1 + s) * eps_c - s * eps_u``, i.e. w = 1 + s; s = 0 is no guidance
+      (U-ViT's s = 0.4 equals DiT's w = 1.4).
+
+    The combination is applied to x0_hat. Since x0_hat is affine in the network output
+    with the same x (for eps, x0 and v), this equals guiding eps as DiT and U-ViT do.
+    Conditional and unconditional passes share one batched forward.
+    """
+
+    def __init__(self,
+                 denoiser: DenoiserFn,                               # the conditional denoiser D(x, sigma, cond)
+                 null_cond: Callable[[torch.Tensor], torch.Tensor],  # cond -> its unconditional counterpart
+                 guidance: float,                                  # scale, read in `convention`
+                 convention: str = "dit"):                         # "dit" (w) or "uvit" (s = w - 1)
+        if convention not in NO_GUIDANCE:
+            raise ValueError(f"unknown guidance_convention {convention!r}; choose 'dit' or 'uvit'")
+        self.denoiser, self.null_cond = denoiser, null_cond
+        self.scale = guidance if convention == "dit" else 1.0 + guidance
+
+    def __call__(self, x: torch.Tensor, sigma, cond) -> torch.Tensor:
+        sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
+        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, self.null_cond(cond)]))
+        conditional, unconditional = both.chunk(2)
+        return unconditional + self.scale * (conditional - unconditional)
+
+
+# --------------------------------------------------------------------------- high level
+@torch.no_grad()
+def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str = "dpmpp_2m", steps: int = 50,
+           prediction: str = "eps", cond=None, guidance: float = 1.0, guidance_convention: str = "dit",
+           grid: str | None = None, generator: torch.Generator | None = None, progress: bool = True,
+           callback=None, device=None, **sampler_opts) -> torch.Tensor:
+    """Draw samples ``shape = (B, C, H, W)``; returns x0 in data space (unclipped; data lie in [-1, 1]).
+
+    ``grid`` defaults to the process's own (uniform_t for VP, karras for EDM);
+    ``sampler_opts`` pass through (e.g. ``eta`` for ddim, ``s_churn`` for heun/euler).
+    Put the model in eval mode first.
+    """
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
+    if guidance_convention not in NO_GUIDANCE:
+        raise ValueError(f"unknown guidance_convention {guidance_convention!r}; choose 'dit' or 'uvit'")
+    guided = guidance != NO_GUIDANCE[guidance_convention]
+    if guided and not getattr(model, "is_conditional", False):
+        raise ValueError(f"guidance={guidance} asks for classifier-free guidance, but the model is unconditional: "
+                         f"pass guidance={NO_GUIDANCE[guidance_convention]} (no guidance in the "
+                         f"{guidance_convention!r} convention) or use a class/text-conditional model")
+    if guided and cond is None:
+        raise ValueError("classifier-free guidance needs cond (labels or text context) to guide towards")
+    sigmas = get_sigmas(process, steps, grid)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    denoiser = make_denoiser(model, process, prediction)
+    if guided:
+        denoiser = ClassifierFreeGuidance(denoiser, model.null_cond, guidance, guidance_convention)
+    x = randn(tuple(shape), generator=generator, device=device) * float(process.prior_std(sigmas[0]))
+    return SAMPLERS[sampler](denoiser, x, sigmas.to(device), cond=cond, generator=generator, callback=callback,
+                             progress=progress, **sampler_opts)
+
+
+__all__ = [
+    "GRIDS", "SAMPLERS", "NO_GUIDANCE", "ClassifierFreeGuidance", "get_sigmas", "get_sigmas_uniform_t",
+    "get_sigmas_quadratic", "get_sigmas_karras", "sample", "sample_ddpm", "sample_ddim", "sample_euler",
+    "sample_heun", "sample_euler_maruyama", "sample_dpmpp_2m",
+]

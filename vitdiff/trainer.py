@@ -1,0 +1,661 @@
+"""The training loop: ``Trainer(config).fit()``, or ``vitdiff train CONFIG [key=value ...]``.
+
+Design:
+
+* **Resume is bit-exact.** A checkpoint (:mod:`vitdiff.checkpoint`) holds model,
+  EMA, optimizer, LR schedule, step, every RNG and the data position, so N steps
+  straight equal N/2 steps + resume + N/2 steps, parameter for parameter, on CPU.
+  A run resumes automatically when its ``out_dir`` holds ``last.pt``.
+* **Per-example noise is a function of (seed, step, example).** Each step draws
+  the diffusion times and noise for the whole global batch from a generator
+  seeded by (seed, step), and every rank takes the rows of its own examples.
+  With the data order of :class:`vitdiff.data.ResumableSampler` (rank r holds
+  global-batch positions r, r + W, ...), one process and W processes see the
+  same examples with the same noise, so DDP reproduces single-process losses.
+* **The batch is global.** ``data.batch_size`` is the recipe's batch; each rank
+  runs ``batch_size / (world_size * accumulate)`` examples per micro-batch.
+* **Failures skip, not spoil.** A non-finite loss or gradient norm skips the
+  optimizer and EMA update, and the count is logged (bf16 / fp16 NaNs).
+* **EMA warm-up.** The EMA decay after n updates is min(decay, (1+n)/(10+n)),
+  so the EMA of a 300-step notebook run is already a usable model.
+* **Stopping is safe.** SIGINT / SIGTERM set a flag; the loop saves a checkpoint
+  at the next step boundary and returns (exit status 128 + signal number). A
+  second signal interrupts at once; the checkpoint on disk is still whole.
+* The LR warms up linearly from lr/warmup_steps (the first step already
+  learns; U-ViT's schedule starts at 0) to lr, then stays constant.
+
+**Text.** When the data set has captions the model is
+:class:`vitdiff.text.TextToImage` (backbone + text encoder + tokenizer, see the
+config's ``text`` section): the loop tokenizes each batch's captions and
+condition dropout replaces them by the empty caption. The word tokenizer is
+built from the training captions and saved in the checkpoint as JSON (with the
+default sample prompts), so ``vitdiff sample CKPT --prompt "..."`` needs only
+the file.
+
+Rank 0 alone writes ``metrics.jsonl`` (one JSON record per ``log_every`` steps),
+sample grids (``samples/step_XXXXXXX.png``, from the EMA model) and checkpoints.
+Launch DDP with ``torchrun --nproc_per_node=N -m vitdiff.trainer CONFIG``.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel
+
+from . import checkpoint as ckpt
+from .config import Config, ConfigError, load_config
+
+# Config sections a resumed run must share with its checkpoint (the rest may change, e.g. train.steps).
+_RESUME_MUST_MATCH = ("model", "diffusion", "text")
+_RESUME_DATA_KEYS = ("dataset", "image_size", "batch_size", "flip")
+
+
+# -- building blocks shared with `vitdiff sample` / `vitdiff eval` --------------------------------
+def data_geometry(config: Config) -> tuple[int, int]:
+    """(channels, image_size) of the model input, from the data section."""
+    from .data import dataset_info
+
+    info = dataset_info(config.data.dataset)
+    return info.channels, config.data.image_size or info.image_size
+
+
+def dataset_labels(config: Config) -> int | None:
+    """Number of classes of the training set (None: unlabelled)."""
+    from .data import dataset_info
+
+    return dataset_info(config.data.dataset).num_classes
+
+
+def takes_text(config: Config) -> bool:
+    """Text-to-image: the data set has captions."""
+    from .data import dataset_info
+
+    return dataset_info(config.data.dataset).has_captions
+
+
+def caption_corpus(dataset) -> list[str]:
+    """Every training caption of a captioned data set, read without decoding images."""
+    from torch.utils.data import Subset
+
+    indices = None
+    while isinstance(dataset, Subset):
+        indices, dataset = dataset.indices if indices is None else [dataset.indices[i] for i in indices], dataset.dataset
+    captions = getattr(dataset, "captions", None)      # vitdiff.shapes: one caption per image
+    if captions is None and hasattr(dataset, "targets"):  # captions.jsonl / cub200 text: a list of captions per image
+        captions = dataset.targets
+    if captions is None or not all(isinstance(c, (str, list, tuple)) for c in captions[:1]):
+        raise ConfigError(f"{type(dataset).__name__} yields no captions (class labels?): a text-to-image run needs "
+                          "captions, e.g. cub200 with its text_c10/ folder, or the shapes data set")
+    if indices is not None:
+        captions = [captions[i] for i in indices]
+    return [text for item in captions for text in ([item] if isinstance(item, str) else item)]
+
+
+def build_tokenizer(config: Config, captions: list[str]):
+    """The word tokenizer of a jointly-trained text encoder (None for CLIP, which brings its own)."""
+    from .text import WordTokenizer
+
+    if config.text.encoder == "clip":
+        return None
+    return WordTokenizer.from_corpus(captions, max_length=config.text.max_length, min_count=config.text.min_count)
+
+
+def tokenizer_to_json(tokenizer) -> str | None:
+    """A word tokenizer as a JSON string (a checkpoint stays loadable with weights_only=True); None for CLIP."""
+    from .text import WordTokenizer
+
+    if not isinstance(tokenizer, WordTokenizer):
+        return None
+    return json.dumps({"type": "word", "max_length": tokenizer.max_length, "vocab": tokenizer.vocab})
+
+
+def tokenizer_from_json(text: str | None):
+    from .text import WordTokenizer
+
+    if text is None:
+        return None
+    state = json.loads(text)
+    return WordTokenizer(state["vocab"], state["max_length"])
+
+
+def build_model(config: Config, tokenizer=None) -> nn.Module:
+    """The preset with the config's overrides; image size and channels always follow the data.
+
+    For captioned data the backbone takes text of the encoder's width and length, wrapped with its
+    encoder in :class:`vitdiff.text.TextToImage`; a jointly-trained encoder needs the ``tokenizer``."""
+    from .models import create_model
+
+    channels, image_size = data_geometry(config)
+    overrides = {"image_size": image_size, "in_channels": channels, **config.model.overrides}
+    encoder = None
+    if takes_text(config):
+        encoder, tokenizer = _build_text_encoder(config, tokenizer)
+        overrides.update(context_dim=encoder.context_dim, context_len=tokenizer.max_length)
+    try:
+        backbone = create_model(config.model.preset, **overrides)
+    except TypeError as error:
+        raise ConfigError(f"model {config.model.preset!r} rejects the overrides {config.model.overrides} ({error}): "
+                          "check the model.* keys against the model class's constructor") from error
+    except ValueError as error:
+        raise ConfigError(f"model {config.model.preset!r} cannot be built with {overrides}: {error}") from error
+    if encoder is None:
+        return backbone
+    from .text import TextToImage
+
+    return TextToImage(backbone, encoder, tokenizer)
+
+
+def _build_text_encoder(config: Config, tokenizer):
+    from .text import FrozenCLIPEncoder, TextEncoder
+
+    section = config.text
+    if section.encoder == "clip":
+        encoder = FrozenCLIPEncoder(section.path, max_length=section.max_length or 77)
+        return encoder, encoder.tokenizer
+    if tokenizer is None:
+        raise ValueError("a jointly-trained text encoder needs the word tokenizer of its training captions: "
+                         "build_tokenizer(config, captions), or tokenizer_from_json(checkpoint['text']['tokenizer'])")
+    encoder = TextEncoder.for_tokenizer(tokenizer, context_dim=section.context_dim, depth=section.layers,
+                                        num_heads=section.heads)
+    return encoder, tokenizer
+
+
+def build_diffusion(config: Config):
+    """(process, loss) from the diffusion section."""
+    from .diffusion import DiffusionLoss, make_process
+
+    section = config.diffusion
+    process = make_process(section.process, **section.process_kwargs)
+    loss = DiffusionLoss(process, prediction=section.prediction, weighting=section.weighting,
+                         min_snr_gamma=section.min_snr_gamma, cond_drop_prob=section.cond_drop_prob)
+    return process, loss
+
+
+def ema_decay_at(updates: int, decay: float, warmup: bool) -> float:
+    """EMA decay for the update after ``updates`` previous ones: min(decay, (1+n)/(10+n)) with warm-up."""
+    return min(decay, (1 + updates) / (10 + updates)) if warmup else decay
+
+
+class WarmupEMA:
+    """``multi_avg_fn`` for AveragedModel: ema <- ema + (1 - decay_n) (param - ema), decay_n warming up.
+
+    AveragedModel copies the parameters on its first update and calls this from the
+    second on, passing how many updates came before (a tensor, read once per call on the host
+    through the Python counter kept here, to avoid a device sync).
+    """
+
+    def __init__(self, decay: float, warmup: bool):
+        self.decay, self.warmup, self.updates = decay, warmup, 1
+
+    @torch.no_grad()
+    def __call__(self, ema_params: list[torch.Tensor], params: list[torch.Tensor], _num_averaged) -> None:
+        torch._foreach_lerp_(ema_params, params, 1.0 - ema_decay_at(self.updates, self.decay, self.warmup))
+        self.updates += 1
+
+
+def split_weight_decay(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Two AdamW groups: decayed weights, and what the model exempts (its ``no_weight_decay()`` names,
+    else biases, norm weights and position embeddings: every tensor with fewer than two dims or 'pos_embed')."""
+    exempt_names = set(model.no_weight_decay()) if hasattr(model, "no_weight_decay") else None
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        if exempt_names is not None:
+            exempt = name in exempt_names or any(name.startswith(prefix + ".") for prefix in exempt_names)
+        else:
+            exempt = param.ndim < 2 or "pos_embed" in name
+        (no_decay if exempt else decay).append(param)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def step_generator(seed: int, step: int, device: torch.device) -> torch.Generator:
+    """The generator of one step's per-example randomness: the same on every rank."""
+    return torch.Generator(device).manual_seed((seed * 0x9E3779B1 + step) % (2**63))
+
+
+# -- distributed --------------------------------------------------------------------------------
+def _init_distributed() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank); joins the process group when launched by torchrun."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return 0, 1, 0
+    world_size = int(os.environ["WORLD_SIZE"])
+    if world_size > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    return int(os.environ["RANK"]), world_size, int(os.environ.get("LOCAL_RANK", 0))
+
+
+class Trainer:
+    def __init__(self, config: Config, *, progress: bool | None = None):
+        self.config = config
+        train = config.train
+        self.rank, self.world_size, local_rank = _init_distributed()
+        self.is_main = self.rank == 0
+        self.device = torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if self.device.type == "cuda":
+            torch.cuda.set_device(self.device)
+        self.show_progress = (train.progress if progress is None else progress) and self.is_main
+        self.out_dir = Path(config.out_dir)
+
+        per_step = self.world_size * train.accumulate
+        if config.data.batch_size % per_step:
+            raise ConfigError(f"data.batch_size={config.data.batch_size} is not divisible by world_size x accumulate "
+                              f"= {self.world_size} x {train.accumulate}: pick a batch size that is")
+        self.micro_batch = config.data.batch_size // per_step
+
+        self.dataset = self._make_dataset()
+        self.text = takes_text(config)
+        tokenizer, self.sample_prompts = None, None
+        if self.text:
+            captions = caption_corpus(self.dataset)
+            tokenizer = build_tokenizer(config, captions)
+            self.sample_prompts = list(config.sample.prompts or captions[: config.sample.n])
+
+        # Model init is seeded identically everywhere (DDP also broadcasts rank 0's weights);
+        # dropout and other in-model randomness then differ per rank.
+        _seed_everything(train.seed)
+        self.model = build_model(config, tokenizer).to(self.device)
+        _seed_everything(train.seed + self.rank)
+        if train.grad_checkpointing:
+            self.model.set_gradient_checkpointing(True)
+        self.process, self.loss_fn = build_diffusion(config)
+        self.ema_fn = WarmupEMA(train.ema_decay, train.ema_warmup)
+        self.ema = AveragedModel(self.model, multi_avg_fn=self.ema_fn)
+        self.ema.requires_grad_(False)
+        self.optimizer = torch.optim.AdamW(split_weight_decay(self.model, train.weight_decay), lr=train.lr,
+                                           betas=tuple(train.betas))
+        warmup = train.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0)
+
+        forward_model: nn.Module = self.model
+        if self.world_size > 1:
+            forward_model = nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+        self.forward_model = torch.compile(forward_model) if train.compile else forward_model
+        self.use_labels = bool(getattr(self.model, "num_classes", 0))
+        if getattr(self.model, "context_dim", 0) and not self.text:
+            raise ConfigError(f"model {config.model.preset!r} takes text but {config.data.dataset!r} has no captions: "
+                              "train it on a captioned data set (shapes, cub200, captions) or set model.context_dim=0")
+        if self.use_labels and dataset_labels(config) is None:
+            raise ConfigError(f"the model is class-conditional (num_classes={self.model.num_classes}) but "
+                              f"{config.data.dataset!r} has no class labels: train it unconditionally "
+                              "(model.num_classes=0)")
+        if config.diffusion.cond_drop_prob > 0 and not (self.use_labels or self.text):
+            raise ConfigError("diffusion.cond_drop_prob > 0 needs a conditional model: set model.num_classes "
+                              "(e.g. model.num_classes=10), train on captions, or set diffusion.cond_drop_prob=0")
+
+        self.data = self._make_stream(self.dataset)
+        self.step = 0
+        self.skipped_steps = 0
+        self._stop_signal: int | None = None
+        self._resume()
+
+    # -- setup ------------------------------------------------------------------------------------
+    def _make_dataset(self):
+        from .data import make_dataset
+
+        section = self.config.data
+        dataset = make_dataset(section.dataset, root=section.root, image_size=section.image_size, train=True,
+                               flip=section.flip, seed=self.config.train.seed)
+        if len(dataset) < section.batch_size:
+            raise ConfigError(f"dataset {section.dataset!r} has {len(dataset)} training images, fewer than "
+                              f"data.batch_size={section.batch_size}")
+        return dataset
+
+    def _make_stream(self, dataset):
+        from .data import DataStream, make_loader
+
+        loader = make_loader(dataset, self.micro_batch, seed=self.config.train.seed,
+                             num_workers=self.config.data.num_workers, rank=self.rank, world_size=self.world_size)
+        return DataStream(loader)
+
+    def _resume(self) -> None:
+        resume = self.config.resume
+        found = ckpt.latest_path(self.out_dir)
+        if resume is False and found is not None:
+            raise ConfigError(f"{self.out_dir} already holds a checkpoint ({found.name}) and resume=false: "
+                              "pass resume=true to continue it, or choose another out_dir")
+        if found is None:
+            if resume is True:
+                raise FileNotFoundError(f"resume=true but {self.out_dir} has no checkpoint (last.pt)")
+            return
+        state, path = ckpt.load_latest(self.out_dir, map_location=self.device)
+        self._check_compatible(state["config"])
+        saved_tokenizer = state.get("text", {}).get("tokenizer")
+        if saved_tokenizer != tokenizer_to_json(getattr(self.model, "tokenizer", None)):
+            raise ConfigError(f"the checkpoint in {self.out_dir} was trained with another vocabulary than the "
+                              "training captions give now: use the original data, or another out_dir")
+        if state["world_size"] != self.world_size:
+            raise ConfigError(f"{path} was written by {state['world_size']} processes and this run has "
+                              f"{self.world_size}: resume with --nproc_per_node={state['world_size']} (each rank "
+                              "continues its own data order and RNG streams)")
+        self.model.load_state_dict(state["model"])
+        self.ema.load_state_dict(state["ema"])
+        self.ema_fn.updates = max(1, int(self.ema.n_averaged))  # AveragedModel's first update is a copy
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.load_state_dict(state["data"][self.rank])
+        self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        ckpt.restore_rng_state(state["rng"][self.rank])
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+
+    def _check_compatible(self, saved: dict) -> None:
+        current, defaults = self.config.to_dict(), Config().to_dict()
+        differences = [f"{section}: saved {saved.get(section, defaults[section])} != now {current[section]}"
+                       for section in _RESUME_MUST_MATCH if saved.get(section, defaults[section]) != current[section]]
+        differences += [f"data.{key}: saved {saved['data'][key]!r} != now {current['data'][key]!r}"
+                        for key in _RESUME_DATA_KEYS if saved["data"][key] != current["data"][key]]
+        if saved["train"]["seed"] != current["train"]["seed"]:
+            differences.append(f"train.seed: saved {saved['train']['seed']} != now {current['train']['seed']}")
+        if differences:
+            raise ConfigError(f"the checkpoint in {self.out_dir} was trained with another config:\n  "
+                              + "\n  ".join(differences) + "\nuse the original config, or another out_dir")
+
+    # -- one step ---------------------------------------------------------------------------------
+    def _step_randomness(self, x_shape: torch.Size) -> dict[str, torch.Tensor]:
+        """This rank's rows of the step's noise levels, noise and condition-drop draws for the global batch,
+        indexed [micro-batch, example].
+
+        Micro-batch m of rank r holds global examples m*G + r + j*W (the sampler strides ranks), so the
+        rows are sliced the same way; a single process (W = 1) takes them all.
+        """
+        generator = step_generator(self.config.train.seed, self.step, self.device)
+        total = self.config.data.batch_size
+        drop_prob = self.config.diffusion.cond_drop_prob
+        draws = {"sigma": self.process.sample_sigma(total, generator=generator, device=self.device),
+                 "noise": torch.randn((total, *x_shape[1:]), generator=generator, device=self.device),
+                 "drop": torch.rand(total, generator=generator, device=self.device) < drop_prob}
+        rows = torch.arange(total, device=self.device).view(self.config.train.accumulate, -1)
+        rows = rows[:, self.rank::self.world_size]
+        return {name: value[rows] for name, value in draws.items()}
+
+    def _micro_loss(self, x0: torch.Tensor, cond: torch.Tensor | None, sigma: torch.Tensor,
+                    noise: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
+        """Mean loss of one micro-batch at given noise; the loss itself stays fp32 under bf16 autocast."""
+        if self.config.diffusion.cond_drop_prob > 0:
+            cond = self.model.drop_cond(cond, drop)
+        autocast = torch.autocast("cuda", dtype=torch.bfloat16,
+                                  enabled=self.config.train.bf16 and self.device.type == "cuda")
+        with autocast:
+            per_example = self.loss_fn.loss_at(self.forward_model, x0, sigma, noise, cond)
+        return per_example.float().mean()
+
+    def _condition(self, targets) -> torch.Tensor | None:
+        """A batch's labels, or its captions as token ids; None for unconditional models."""
+        if self.text:
+            if torch.is_tensor(targets) and targets.dtype == torch.long and targets.ndim == 2:
+                return targets.to(self.device)  # already tokenized by the data set
+            if torch.is_tensor(targets):
+                raise ConfigError(f"{self.config.data.dataset!r} yields {tuple(targets.shape)} {targets.dtype} targets "
+                                  "where captions were expected: build the data set with captions")
+            return self.model.encode_prompts(list(targets))
+        return targets.to(self.device, non_blocking=True) if self.use_labels else None
+
+    def train_step(self) -> tuple[float, float, bool]:
+        """One optimizer step over ``accumulate`` micro-batches: (global mean loss, grad norm, stop requested)."""
+        accumulate = self.config.train.accumulate
+        self.optimizer.zero_grad(set_to_none=True)
+        draws = None
+        loss_sum = torch.zeros((), device=self.device)
+        for micro in range(accumulate):
+            images, targets = next(self.data)
+            x0 = images.to(self.device, non_blocking=True)
+            cond = self._condition(targets)
+            if draws is None:
+                draws = self._step_randomness(x0.shape)
+            last = micro == accumulate - 1
+            no_sync = self.forward_model.no_sync() if (self.world_size > 1 and not last) else contextlib.nullcontext()
+            with no_sync:
+                loss = self._micro_loss(x0, cond, **{name: value[micro] for name, value in draws.items()}) / accumulate
+                loss.backward()
+            loss_sum += loss.detach()
+        grads = [p.grad for p in self.model.parameters() if p.grad is not None]
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        if self.config.train.grad_clip is not None:
+            torch.nn.utils.clip_grads_with_norm_(self.model.parameters(), self.config.train.grad_clip, grad_norm)
+        # Loss and stop votes are summed over ranks (the gradient norm already is global after DDP's all-reduce);
+        # one host sync per step reads all three.
+        stop = torch.tensor(float(self._stop_signal is not None), device=self.device)
+        summary = torch.stack([loss_sum / self.world_size, stop])
+        if self.world_size > 1:
+            dist.all_reduce(summary)
+        loss_value, stop_votes, norm_value = torch.cat([summary, grad_norm.reshape(1).to(summary)]).tolist()
+        if math.isfinite(loss_value) and math.isfinite(norm_value):
+            self.optimizer.step()
+            self.ema.update_parameters(self.model)
+        else:
+            self.skipped_steps += 1
+        self.scheduler.step()
+        self.step += 1
+        return loss_value, norm_value, stop_votes > 0
+
+    # -- the loop ---------------------------------------------------------------------------------
+    def fit(self) -> dict[str, Any]:
+        """Train to ``train.steps``; returns the last logged record plus ``stopped_by_signal``."""
+        from tqdm.auto import tqdm
+
+        train = self.config.train
+        if self.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            (self.out_dir / "config.yaml").write_text(_to_yaml(self.config.to_dict()))
+            self._trim_metrics_log()
+        self.model.train()
+        record: dict[str, Any] = {"step": self.step}
+        window_loss, window_norm, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+        images_per_step = self.config.data.batch_size
+        bar = tqdm(total=train.steps, initial=self.step, disable=not self.show_progress, dynamic_ncols=True,
+                   desc=self.config.name, unit="step")
+        stop_requested = False
+        with self._signal_handlers(), bar:
+            while self.step < train.steps and not stop_requested:
+                loss, grad_norm, stop_requested = self.train_step()
+                window_loss, window_norm, window_steps = window_loss + loss, window_norm + grad_norm, window_steps + 1
+                bar.update(1)
+                if self.step % train.log_every == 0 or self.step == train.steps or stop_requested:
+                    elapsed = time.perf_counter() - window_start
+                    record = {"step": self.step, "loss": window_loss / window_steps,
+                              "lr": self.scheduler.get_last_lr()[0], "grad_norm": window_norm / window_steps,
+                              "img_per_s": images_per_step * window_steps / max(elapsed, 1e-9),
+                              "skipped_steps": self.skipped_steps}
+                    self._log(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
+                    window_loss, window_norm, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+                if train.sample_every and self.step % train.sample_every == 0:
+                    self.save_samples()
+                if self.step % train.ckpt_every == 0 or self.step == train.steps or stop_requested:
+                    self.save()
+        record["stopped_by_signal"] = self._stop_signal
+        return record
+
+    @contextlib.contextmanager
+    def _signal_handlers(self):
+        """SIGINT/SIGTERM -> save at the next step boundary; a second one interrupts immediately."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+
+        def request_stop(signum, frame):
+            if self._stop_signal is not None:
+                raise KeyboardInterrupt
+            self._stop_signal = signum
+            if self.is_main:
+                print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
+                      "(send it again to stop at once)", file=sys.stderr)
+
+        previous = {sig: signal.signal(sig, request_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    # -- outputs ----------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        rng = [ckpt.capture_rng_state()]
+        data = [self.data.state_dict()]
+        if self.world_size > 1:
+            gathered: list = [None] * self.world_size
+            dist.all_gather_object(gathered, (rng[0], data[0]))
+            rng, data = [g[0] for g in gathered], [g[1] for g in gathered]
+        text = {"tokenizer": tokenizer_to_json(getattr(self.model, "tokenizer", None)),
+                "sample_prompts": self.sample_prompts}
+        return {"step": self.step, "skipped_steps": self.skipped_steps, "model": self.model.state_dict(),
+                "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict(), "rng": rng, "data": data,
+                "config": self.config.to_dict(), "world_size": self.world_size, "text": text}
+
+    def save(self) -> Path | None:
+        state = self.state_dict()  # collective in DDP: every rank takes part
+        if not self.is_main:
+            return None
+        return ckpt.save_checkpoint(state, self.out_dir)
+
+    def save_samples(self) -> Path | None:
+        """A grid from the EMA model; seeded and RNG-neutral, so it does not perturb training."""
+        if not self.is_main:
+            return None
+        from torchvision.utils import save_image
+
+        path = self.out_dir / "samples" / f"step_{self.step:07d}.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        generator = torch.Generator(self.device).manual_seed(self.config.train.seed)
+        images = generate(self.ema.module, self.process, self.config, n=self.config.sample.n,
+                          generator=generator, device=self.device, prompts=self.sample_prompts)
+        save_image((images + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))))
+        return path
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if self.is_main:
+            with open(self.out_dir / "metrics.jsonl", "a") as log:
+                log.write(json.dumps(record) + "\n")
+
+    def _trim_metrics_log(self) -> None:
+        """Drop records past the resumed step (a crash after logging, before the checkpoint), so steps stay unique."""
+        log = self.out_dir / "metrics.jsonl"
+        if not log.exists():
+            return
+        lines = [line for line in log.read_text().splitlines() if line.strip()]
+        kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
+        if len(kept) != len(lines):
+            log.write_text("".join(line + "\n" for line in kept))
+
+
+def generate(model: nn.Module, process, config: Config, *, n: int, generator: torch.Generator | None = None,
+             seed: int | None = None, device: torch.device | None = None, sampler: str | None = None,
+             steps: int | None = None, guidance: float | None = None, labels: torch.Tensor | None = None,
+             prompts: list[str] | None = None, grid: str | None = None, progress: bool = False) -> torch.Tensor:
+    """n samples in [-1, 1] with the config's sample settings (each overridable); RNG-neutral.
+
+    Noise comes from ``generator``, else a new one seeded with ``seed`` (default 0); ``device`` defaults to
+    the model's. A class-conditional model gets ``labels`` (default: 0, 1, 2, ... cycling over the classes);
+    a text model gets ``prompts``, cycled over the n samples (sample i shows ``prompts[i % len(prompts)]``)."""
+    from .sampling import sample
+
+    section = config.sample
+    channels, image_size = data_geometry(config)
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if generator is None:
+        generator = torch.Generator(device).manual_seed(0 if seed is None else seed)
+    elif seed is not None:
+        raise ValueError("pass a generator or a seed, not both")
+    num_classes = getattr(model, "num_classes", 0)
+    if num_classes and labels is None:
+        labels = torch.arange(n) % num_classes
+    cond = labels.to(device) if num_classes else None
+    if getattr(model, "takes_token_ids", False):
+        if not prompts:
+            raise ValueError("a text-to-image model needs prompts=[...] (captions, cycled over the n samples)")
+        cond = model.encode_prompts([prompts[i % len(prompts)] for i in range(n)]).to(device)
+    elif prompts:
+        raise ValueError(f"{type(model).__name__} takes no text: drop prompts (use labels for class-conditional models)")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+            return sample(model, process, (n, channels, image_size, image_size),
+                          sampler=sampler or section.sampler, steps=steps or section.steps,
+                          prediction=config.diffusion.prediction, cond=cond,
+                          guidance=section.guidance if guidance is None else guidance,
+                          guidance_convention=section.guidance_convention, grid=grid or section.grid,
+                          generator=generator, progress=progress, device=device)
+    finally:
+        model.train(was_training)
+
+
+def load_for_inference(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu"):
+    """(model in eval mode, process, config, checkpoint state, checkpoint file) from a file or a run directory.
+
+    A text model comes back as :class:`vitdiff.text.TextToImage` with the tokenizer saved in the checkpoint."""
+    path = Path(path)
+    if path.is_dir():
+        found = ckpt.load_latest(path, map_location=device)
+        if found is None:
+            raise FileNotFoundError(f"{path} holds no checkpoint (last.pt); train with `vitdiff train` first")
+        state, path = found
+    else:
+        state = ckpt.load_checkpoint(path, map_location=device)
+    config = Config.from_dict(state["config"])
+    model = build_model(config, tokenizer_from_json(state.get("text", {}).get("tokenizer")))
+    if ema:
+        weights = {name[len("module."):]: value for name, value in state["ema"].items() if name.startswith("module.")}
+    else:
+        weights = state["model"]
+    model.load_state_dict(weights)
+    process, _ = build_diffusion(config)
+    return model.to(device).eval(), process, config, state, path
+
+
+def _seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def _to_yaml(data: dict) -> str:
+    import yaml
+
+    return yaml.safe_dump(data, sort_keys=False)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="vitdiff train", description="Train a backbone from an experiments/*.yaml config.",
+        epilog="Overrides are key=value with YAML values, e.g. steps=2000 train.lr=1e-4 data.batch_size=64 "
+               "tiny=true (CPU-sized run of the same experiment) resume=true. "
+               "DDP: torchrun --nproc_per_node=N -m vitdiff.trainer CONFIG ...")
+    parser.add_argument("config", help="experiment YAML (experiments/*.yaml)")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    args = parser.parse_args(argv)
+    try:
+        trainer = Trainer(load_config(args.config, args.overrides))
+        result = trainer.fit()
+    except (ConfigError, FileNotFoundError, ckpt.CheckpointError) as error:
+        print(f"vitdiff train: {error}", file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if trainer.is_main:
+        print(f"step {trainer.step}: checkpoint {trainer.out_dir / ckpt.LAST}", file=sys.stderr)
+    return 128 + result["stopped_by_signal"] if result["stopped_by_signal"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
