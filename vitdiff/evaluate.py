@@ -109,9 +109,12 @@ def fd_clf(images: torch.Tensor, config, reference_file: Path | None) -> tuple[s
                 if dataset == "shapes" else "")
         raise SystemExit(f"vitdiff eval: fd-clf has a classifier for {sorted(FD_METRIC_NAMES)} only, and this model "
                          f"was trained on {dataset!r}: use --metric fid (with Inception weights) instead{hint}")
-    reference = FeatureStats.load(reference_file) if reference_file else None
+    from .metrics import classifier_reference_stats
+
+    reference = (FeatureStats.load(reference_file) if reference_file
+                 else classifier_reference_stats(dataset, root=config.data.root))
     value = fd_classifier(images, dataset=dataset, reference=reference, root=config.data.root)
-    return FD_METRIC_NAMES[dataset], value, str(reference_file) if reference_file else f"{dataset}:test"
+    return FD_METRIC_NAMES[dataset], value, str(reference_file or reference.meta.get("reference"))
 
 
 def fid(images: torch.Tensor, config, reference_file: Path | None, weights: Path | None,
