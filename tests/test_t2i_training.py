@@ -56,6 +56,10 @@ def test_train_resume_and_sample_a_prompt(tmp_path):
     assert vitdiff([*common, "--prompt", "a small red circle on the left", "--out", str(tmp_path / "red.png")]) == 0
     assert vitdiff([*common, "--prompt", "a large blue square at the top", "--out", str(tmp_path / "blue.png")]) == 0
     assert vitdiff([*common, "--out", str(tmp_path / "saved.png")]) == 0  # the prompts saved with the checkpoint
+    # `vitdiff eval` scores test images with their own captions.
+    assert vitdiff(["eval", str(run), "--metric", "nll", "--n", "2", "--nll-steps", "2",
+                    "--results", str(tmp_path / "results.jsonl")]) == 0
+    assert '"reference": "shapes:test"' in (tmp_path / "results.jsonl").read_text()
     red, blue = Image.open(tmp_path / "red.png"), Image.open(tmp_path / "blue.png")
     assert red.size == (2 * (64 + 2) + 2, 64 + 4)
     assert red.tobytes() != blue.tobytes()  # the prompt reaches the model
@@ -71,7 +75,8 @@ def test_inference_rebuilds_the_text_model_and_samples_a_grid_choice(tmp_path):
     # sample.grid reaches the sampler: generate(grid=...) is sample(grid=...) with the same noise.
     karras = generate(model, process, config, n=2, seed=3, steps=4, prompts=prompts, grid="karras", guidance=2.0)
     direct = sample(model, process, (2, 3, 64, 64), sampler=config.sample.sampler, steps=4,
-                    cond=ids, guidance=2.0, grid="karras", generator=torch.Generator().manual_seed(3), progress=False)
+                    cond=ids, guidance=2.0, grid="karras", clip_denoised=config.sample.clip_denoised,
+                    generator=torch.Generator().manual_seed(3), progress=False)
     torch.testing.assert_close(karras, direct)
     default = generate(model, process, config, n=2, seed=3, steps=4, prompts=prompts, guidance=2.0)  # uniform_t
     assert not torch.allclose(default, karras)

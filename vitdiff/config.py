@@ -113,6 +113,9 @@ class SampleConfig:
     # VP processes, karras for edm). The grid sets a solver's accuracy: DPM-Solver++(2M) reaches only order ~1.25 on
     # vp-sde's uniform-t grid but order 2 on the karras grid (Gaussian data, benchmarks/sampler_orders.py).
     grid: str | None = None
+    # Clamp the denoiser's x0 estimates to the data range [-1, 1] (DDPM/ADM's clip_denoised). Pixel data: on;
+    # latent models (SD-VAE latents are not bounded by 1): set false.
+    clip_denoised: bool = True
     prompts: tuple | None = None       # text models: captions of the sample grids; null: the first training captions
 
 

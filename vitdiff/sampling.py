@@ -291,11 +291,14 @@ class ClassifierFreeGuidance:
 @torch.no_grad()
 def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str = "dpmpp_2m", steps: int = 50,
            prediction: str = "eps", cond=None, guidance: float = 1.0, guidance_convention: str = "dit",
-           grid: str | None = None, generator: torch.Generator | None = None, progress: bool = True,
-           callback=None, device=None, **sampler_opts) -> torch.Tensor:
-    """Draw samples ``shape = (B, C, H, W)``; returns x0 in data space (unclipped; data lie in [-1, 1]).
+           grid: str | None = None, clip_denoised: bool = False, generator: torch.Generator | None = None,
+           progress: bool = True, callback=None, device=None, **sampler_opts) -> torch.Tensor:
+    """Draw samples ``shape = (B, C, H, W)``; returns x0 in data space.
 
     ``grid`` defaults to the process's own (uniform_t for VP, karras for EDM);
+    ``clip_denoised`` clamps every x0 estimate to [-1, 1], the data range of pixel models (DDPM's and
+    ADM's ``clip_denoised``, diffusers' ``clip_sample``). It rescues young eps-prediction models, whose
+    small eps errors at high noise are multiplied by sigma in x0; leave it off for latent models.
     ``sampler_opts`` pass through (e.g. ``eta`` for ddim, ``s_churn`` for heun/euler).
     Put the model in eval mode first.
     """
@@ -315,6 +318,9 @@ def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str
     denoiser = make_denoiser(model, process, prediction)
     if guided:
         denoiser = ClassifierFreeGuidance(denoiser, model.null_cond, guidance, guidance_convention)
+    if clip_denoised:
+        unclipped = denoiser
+        denoiser = lambda x, sigma, cond: unclipped(x, sigma, cond).clamp(-1.0, 1.0)  # noqa: E731
     x = randn(tuple(shape), generator=generator, device=device) * float(process.prior_std(sigmas[0]))
     return SAMPLERS[sampler](denoiser, x, sigmas.to(device), cond=cond, generator=generator, callback=callback,
                              progress=progress, **sampler_opts)

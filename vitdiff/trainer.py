@@ -594,7 +594,7 @@ def generate(model: nn.Module, process, config: Config, *, n: int, generator: to
                           prediction=config.diffusion.prediction, cond=cond,
                           guidance=section.guidance if guidance is None else guidance,
                           guidance_convention=section.guidance_convention, grid=grid or section.grid,
-                          generator=generator, progress=progress, device=device)
+                          clip_denoised=section.clip_denoised, generator=generator, progress=progress, device=device)
     finally:
         model.train(was_training)
 

@@ -46,6 +46,13 @@ class Profile:
     sampler: str
     sample_steps: int
     grid: str = "karras"      # sigma grid for every sampler (DPM-Solver++(2M) is 2nd order on it, ~1.25 on uniform t)
+    # The diffusion recipe. gpu: U-ViT's (VP-SDE, eps, uniform). CPU profiles: EDM's preconditioning, because
+    # in a 400-step run an eps-model's small eps errors at high noise are multiplied by sigma in x0 and its
+    # samples are noise (measured on IU-ViT-tiny, fashion-mnist, 400 steps: FD-fmnist-clf@300 968 with
+    # vp-sde/eps, 937 with vp-sde/v, 560 with edm).
+    process: str = "edm"
+    prediction: str = "v"     # with edm: exactly EDM's c_skip/c_out parameterisation (vitdiff/diffusion.py)
+    weighting: str = "edm"
 
 
 PROFILES: dict[str, Profile] = {
@@ -58,7 +65,8 @@ PROFILES: dict[str, Profile] = {
                    seeds=(0, 1), eval_n=500, val_n=500, sampler="dpmpp_2m", sample_steps=20),
     # The paper's scale: CIFAR-10, U-ViT's recipe (experiments/cifar10_uvit_s2.yaml).
     "gpu": Profile("gpu", dataset="cifar10", size="S/2", steps=500_000, batch_size=128, lr=2e-4, warmup_steps=2500,
-                   seeds=(0, 1), eval_n=10_000, val_n=10_000, sampler="dpmpp_2m", sample_steps=50),
+                   seeds=(0, 1), eval_n=10_000, val_n=10_000, sampler="dpmpp_2m", sample_steps=50,
+                   process="vp-sde", prediction="eps", weighting="uniform"),
 }
 
 
@@ -114,7 +122,8 @@ def make_config(variant: Variant, profile: Profile, seed: int, out_dir: Path, **
         "name": variant.name,
         "out_dir": str(out_dir),
         "model": {"preset": variant.preset_for(profile), **variant.overrides},
-        "diffusion": {"process": "vp-sde", "prediction": "eps", **diffusion},
+        "diffusion": {"process": profile.process, "prediction": profile.prediction, "weighting": profile.weighting,
+                      **diffusion},
         "data": {"dataset": profile.dataset, "batch_size": profile.batch_size, "num_workers": 0,
                  "flip": profile.dataset in ("cifar10", "celeba64")},
         "train": {"steps": profile.steps, "lr": profile.lr, "warmup_steps": profile.warmup_steps, "seed": seed,
@@ -179,7 +188,8 @@ def fd_label(profile: Profile) -> str:
 def protocol(profile: Profile, metric: str | None = None) -> str:
     """One line that travels with every figure and table: what was trained and how it was measured."""
     metric = metric or fd_label(profile)
-    return (f"{profile.dataset}, {profile.steps} steps x batch {profile.batch_size}, {len(profile.seeds)} seed(s); "
+    return (f"{profile.dataset}, {profile.process}/{profile.prediction}, {profile.steps} steps x batch "
+            f"{profile.batch_size}, {len(profile.seeds)} seed(s); "
             f"{metric} vs train split, {profile.sampler} {profile.sample_steps} steps ({profile.grid} grid); profile={profile.name}")
 
 
@@ -337,10 +347,10 @@ class TextSetup:
 # The Profile fields text-to-image changes, and its TextSetup, per profile.
 TEXT_PROFILE_CHANGES: dict[str, dict[str, Any]] = {
     "smoke": dict(dataset="shapes", steps=3, batch_size=4, eval_n=16, val_n=16, sample_steps=3),
-    # About 0.3-0.5 s a step on 2 shared cores; sized to fit two seeds and the guidance sweep in ~20 minutes.
+    # About 0.3-0.6 s a step on one of 2 shared cores; sized to fit two seeds and the sweep in ~20 minutes.
     # Measured: at this budget the model still draws coloured blobs and has learnt to ignore the text (the
     # conditional and unconditional outputs differ by ~1e-4 RMS at 600 steps), so alignment stays near chance.
-    "cpu": dict(dataset="shapes", steps=900, batch_size=32, lr=1e-3, warmup_steps=50, eval_n=128, val_n=128,
+    "cpu": dict(dataset="shapes", steps=600, batch_size=32, lr=1e-3, warmup_steps=50, eval_n=96, val_n=96,
                 sample_steps=20),
     # Paper scale at 64x64 (experiments/shapes64_t2i_ascend_h.yaml).
     "gpu": dict(dataset="shapes", steps=100_000, batch_size=128, lr=2e-4, warmup_steps=5000, eval_n=2000,
