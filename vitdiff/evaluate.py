@@ -83,7 +83,8 @@ def main(argv: list[str] | None = None) -> int:
     result = MetricResult(metric=name, value=float(value), num_samples=n, dataset=dataset, reference=reference,
                           checkpoint=str(checkpoint.resolve()), seed=args.seed,
                           extra={"ema": args.ema, "step": state["step"], "config": config.name,
-                                 "batch_size": args.batch_size}, **protocol)
+                                 "batch_size": args.batch_size, "grid": config.sample.grid,
+                                 "clip_denoised": config.sample.clip_denoised}, **protocol)
     results = args.results or checkpoint.parent / "results.jsonl"
     save_result(results, result)
     print(f"{result.label} = {result.value:.4f}  ({dataset}, reference {reference}, {protocol['sampler']} "

@@ -116,6 +116,17 @@ class Variant:
         return {"UNet": "DDPM-UNet", "ASCEND-H": "ASCEND-H-S/8"}.get(self.family, f"{self.family}-{profile.size}")
 
 
+def _run_sections(profile: Profile, seed: int) -> dict[str, dict]:
+    """The config sections every notebook run shares: optimisation, sampling and evaluation of the profile."""
+    return {
+        "train": {"steps": profile.steps, "lr": profile.lr, "warmup_steps": profile.warmup_steps, "seed": seed,
+                  "log_every": max(1, profile.steps // 50), "ckpt_every": profile.steps, "sample_every": 0,
+                  "progress": False, "grad_clip": 1.0},
+        "sample": {"sampler": profile.sampler, "steps": profile.sample_steps, "grid": profile.grid},
+        "eval": {"metric": "fd-clf", "n": profile.eval_n},
+    }
+
+
 def make_config(variant: Variant, profile: Profile, seed: int, out_dir: Path, **diffusion: Any) -> Config:
     """A full trainer config for one (variant, seed) under a profile; ``diffusion`` overrides that section."""
     raw = {
@@ -126,11 +137,7 @@ def make_config(variant: Variant, profile: Profile, seed: int, out_dir: Path, **
                       **diffusion},
         "data": {"dataset": profile.dataset, "batch_size": profile.batch_size, "num_workers": 0,
                  "flip": profile.dataset in ("cifar10", "celeba64")},
-        "train": {"steps": profile.steps, "lr": profile.lr, "warmup_steps": profile.warmup_steps, "seed": seed,
-                  "log_every": max(1, profile.steps // 50), "ckpt_every": profile.steps, "sample_every": 0,
-                  "progress": False, "grad_clip": 1.0},
-        "sample": {"sampler": profile.sampler, "steps": profile.sample_steps, "grid": profile.grid},
-        "eval": {"metric": "fd-clf", "n": profile.eval_n},
+        **_run_sections(profile, seed),
     }
     return Config.from_dict(raw)
 
@@ -400,11 +407,7 @@ def make_text_config(profile: Profile, seed: int, out_dir: Path, *, cond_drop_pr
         "data": {"dataset": profile.dataset, "image_size": setup.image_size, "batch_size": profile.batch_size,
                  "num_workers": 0},
         "text": {"encoder": "jointly-trained", **setup.text},
-        "train": {"steps": profile.steps, "lr": profile.lr, "warmup_steps": profile.warmup_steps, "seed": seed,
-                  "log_every": max(1, profile.steps // 50), "ckpt_every": profile.steps, "sample_every": 0,
-                  "progress": False, "grad_clip": 1.0},
-        "sample": {"sampler": profile.sampler, "steps": profile.sample_steps, "grid": profile.grid},
-        "eval": {"metric": "fd-clf", "n": profile.eval_n},
+        **_run_sections(profile, seed),
     }
     return Config.from_dict(raw)
 
