@@ -102,7 +102,7 @@ def test_captions(config) -> list[str]:
 
 
 def fd_clf(images: torch.Tensor, config, reference_file: Path | None) -> tuple[str, float, str]:
-    from .metrics import FD_METRIC_NAMES, FeatureStats, fd_classifier
+    from .metrics import FD_METRIC_NAMES, FeatureStats, classifier_reference_stats, fd_classifier
 
     dataset = config.data.dataset
     if dataset not in FD_METRIC_NAMES:
@@ -110,8 +110,6 @@ def fd_clf(images: torch.Tensor, config, reference_file: Path | None) -> tuple[s
                 if dataset == "shapes" else "")
         raise SystemExit(f"vitdiff eval: fd-clf has a classifier for {sorted(FD_METRIC_NAMES)} only, and this model "
                          f"was trained on {dataset!r}: use --metric fid (with Inception weights) instead{hint}")
-    from .metrics import classifier_reference_stats
-
     reference = (FeatureStats.load(reference_file) if reference_file
                  else classifier_reference_stats(dataset, root=config.data.root))
     value = fd_classifier(images, dataset=dataset, reference=reference, root=config.data.root)
