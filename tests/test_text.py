@@ -99,8 +99,9 @@ def test_wrapper_rejects_mismatched_parts(tokenizer):
         TextToImage(create_model("U-ViT-tiny", context_dim=16), TextEncoder.for_tokenizer(tokenizer), None)
 
 
-@pytest.mark.parametrize("backbone,overrides", [("U-ViT-tiny", {}), ("U-ViT-tiny", {"text_mode": "cross_attn"}),
-                                                ("DiT-tiny", {})])
+@pytest.mark.parametrize("backbone,overrides", [
+    ("U-ViT-tiny", {}), ("U-ViT-tiny", {"text_mode": "cross_attn"}), ("DiT-tiny", {}),
+    ("U-ViT-tiny", {"pooled_text": True}), ("ASCEND-H-tiny", {"pooled_text": True, "decoder_block": "conv"})])
 def test_diffusion_loss_trains_encoder_jointly(tokenizer, backbone, overrides):
     model = tiny_text_model(tokenizer, backbone, **overrides)
     data = ShapesDataset("train", image_size=32, num_samples=4)
@@ -115,6 +116,26 @@ def test_diffusion_loss_trains_encoder_jointly(tokenizer, backbone, overrides):
         loss.mean().backward()
         optimizer.step()
     assert model.text_encoder.token_embed.weight.grad.abs().sum() > 0
+    if overrides.get("pooled_text"):
+        assert model.backbone.pooled_text_embed.weight.grad.abs().sum() > 0
+
+
+def test_pooled_text_reaches_the_hierarchical_decoder(tokenizer):
+    """ASCEND-H adds the pooled caption to its decoder's condition, through the same projection as the encoder's."""
+    backbone = tiny_text_model(tokenizer, "ASCEND-H-tiny", pooled_text=True, decoder_block="conv").backbone
+    context = torch.randn(2, tokenizer.max_length, CONTEXT_DIM)
+    c0, c1 = backbone.decoder_condition(torch.ones(2), context).unbind()
+    assert not torch.allclose(c0, c1)
+    with torch.no_grad():
+        backbone.pooled_text_embed.weight.zero_()
+        backbone.pooled_text_embed.bias.zero_()
+    c0, c1 = backbone.decoder_condition(torch.ones(2), context).unbind()
+    torch.testing.assert_close(c0, c1)
+
+
+def test_pooled_text_needs_a_text_model():
+    with pytest.raises(ValueError, match="context_dim"):
+        create_model("U-ViT-tiny", pooled_text=True)
 
 
 def test_classifier_free_guidance_sampling(tokenizer):

@@ -53,6 +53,7 @@ class Profile:
     process: str = "edm"
     prediction: str = "v"     # with edm: exactly EDM's c_skip/c_out parameterisation (vitdiff/diffusion.py)
     weighting: str = "edm"
+    process_kwargs: dict = field(default_factory=dict)  # e.g. EDM's training-noise {p_mean, p_std}
 
 
 PROFILES: dict[str, Profile] = {
@@ -127,14 +128,18 @@ def _run_sections(profile: Profile, seed: int) -> dict[str, dict]:
     }
 
 
+def _diffusion_section(profile: Profile) -> dict[str, Any]:
+    return {"process": profile.process, "prediction": profile.prediction, "weighting": profile.weighting,
+            "process_kwargs": dict(profile.process_kwargs)}
+
+
 def make_config(variant: Variant, profile: Profile, seed: int, out_dir: Path, **diffusion: Any) -> Config:
     """A full trainer config for one (variant, seed) under a profile; ``diffusion`` overrides that section."""
     raw = {
         "name": variant.name,
         "out_dir": str(out_dir),
         "model": {"preset": variant.preset_for(profile), **variant.overrides},
-        "diffusion": {"process": profile.process, "prediction": profile.prediction, "weighting": profile.weighting,
-                      **diffusion},
+        "diffusion": {**_diffusion_section(profile), **diffusion},
         "data": {"dataset": profile.dataset, "batch_size": profile.batch_size, "num_workers": 0,
                  "flip": profile.dataset in ("cifar10", "celeba64")},
         **_run_sections(profile, seed),
@@ -195,7 +200,8 @@ def fd_label(profile: Profile) -> str:
 def protocol(profile: Profile, metric: str | None = None) -> str:
     """One line that travels with every figure and table: what was trained and how it was measured."""
     metric = metric or fd_label(profile)
-    return (f"{profile.dataset}, {profile.process}/{profile.prediction}, {profile.steps} steps x batch "
+    process = profile.process + "".join(f" {k}={v:g}" for k, v in profile.process_kwargs.items())
+    return (f"{profile.dataset}, {process}/{profile.prediction}, {profile.steps} steps x batch "
             f"{profile.batch_size}, {len(profile.seeds)} seed(s); "
             f"{metric} vs train split, {profile.sampler} {profile.sample_steps} steps ({profile.grid} grid); profile={profile.name}")
 
@@ -360,8 +366,9 @@ TEXT_PROFILE_CHANGES: dict[str, dict[str, Any]] = {
     "cpu": dict(dataset="shapes", steps=600, batch_size=32, lr=1e-3, warmup_steps=50, eval_n=96, val_n=96,
                 sample_steps=20),
     # Paper scale at 64x64 (experiments/shapes64_t2i_ascend_h.yaml).
+    # v-prediction: an eps-model's x0 estimate at high noise (x - sigma*eps, sigma up to 152 on vp-sde) is poor.
     "gpu": dict(dataset="shapes", steps=100_000, batch_size=128, lr=2e-4, warmup_steps=5000, eval_n=2000,
-                val_n=2000, sample_steps=50),
+                val_n=2000, sample_steps=50, prediction="v"),
 }
 # The lightest pixel decoder: x2 pixel-shuffle stages and the full-resolution skip, no refining blocks, so the
 # encoder on 8x8 patches does the work (CPU-sized at 64x64: about a third of the cost of one conv block a stage).
@@ -393,17 +400,15 @@ def text_profile(name: str | None = None, *, dataset: str | None = None, steps: 
     return profile
 
 
-def make_text_config(profile: Profile, seed: int, out_dir: Path, *, cond_drop_prob: float = 0.1,
-                     prediction: str = "v") -> Config:
-    """A trainer config for text-to-image on the shapes set: the profile's backbone, a jointly-trained text
-    encoder, caption dropout for classifier-free guidance. v-prediction by default: in short runs an ε-model's
-    x0 estimate at high noise (x - σ·ε̂, σ up to 152 on vp-sde) is too poor to sample from."""
+def make_text_config(profile: Profile, seed: int, out_dir: Path, *, cond_drop_prob: float = 0.1) -> Config:
+    """A trainer config for text-to-image on the shapes set: the profile's backbone and diffusion recipe, a
+    jointly-trained text encoder, caption dropout for classifier-free guidance."""
     setup = TEXT_SETUPS[profile.name]
     raw = {
         "name": f"t2i-{setup.preset}",
         "out_dir": str(out_dir),
         "model": {"preset": setup.preset, **setup.model},
-        "diffusion": {"process": "vp-sde", "prediction": prediction, "cond_drop_prob": cond_drop_prob},
+        "diffusion": {**_diffusion_section(profile), "cond_drop_prob": cond_drop_prob},
         "data": {"dataset": profile.dataset, "image_size": setup.image_size, "batch_size": profile.batch_size,
                  "num_workers": 0},
         "text": {"encoder": "jointly-trained", **setup.text},

@@ -228,8 +228,13 @@ class HierarchicalASCEND(TokenBackbone):
                 block.zero_init()
 
     def decoder_condition(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        """Time (+ label, + pooled caption with ``pooled_text``) for the decoder's conv/window blocks."""
         c = self.decoder_time_embed(timestep_embedding(t, self.embed_dim).to(self.norm.weight.dtype))
-        return c + self.label_emb(cond) if self.num_classes else c
+        if self.num_classes:
+            c = c + self.label_emb(cond)
+        if self.pooled_text:
+            c = c + self.pooled_text_embed(cond.mean(dim=1))
+        return c
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor | None = None) -> torch.Tensor:
         self.check_inputs(x, t, cond)

@@ -147,6 +147,8 @@ class TokenBackbone(DiffusionBackbone):
         context_len: number of text tokens in "tokens" mode (the position embedding covers them; CLIP: 77).
         text_mode: "tokens" (U-ViT: Linear(context_dim, D), prepended) or "cross_attn" (a cross-attention
             layer in every block; any length L).
+        pooled_text: also add Linear(mean of the text embeddings) to the time embedding (Imagen's pooled
+            caption), a global path for what holds for the whole image (colours, sizes); off in U-ViT.
         conditioning: "token" (U-ViT: time and label are tokens), "adaln" or "adaln_zero" (time MLP + label
             embedding form a vector that modulates every block, as in DiT; no time/label tokens).
         pos_embed: "learned" (U-ViT: 1-D over all tokens, trunc-normal 0.02) or "sincos" (fixed 2-D on the
@@ -159,9 +161,9 @@ class TokenBackbone(DiffusionBackbone):
 
     def __init__(self, *, image_size: int, in_channels: int, patch_size: int, dim: int, learn_sigma: bool = False,
                  num_classes: int = 0, context_dim: int = 0, context_len: int = 77, text_mode: str = "tokens",
-                 conditioning: str = "token", pos_embed: str = "learned", norm: str = "layernorm",
-                 qk_norm: bool = False, qkv_bias: bool = False, mlp_ratio: float = 4.0, time_mlp: bool = False,
-                 conv_stem: bool = False, stem_channels: int = 64):
+                 pooled_text: bool = False, conditioning: str = "token", pos_embed: str = "learned",
+                 norm: str = "layernorm", qk_norm: bool = False, qkv_bias: bool = False, mlp_ratio: float = 4.0,
+                 time_mlp: bool = False, conv_stem: bool = False, stem_channels: int = 64):
         super().__init__(image_size=image_size, in_channels=in_channels, learn_sigma=learn_sigma,
                          num_classes=num_classes, context_dim=context_dim, patch_size=patch_size)
         check_choice("conditioning", conditioning, CONDITIONINGS)
@@ -190,6 +192,11 @@ class TokenBackbone(DiffusionBackbone):
             self.null_context_token = nn.Parameter(torch.zeros(1, 1, context_dim))
             if text_tokens:
                 self.context_embed = nn.Linear(context_dim, dim)
+            if pooled_text:
+                self.pooled_text_embed = nn.Linear(context_dim, dim)
+        elif pooled_text:
+            raise ValueError("pooled_text=True needs a text model: set context_dim=... (the text encoder's width)")
+        self.pooled_text = pooled_text
         self.num_extra_tokens = text_tokens + (0 if adaptive else 1 + bool(num_classes))
 
         num_patches = (image_size // patch_size) ** 2
@@ -281,6 +288,8 @@ class TokenBackbone(DiffusionBackbone):
         """Image, time and condition -> (tokens with positions, adaLN condition vector or None, cross-attn context)."""
         tokens = self.patch_embed(x)
         time = self.time_embed(timestep_embedding(t, self.embed_dim).to(tokens.dtype))
+        if self.pooled_text:
+            time = time + self.pooled_text_embed(cond.mean(dim=1))
         label = self.label_emb(cond) if self.num_classes else None
         extras, context = [], None
         if self.context_dim:
