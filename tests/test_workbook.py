@@ -35,6 +35,15 @@ def test_make_config_carries_switches_and_protocol(tmp_path):
     assert "FD-digits-clf@32" in wb.protocol(profile)
 
 
+def test_text_config_takes_the_profiles_diffusion_recipe(tmp_path):
+    profile = wb.text_profile("cpu")
+    config = wb.make_text_config(profile, 0, tmp_path)
+    assert (config.diffusion.process, config.diffusion.prediction) == (profile.process, profile.prediction)
+    assert config.diffusion.process_kwargs == {"p_mean": 0.4, "p_std": 1.0} and config.diffusion.cond_drop_prob == 0.1
+    assert "edm(p_mean=0.4, p_std=1)/v" in wb.protocol(profile)
+    assert wb.make_text_config(wb.text_profile("gpu"), 0, tmp_path).diffusion.prediction == "v"
+
+
 def test_run_variant_trains_evaluates_and_reuses(tmp_path, monkeypatch):
     monkeypatch.setenv("VITDIFF_CACHE", str(tmp_path / "cache"))
     profile = wb.get_profile("smoke", steps=2)

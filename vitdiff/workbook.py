@@ -200,7 +200,8 @@ def fd_label(profile: Profile) -> str:
 def protocol(profile: Profile, metric: str | None = None) -> str:
     """One line that travels with every figure and table: what was trained and how it was measured."""
     metric = metric or fd_label(profile)
-    process = profile.process + "".join(f" {k}={v:g}" for k, v in profile.process_kwargs.items())
+    settings = ", ".join(f"{k}={v:g}" for k, v in profile.process_kwargs.items())
+    process = f"{profile.process}({settings})" if settings else profile.process
     return (f"{profile.dataset}, {process}/{profile.prediction}, {profile.steps} steps x batch "
             f"{profile.batch_size}, {len(profile.seeds)} seed(s); "
             f"{metric} vs train split, {profile.sampler} {profile.sample_steps} steps ({profile.grid} grid); profile={profile.name}")
