@@ -378,12 +378,17 @@ TEXT_PROFILE_CHANGES: dict[str, dict[str, Any]] = {
 _LIGHT_DECODER = {"decoder_block": "conv", "decoder_blocks": 0, "hires_channels": 8}
 # At 32x32 a patch of 4 keeps 64 encoder tokens, with two x2 decoder stages.
 _PATCH4_AT_32 = {"patch_size": 4, "decoder_channels": (64, 32), "hires_channels": 16}
+# The pooled caption on the time embedding and the decoder's condition (Imagen's global text path). Measured in the
+# cpu profile (3000 steps, val captions, w = 3): colour accuracy 0.54 and 0.17 for seeds 0 and 1 with text tokens
+# alone, 0.55 and 0.65 with the pooled path too (chance 0.17).
+_POOLED = {"pooled_text": True}
 TEXT_SETUPS: dict[str, TextSetup] = {
-    "smoke": TextSetup("ASCEND-H-tiny", 64, _LIGHT_DECODER, {"context_dim": 32, "layers": 1, "heads": 2},
+    "smoke": TextSetup("ASCEND-H-tiny", 64, {**_LIGHT_DECODER, **_POOLED}, {"context_dim": 32, "layers": 1, "heads": 2},
                        (1.0, 3.0), 2),
-    "cpu": TextSetup("ASCEND-H-tiny", 32, {**_PATCH4_AT_32, "decoder_block": "conv", "decoder_blocks": 1},
+    "cpu": TextSetup("ASCEND-H-tiny", 32, {**_PATCH4_AT_32, "decoder_block": "conv", "decoder_blocks": 1, **_POOLED},
                      {"context_dim": 64, "layers": 2, "heads": 4}, (1.0, 2.0, 3.0, 5.0), 6),
-    "gpu": TextSetup("ASCEND-H-S/8", 64, {}, {"context_dim": 256, "layers": 4, "heads": 4}, (1.0, 2.0, 3.0, 5.0), 8),
+    "gpu": TextSetup("ASCEND-H-S/8", 64, _POOLED, {"context_dim": 256, "layers": 4, "heads": 4},
+                     (1.0, 2.0, 3.0, 5.0), 8),
 }
 
 
