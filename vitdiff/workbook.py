@@ -362,10 +362,10 @@ class TextSetup:
 TEXT_PROFILE_CHANGES: dict[str, dict[str, Any]] = {
     "smoke": dict(dataset="shapes", steps=3, batch_size=4, eval_n=16, val_n=16, sample_steps=3),
     # EDM with training noise shifted up (ln sigma ~ N(0.4, 1.0) instead of N(-1.2, 1.2)): the caption decides
-    # the scene at high noise, and a short run must spend its steps there. Measured on seed 0 (val captions,
-    # sigma = 2): with vp-sde/v or EDM's default noise the caption changed the loss by <1e-4 and ~1% at 600 steps
+    # the scene at high noise, and a short run must spend its steps there. Measured on seed 0 (val captions):
+    # with vp-sde/v the caption changed the loss by <1e-4 at 400 steps, with EDM's default noise by ~1% at 600,
     # and alignment stayed at chance; with the shift, colour accuracy 0.15 / 0.32 / 0.45 at 600 / 1500 / 2200
-    # steps (chance 0.17). Hence 3000 steps: ~0.2-0.3 s a step on 2 CPU cores.
+    # steps (chance 0.17; w = 3). Hence 3000 steps: ~0.35 s a step on one CPU core.
     "cpu": dict(dataset="shapes", steps=3000, batch_size=32, lr=1e-3, warmup_steps=50, eval_n=96, val_n=96,
                 sample_steps=20, process_kwargs={"p_mean": 0.4, "p_std": 1.0}),
     # Paper scale at 64x64 (experiments/shapes64_t2i_ascend_h.yaml).
