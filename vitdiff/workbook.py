@@ -383,8 +383,8 @@ _PATCH4_AT_32 = {"patch_size": 4, "decoder_channels": (64, 32), "hires_channels"
 # alone, 0.55 and 0.65 with the pooled path too (chance 0.17).
 _POOLED = {"pooled_text": True}
 TEXT_SETUPS: dict[str, TextSetup] = {
-    "smoke": TextSetup("ASCEND-H-tiny", 64, {**_LIGHT_DECODER, **_POOLED}, {"context_dim": 32, "layers": 1, "heads": 2},
-                       (1.0, 3.0), 2),
+    "smoke": TextSetup("ASCEND-H-tiny", 64, {**_LIGHT_DECODER, **_POOLED},
+                       {"context_dim": 32, "layers": 1, "heads": 2}, (1.0, 3.0), 2),
     "cpu": TextSetup("ASCEND-H-tiny", 32, {**_PATCH4_AT_32, "decoder_block": "conv", "decoder_blocks": 1, **_POOLED},
                      {"context_dim": 64, "layers": 2, "heads": 4}, (1.0, 2.0, 3.0, 5.0), 6),
     "gpu": TextSetup("ASCEND-H-S/8", 64, _POOLED, {"context_dim": 256, "layers": 4, "heads": 4},
