@@ -147,9 +147,10 @@ def make_config(variant: Variant, profile: Profile, seed: int, out_dir: Path, **
     return Config.from_dict(raw)
 
 
-def _config_key(config: Config) -> str:
-    payload = json.dumps({k: v for k, v in config.to_dict().items() if k != "out_dir"}, sort_keys=True, default=str)
-    return hashlib.sha1(payload.encode()).hexdigest()[:12]
+def _config_key(config: Config, sections: tuple[str, ...] | None = None, length: int = 12) -> str:
+    """A short hash of the config's sections (default: all but ``out_dir``), to recognise a run by what it trains."""
+    chosen = {k: v for k, v in config.to_dict().items() if (k in sections if sections else k != "out_dir")}
+    return hashlib.sha1(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
 # -- measurement ----------------------------------------------------------------------------------
@@ -432,8 +433,7 @@ def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: b
     from .trainer import Trainer
 
     config = make_text_config(profile, seed, runs_dir)
-    sections = {name: value for name, value in config.to_dict().items() if name in ("model", "diffusion", "data", "text")}
-    key = hashlib.sha1(json.dumps(sections, sort_keys=True, default=str).encode()).hexdigest()[:8]
+    key = _config_key(config, sections=("model", "diffusion", "data", "text"), length=8)
     config.out_dir = str(runs_dir / f"seed{seed}-{key}")
     trainer = Trainer(config, progress=progress)
     trainer.fit()
