@@ -6,7 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from vitdiff.config import Config, ConfigError, load_config, tiny_preset_for
+from vitdiff.build import load_experiment, tiny_preset_for
+from vitdiff.config import Config, ConfigError, load_config
 from vitdiff.data import dataset_info
 from vitdiff.models import PRESETS
 
@@ -25,7 +26,7 @@ def test_the_paper_configs_exist():
 def test_every_experiment_loads_and_has_a_tiny_version(path):
     config = load_config(path)
     assert config.model.preset in PRESETS
-    tiny = load_config(path, ["tiny=true", "steps=6"])
+    tiny = load_experiment(path, ["tiny=true", "steps=6"])
     assert tiny.model.preset.endswith("-tiny") and tiny.model.preset in PRESETS
     embedded = ("shapes",) if dataset_info(config.data.dataset).has_captions else ("digits", "fashion-mnist")
     assert tiny.data.dataset in embedded and tiny.train.steps == 6  # text-to-image stays text-to-image
@@ -72,10 +73,10 @@ def test_unknown_keys_list_the_valid_ones(tmp_path):
 
 
 def test_overrides_win_over_the_tiny_profile_wherever_they_appear():
-    config = load_config(None, ["steps=9", "data.batch_size=4", "model.preset=DiT-XL/2", "tiny=true"])
+    config = load_experiment(None, ["steps=9", "data.batch_size=4", "model.preset=DiT-XL/2", "tiny=true"])
     assert config.train.steps == 9 and config.data.batch_size == 4
     assert config.model.preset == "DiT-tiny"  # the profile shrinks the chosen model
-    assert load_config(None, ["profile=tiny", "model.preset=U-ViT-tiny"]).model.preset == "U-ViT-tiny"
+    assert load_experiment(None, ["profile=tiny", "model.preset=U-ViT-tiny"]).model.preset == "U-ViT-tiny"
 
 
 def test_tiny_preset_follows_the_family():
@@ -92,3 +93,29 @@ def test_invalid_values_are_rejected():
         load_config(None, ["train.ema_decay=1.5"])
     with pytest.raises(ConfigError, match="resume must be"):
         load_config(None, ["resume=maybe"])
+
+
+def test_the_tiny_profile_says_what_it_swapped(capsys):
+    config = load_experiment(EXPERIMENTS[0].parent / "cifar10_uvit_s2.yaml", ["tiny=true"])
+    assert (config.model.preset, config.data.dataset) == ("U-ViT-tiny", "digits")
+    assert "tiny profile: model U-ViT-S/2 -> U-ViT-tiny; data cifar10 -> digits" in capsys.readouterr().err
+
+
+def test_the_schema_alone_cannot_resolve_tiny():
+    with pytest.raises(ConfigError, match="load_experiment"):
+        load_config(None, ["tiny=true"])
+
+
+def test_registry_names_are_checked_before_anything_is_built():
+    for override, key in [("model.preset=U-ViT-XXL", "model.preset"), ("data.dataset=mnist2", "data.dataset"),
+                          ("diffusion.process=vp-ode", "diffusion.process"), ("sample.sampler=nope", "sample.sampler"),
+                          ("sample.grid=cosine", "sample.grid")]:
+        with pytest.raises(ConfigError, match=key):
+            load_experiment(None, [override])
+
+
+def test_yaml_syntax_errors_name_the_line(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train:\n  lr: [1e-4\n")
+    with pytest.raises(ConfigError, match="not valid YAML at line"):
+        load_config(bad)

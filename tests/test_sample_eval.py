@@ -10,7 +10,8 @@ from PIL import Image
 
 from vitdiff.cli import main as vitdiff
 from vitdiff.config import load_config
-from vitdiff.trainer import Trainer, load_for_inference
+from vitdiff.generate import load_for_inference
+from vitdiff.trainer import Trainer
 
 TINY = {
     "model": {"preset": "U-ViT-tiny", "dim": 32, "depth": 2, "num_heads": 2},

@@ -16,6 +16,7 @@ import torch
 import yaml
 
 from vitdiff import checkpoint as ckpt
+from vitdiff.build import load_experiment
 from vitdiff.config import load_config
 from vitdiff.trainer import Trainer, WarmupEMA, ema_decay_at, split_weight_decay
 from torch.optim.swa_utils import AveragedModel
@@ -229,7 +230,7 @@ def test_bad_override_exits_with_the_valid_keys(tmp_path, capsys):
 
 @pytest.mark.parametrize("path", sorted((ROOT / "experiments").glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_experiment_trains_in_its_tiny_version(path, tmp_path):
-    config = load_config(path, ["tiny=true", "steps=2", "data.batch_size=4", "sample_every=2", "sample.steps=2",
+    config = load_experiment(path, ["tiny=true", "steps=2", "data.batch_size=4", "sample_every=2", "sample.steps=2",
                                 "sample.n=4", "progress=false", f"out_dir={tmp_path}"])
     record = Trainer(config).fit()
     assert record["step"] == 2 and math.isfinite(record["loss"])

@@ -13,12 +13,15 @@ key, else a ``train`` key, else a key found in exactly one section
 (``steps=200`` is ``train.steps``; ``sample.steps`` needs its prefix).
 
 ``tiny=true`` (or ``profile=tiny``) keeps the experiment's research switches but
-swaps in the family's tiny preset, the embedded digits data (or fashion-mnist
-when the experiment uses it; the embedded captioned ``shapes`` set and a small
-jointly-trained text encoder for text-to-image experiments) and a few hundred
-steps, so every paper config runs on a laptop CPU. Command-line overrides apply after the profile, so
-``tiny=true steps=6`` trains six steps; ``model.preset=X`` applies before it, so
-``model.preset=DiT-XL/2 tiny=true`` trains DiT-tiny.
+shrinks it to a CPU run; the shrinking needs the model and data registries, so
+:func:`load_config` takes it as a function (``shrink``) and
+:func:`vitdiff.build.load_experiment` passes it in. Command-line overrides apply
+after the profile, so ``tiny=true steps=6`` trains six steps; ``model.preset=X``
+applies before it, so ``model.preset=DiT-XL/2 tiny=true`` trains DiT-tiny.
+
+This module is a schema: it imports nothing else from vitdiff. Registry names
+(presets, data sets, processes, samplers) are checked where they are built
+(:func:`vitdiff.build.check_names`).
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -110,8 +113,7 @@ class SampleConfig:
     guidance_convention: str = "dit"   # dit: u + w (c - u); uvit: (1 + s) c - s u
     n: int = 64
     # Sigma grid (vitdiff.sampling.GRIDS: uniform_t | quadratic | karras); null: the process's own (uniform_t for the
-    # VP processes, karras for edm). The grid sets a solver's accuracy: DPM-Solver++(2M) reaches only order ~1.25 on
-    # vp-sde's uniform-t grid but order 2 on the karras grid (Gaussian data, benchmarks/sampler_orders.py).
+    # VP processes, karras for edm). The grid sets a solver's order of accuracy (benchmarks/sampler_orders.py).
     grid: str | None = None
     # Clamp the denoiser's x0 estimates to the data range [-1, 1] (DDPM/ADM's clip_denoised). Pixel data: on;
     # latent models (SD-VAE latents are not bounded by 1): set false.
@@ -119,14 +121,17 @@ class SampleConfig:
     prompts: tuple | None = None       # text models: captions of the sample grids; null: the first training captions
 
 
+METRICS = ("fd-clf", "fid", "nll")  # what a config's eval.metric and `vitdiff eval --metric` take
+
+
 @dataclass
 class EvalConfig:
-    metric: str = "fd-clf"             # fd-clf | fid | nll
+    metric: str = "fd-clf"             # one of METRICS
     n: int = 1000
     sampler: str | None = None         # None: the sample section's (final FIDs often use a slower sampler)
     steps: int | None = None
     guidance: float | None = None
-    reference: str | None = None       # reference feature statistics (.npz); None: fd-clf the test split, fid the train split
+    reference: str | None = None       # reference feature statistics (.npz); None: the data set's training split
 
 
 SECTIONS: dict[str, type] = {
@@ -170,14 +175,23 @@ class ConfigError(ValueError):
     pass
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Read a YAML experiment file (or start from defaults), then apply ``key=value`` overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str | tuple[str, Any]] | None = None, *,
+                shrink: Callable[[Config], dict[str, Any]] | None = None) -> Config:
+    """Read a YAML experiment file (or start from defaults), then apply ``key=value`` overrides.
+
+    ``shrink(config) -> {dotted key: value}`` gives the tiny profile's overrides (:func:`vitdiff.build.tiny_overrides`);
+    they apply after the model choice and before the other overrides."""
     config = Config()
     if path is not None:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"config file {path} not found; the experiments are in experiments/*.yaml")
-        raw = yaml.safe_load(path.read_text()) or {}
+        try:
+            raw = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as error:
+            mark = getattr(error, "problem_mark", None)
+            where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+            raise ConfigError(f"{path} is not valid YAML{where}: {getattr(error, 'problem', error)}") from None
         if not isinstance(raw, dict):
             raise ConfigError(f"{path}: expected a mapping of sections, got {type(raw).__name__}")
         config.name = path.stem
@@ -192,7 +206,11 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
         elif resolved in ("tiny", "profile"):
             config.profile = _profile_from(resolved, value)
     if config.profile == "tiny":
-        apply_tiny_profile(config)
+        if shrink is None:
+            raise ConfigError("profile=tiny needs the model and data registries: load the config with "
+                              "vitdiff.build.load_experiment")
+        for dotted, value in shrink(config).items():
+            _set(config, dotted, value)
     for _, resolved, value in parsed:
         if resolved not in ("tiny", "profile", "model.preset"):
             _set(config, resolved, value)
@@ -200,45 +218,6 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if config.out_dir is None:
         config.out_dir = str(Path("runs") / (config.name + ("-tiny" if config.profile == "tiny" else "")))
     return config
-
-
-def apply_tiny_profile(config: Config) -> None:
-    """Shrink an experiment to a CPU-sized run of the same family and switches."""
-    from .data import dataset_info
-
-    config.model.preset = tiny_preset_for(config.model.preset)
-    if dataset_info(config.data.dataset).has_captions:
-        dataset = "shapes"  # captioned, embedded, with ground truth to judge text alignment
-        config.text = TextConfig(encoder="jointly-trained", context_dim=64, layers=2, heads=4)
-        config.sample.prompts = None
-    else:
-        dataset = config.data.dataset if config.data.dataset in ("digits", "fashion-mnist") else "digits"
-    config.data = DataConfig(dataset=dataset, batch_size=32, flip=False, num_workers=0)
-    train = config.train
-    train.steps, train.warmup_steps, train.accumulate, train.ema_warmup = 300, 20, 1, True
-    train.log_every, train.ckpt_every, train.sample_every = 25, 100, 150
-    train.compile, train.grad_checkpointing = False, False
-    config.sample.steps, config.sample.n = 20, 16
-    config.eval = EvalConfig(metric="fd-clf", n=256)
-
-
-def tiny_preset_for(preset: str) -> str:
-    """The tiny preset of a preset's family: the longest ``<family>-tiny`` whose family prefixes the name
-    (``ASCEND-H-S/8`` -> ``ASCEND-H-tiny``), else one whose family is a dash-separated part (``DDPM-UNet``)."""
-    from .models import PRESETS
-
-    if preset.endswith("-tiny"):
-        return preset
-    families = [name[: -len("-tiny")] for name in PRESETS if name.endswith("-tiny")]
-    prefixed = [family for family in families if preset.startswith(family + "-")]
-    if prefixed:
-        return max(prefixed, key=len) + "-tiny"
-    parts = preset.split("-")
-    contained = [family for family in families if family in parts]
-    if contained:
-        return contained[0] + "-tiny"
-    raise ConfigError(f"no tiny preset for model {preset!r}; tiny presets: {[f + '-tiny' for f in families]}. "
-                      "Set model.preset=<one of them> explicitly.")
 
 
 # -- parsing -------------------------------------------------------------------
@@ -252,11 +231,18 @@ def _profile_from(key: str, value: Any) -> str:
     return value
 
 
-def _parse_override(item: str) -> tuple[str, Any]:
+def _parse_override(item: str | tuple[str, Any]) -> tuple[str, Any]:
+    """``"key=value"`` (the value read as YAML), or an already typed ``(key, value)`` pair from Python."""
+    if isinstance(item, tuple):
+        return item
     key, sep, text = item.partition("=")
     if not sep or not key:
         raise ConfigError(f"override {item!r} is not key=value (e.g. train.lr=1e-4 or steps=200)")
-    return key.strip(), yaml.safe_load(text) if text.strip() else None
+    try:
+        return key.strip(), yaml.safe_load(text) if text.strip() else None
+    except yaml.YAMLError:
+        raise ConfigError(f"override {item!r}: the value is not valid YAML (quote strings with special "
+                          "characters, e.g. key='a: b')") from None
 
 
 def _resolve_key(key: str) -> str:
@@ -363,8 +349,6 @@ def _coerce(cls: type, key: str, value: Any, dotted: str) -> Any:
 
 
 def _validate(config: Config) -> None:
-    from .sampling import GRIDS
-
     train = config.train
     checks = [
         (train.steps >= 0, "train.steps must be >= 0"),
@@ -379,8 +363,6 @@ def _validate(config: Config) -> None:
         (config.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (0 <= config.diffusion.cond_drop_prob < 1, "diffusion.cond_drop_prob must lie in [0, 1)"),
         (config.sample.guidance_convention in ("dit", "uvit"), "sample.guidance_convention must be dit or uvit"),
-        (config.sample.grid is None or config.sample.grid in GRIDS,
-         f"sample.grid must be one of {', '.join(GRIDS)} or null (the process's own grid)"),
         (config.sample.prompts is None or (len(config.sample.prompts) > 0
                                            and all(isinstance(p, str) for p in config.sample.prompts)),
          "sample.prompts must be a non-empty list of captions or null"),
@@ -392,6 +374,7 @@ def _validate(config: Config) -> None:
         (min(config.text.context_dim, config.text.layers, config.text.heads, config.text.min_count) >= 1,
          "text.context_dim, text.layers, text.heads and text.min_count must be >= 1"),
         (config.text.max_length is None or config.text.max_length >= 1, "text.max_length must be >= 1 or null"),
+        (config.eval.metric in METRICS, f"eval.metric must be one of {', '.join(METRICS)}"),
         (config.resume in ("auto", True, False), "resume must be auto, true or false"),
         (config.profile in PROFILES, f"profile must be one of {PROFILES}"),
     ]

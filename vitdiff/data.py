@@ -23,6 +23,7 @@ Design:
 from __future__ import annotations
 
 import gzip
+import importlib
 import io
 import json
 import math
@@ -60,14 +61,20 @@ class DatasetInfo:
 
 @dataclass(frozen=True)
 class _Entry:
-    builder: Callable[..., Dataset]
-    info: DatasetInfo
+    builder: Callable[..., Dataset] | str  # a function, or "module:function" for a set defined in a module
+    info: DatasetInfo                      # that itself imports this one (vitdiff.shapes), imported on first use
+
+    def build(self, **kw) -> Dataset:
+        if isinstance(self.builder, str):
+            module, _, function = self.builder.partition(":")
+            return getattr(importlib.import_module(module), function)(**kw)
+        return self.builder(**kw)
 
 
 DATASETS: dict[str, _Entry] = {}
 
 
-def register_dataset(name: str, builder: Callable[..., Dataset], info: DatasetInfo) -> None:
+def register_dataset(name: str, builder: Callable[..., Dataset] | str, info: DatasetInfo) -> None:
     """Add a data set. ``builder(root=, image_size=, train=, flip=, **kw)`` returns a Dataset of (image, target)."""
     if name in DATASETS:
         raise ValueError(f"dataset {name!r} is already registered")
@@ -98,7 +105,7 @@ def make_dataset(
     """
     info = dataset_info(name)
     flip = (info.flip_for_training and train) if flip is None else flip
-    dataset = DATASETS[name].builder(
+    dataset = DATASETS[name].build(
         root=root, image_size=image_size or info.image_size, train=train, flip=flip, **kw
     )
     if max_items is not None:
@@ -622,6 +629,9 @@ register_dataset("imagefolder", build_imagefolder, DatasetInfo(
     3, 64, None, source="torchvision ImageFolder layout; num_classes = number of class folders"))
 register_dataset("captions", build_captions, DatasetInfo(
     3, 64, None, has_captions=True, source="image folder + captions.jsonl"))
+register_dataset("shapes", "vitdiff.shapes:build_shapes", DatasetInfo(
+    3, 64, None, has_captions=True,
+    source="vitdiff.shapes (drawn on the fly; train / val / test split with held-out colour-shape pairs)"))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -740,5 +750,3 @@ class DataStream:
         self.sampler.load_state_dict(state)
         self._iterator = None
 
-
-from . import shapes as _shapes  # noqa: E402,F401  (registers the captioned "shapes" set; it imports this module)

@@ -1,51 +1,44 @@
-"""``vitdiff eval CKPT --metric fd-clf|fid|nll``: one number, saved with the protocol that produced it.
-
-* ``fd-clf``: Fréchet distance of a small offline classifier's features
-  (``FD-fmnist-clf`` / ``FD-digits-clf``), against the data set's test split or
-  ``--reference`` stats. A CPU proxy with its own name: never comparable with FID.
-* ``fid``: Inception-v3 FID (local weights only), against ``--reference`` stats
-  (.npz) or the training split streamed from disk.
-* ``nll``: bits/dim of the first ``--n`` test images through the probability-flow
-  ODE (:func:`vitdiff.likelihood.nll_bits_per_dim`, Hutchinson trace, RK4).
-
-A text-to-image model is sampled with the test split's captions (cycled) and
-scored for NLL on the test images with their own captions.
-
-Sampling defaults come from the checkpoint's config: the ``eval`` section,
-falling back to ``sample``. The result (metric, value, n, sampler, steps,
-guidance and its convention, seed, reference set, checkpoint, EMA or not, step)
-is appended to ``--results`` (default ``<run dir>/results.jsonl``) through
-:func:`vitdiff.metrics.save_result`.
-"""
+"""vitdiff eval CKPT --metric fd-clf|fid|nll: one number, saved with the protocol that produced it."""
 from __future__ import annotations
 
 import argparse
 import sys
 from pathlib import Path
 
-import torch
+from .config import METRICS
 
-METRICS = ("fd-clf", "fid", "nll")
+DESCRIPTION = """One number for a checkpoint, saved with the protocol that produced it.
+
+  fd-clf  Frechet distance on a small offline classifier's features (FD-fmnist-clf, FD-digits-clf) against the
+          data set's training split, or --reference statistics. A CPU proxy with its own name: never FID.
+  fid     Inception-v3 FID (local weights only) against --reference statistics (.npz) or the training split.
+  nll     bits/dim of the first --n test images through the probability-flow ODE (Hutchinson trace, RK4).
+
+A text-to-image model is sampled with the test split's captions (cycled) and scored for NLL on the test images with
+their own captions. Sampling settings default to the checkpoint config's eval section, then its sample section. The
+result (metric, value, n, sampler, steps, guidance and its convention, seed, reference set, checkpoint, EMA or not,
+step) is appended to --results."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .metrics import InceptionWeightsNotFound, MetricResult, save_result
-    from .sample_cli import add_sampling_arguments
-    from .trainer import load_for_inference
+    from .sample_cli import HelpFormatter, add_sampling_arguments, resolve_device
 
-    parser = argparse.ArgumentParser(prog="vitdiff eval", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="vitdiff eval", description=DESCRIPTION, formatter_class=HelpFormatter)
     add_sampling_arguments(parser)
     parser.add_argument("--metric", choices=METRICS, help="default: the config's eval.metric")
-    parser.add_argument("--n", type=int, help="samples (fd-clf, fid) or test images (nll); default: eval.n")
+    parser.add_argument("--n", type=int, help="samples (fd-clf, fid) or test images (nll); default: the config's eval.n")
     parser.add_argument("--reference", type=Path,
-                        help="reference feature statistics (.npz from vitdiff.metrics); default: eval.reference, "
-                             "else fd-clf the test split, fid the training split")
+                        help="reference feature statistics (.npz from vitdiff.metrics); default: the config's "
+                             "eval.reference, else the training split")
     parser.add_argument("--results", type=Path, help="JSONL to append to; default: <run dir>/results.jsonl")
     parser.add_argument("--inception-weights", type=Path, help="FID: the local Inception-v3 weights file")
     parser.add_argument("--nll-steps", type=int, default=100, help="nll: RK4 steps of the probability-flow ODE")
     args = parser.parse_args(argv)
 
-    device = torch.device(args.device)
+    from .generate import generate, load_for_inference
+    from .metrics import InceptionWeightsNotFound, MetricResult, save_result
+
+    device = resolve_device(args.device)
     model, process, config, state, checkpoint = load_for_inference(args.checkpoint, ema=args.ema, device=device)
     metric = args.metric or config.eval.metric
     if metric not in METRICS:
@@ -66,11 +59,8 @@ def main(argv: list[str] | None = None) -> int:
         protocol = dict(sampler="probability-flow ODE, RK4, Hutchinson trace", steps=args.nll_steps, guidance=None,
                         guidance_convention=None)
     else:
-        from .sample_cli import sample_batches
-
-        images = sample_batches(model, process, config, n=n, batch_size=args.batch_size, seed=args.seed,
-                                device=device, sampler=sampler, steps=steps, guidance=guidance, prompts=prompts,
-                                progress=True)
+        images = generate(model, process, config, n=n, batch_size=args.batch_size, seed=args.seed, device=device,
+                          sampler=sampler, steps=steps, guidance=guidance, prompts=prompts, progress=True)
         if metric == "fd-clf":
             name, value, reference = fd_clf(images, config, reference_file)
         else:
@@ -94,7 +84,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def test_captions(config) -> list[str]:
     from .data import make_dataset
-    from .trainer import caption_corpus
+    from .build import caption_corpus
 
     section = config.data
     test_set = make_dataset(section.dataset, root=section.root, image_size=section.image_size, train=False, flip=False)
@@ -142,18 +132,17 @@ def nll_on_test_split(model, process, config, n: int, args) -> float:
     test_set = make_dataset(section.dataset, root=section.root, image_size=section.image_size, train=False, flip=False)
     if n > len(test_set):
         raise SystemExit(f"vitdiff eval: --n {n} exceeds the {len(test_set)} test images of {section.dataset}")
-    generator = torch.Generator(args.device).manual_seed(args.seed)
-    device = torch.device(args.device)
+    import torch
+
+    from .build import batch_condition
+
+    device = resolve_device(args.device)
+    generator = torch.Generator(device).manual_seed(args.seed)
     total = 0.0
     for start in range(0, n, args.batch_size):
         items = [test_set[i] for i in range(start, min(n, start + args.batch_size))]
         x0 = torch.stack([image for image, _ in items]).to(device)
-        if getattr(model, "takes_token_ids", False):
-            cond = model.encode_prompts([caption for _, caption in items])
-        elif getattr(model, "num_classes", 0):
-            cond = torch.tensor([label for _, label in items], device=device)
-        else:
-            cond = None
+        cond = batch_condition(model, [target for _, target in items], device)
         bits = nll_bits_per_dim(model, process, x0, prediction=config.diffusion.prediction, cond=cond,
                                 steps=args.nll_steps, generator=generator)
         total += float(bits.sum())

@@ -37,7 +37,6 @@ from vitdiff.data import make_dataset, uint8_to_model_range
 # --------------------------------------------------------------------------------------------------
 # Fréchet distance and feature statistics
 
-
 def frechet_distance(mu1, sigma1, mu2, sigma2) -> float:
     """||mu1 - mu2||^2 + tr(S1 + S2 - 2 (S1 S2)^1/2) for Gaussians N(mu1, S1), N(mu2, S2); float64."""
     mu1, mu2 = np.atleast_1d(np.asarray(mu1, np.float64)), np.atleast_1d(np.asarray(mu2, np.float64))

@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import nn
 
-from .data import DatasetInfo, ImageDataset, register_dataset
+from .data import ImageDataset
 from .text import WordTokenizer
 
 SHAPES = ("circle", "square", "triangle")
@@ -270,11 +270,6 @@ def build_shapes(*, root=None, image_size: int, train: bool, flip: bool, seed: i
         raise ValueError("shapes cannot be flipped: a mirror image contradicts its 'left of' caption; pass flip=False")
     return ShapesDataset(split or ("train" if train else "test"), image_size=image_size, num_samples=num_samples,
                          seed=seed, tokenizer=tokenizer, return_attributes=False)
-
-
-register_dataset("shapes", build_shapes, DatasetInfo(
-    3, 64, None, has_captions=True,
-    source="vitdiff.shapes (drawn on the fly; train / val / test split with held-out colour-shape pairs)"))
 
 
 # --------------------------------------------------------------------------- judge

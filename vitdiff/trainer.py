@@ -58,132 +58,14 @@ from torch import nn
 from torch.optim.swa_utils import AveragedModel
 
 from . import checkpoint as ckpt
-from .config import Config, ConfigError, load_config
+from .build import (batch_condition, build_diffusion, build_model, build_tokenizer, caption_corpus, check_names,
+                    dataset_labels, load_experiment, takes_text, tokenizer_to_json)
+from .config import Config, ConfigError
+from .generate import generate
 
 # Config sections a resumed run must share with its checkpoint (the rest may change, e.g. train.steps).
 _RESUME_MUST_MATCH = ("model", "diffusion", "text")
 _RESUME_DATA_KEYS = ("dataset", "image_size", "batch_size", "flip")
-
-
-# -- building blocks shared with `vitdiff sample` / `vitdiff eval` --------------------------------
-def data_geometry(config: Config) -> tuple[int, int]:
-    """(channels, image_size) of the model input, from the data section."""
-    from .data import dataset_info
-
-    info = dataset_info(config.data.dataset)
-    return info.channels, config.data.image_size or info.image_size
-
-
-def dataset_labels(config: Config) -> int | None:
-    """Number of classes of the training set (None: unlabelled)."""
-    from .data import dataset_info
-
-    return dataset_info(config.data.dataset).num_classes
-
-
-def takes_text(config: Config) -> bool:
-    """Text-to-image: the data set has captions."""
-    from .data import dataset_info
-
-    return dataset_info(config.data.dataset).has_captions
-
-
-def caption_corpus(dataset) -> list[str]:
-    """Every training caption of a captioned data set, read without decoding images."""
-    from torch.utils.data import Subset
-
-    indices = None
-    while isinstance(dataset, Subset):
-        indices, dataset = dataset.indices if indices is None else [dataset.indices[i] for i in indices], dataset.dataset
-    captions = getattr(dataset, "captions", None)      # vitdiff.shapes: one caption per image
-    if captions is None and hasattr(dataset, "targets"):  # captions.jsonl / cub200 text: a list of captions per image
-        captions = dataset.targets
-    if captions is None or not all(isinstance(c, (str, list, tuple)) for c in captions[:1]):
-        raise ConfigError(f"{type(dataset).__name__} yields no captions (class labels?): a text-to-image run needs "
-                          "captions, e.g. cub200 with its text_c10/ folder, or the shapes data set")
-    if indices is not None:
-        captions = [captions[i] for i in indices]
-    return [text for item in captions for text in ([item] if isinstance(item, str) else item)]
-
-
-def build_tokenizer(config: Config, captions: list[str]):
-    """The word tokenizer of a jointly-trained text encoder (None for CLIP, which brings its own)."""
-    from .text import WordTokenizer
-
-    if config.text.encoder == "clip":
-        return None
-    return WordTokenizer.from_corpus(captions, max_length=config.text.max_length, min_count=config.text.min_count)
-
-
-def tokenizer_to_json(tokenizer) -> str | None:
-    """A word tokenizer as a JSON string (a checkpoint stays loadable with weights_only=True); None for CLIP."""
-    from .text import WordTokenizer
-
-    if not isinstance(tokenizer, WordTokenizer):
-        return None
-    return json.dumps({"type": "word", "max_length": tokenizer.max_length, "vocab": tokenizer.vocab})
-
-
-def tokenizer_from_json(text: str | None):
-    from .text import WordTokenizer
-
-    if text is None:
-        return None
-    state = json.loads(text)
-    return WordTokenizer(state["vocab"], state["max_length"])
-
-
-def build_model(config: Config, tokenizer=None) -> nn.Module:
-    """The preset with the config's overrides; image size and channels always follow the data.
-
-    For captioned data the backbone takes text of the encoder's width and length, wrapped with its
-    encoder in :class:`vitdiff.text.TextToImage`; a jointly-trained encoder needs the ``tokenizer``."""
-    from .models import create_model
-
-    channels, image_size = data_geometry(config)
-    overrides = {"image_size": image_size, "in_channels": channels, **config.model.overrides}
-    encoder = None
-    if takes_text(config):
-        encoder, tokenizer = _build_text_encoder(config, tokenizer)
-        overrides.update(context_dim=encoder.context_dim, context_len=tokenizer.max_length)
-    try:
-        backbone = create_model(config.model.preset, **overrides)
-    except TypeError as error:
-        raise ConfigError(f"model {config.model.preset!r} rejects the overrides {config.model.overrides} ({error}): "
-                          "check the model.* keys against the model class's constructor") from error
-    except ValueError as error:
-        raise ConfigError(f"model {config.model.preset!r} cannot be built with {overrides}: {error}") from error
-    if encoder is None:
-        return backbone
-    from .text import TextToImage
-
-    return TextToImage(backbone, encoder, tokenizer)
-
-
-def _build_text_encoder(config: Config, tokenizer):
-    from .text import FrozenCLIPEncoder, TextEncoder
-
-    section = config.text
-    if section.encoder == "clip":
-        encoder = FrozenCLIPEncoder(section.path, max_length=section.max_length or 77)
-        return encoder, encoder.tokenizer
-    if tokenizer is None:
-        raise ValueError("a jointly-trained text encoder needs the word tokenizer of its training captions: "
-                         "build_tokenizer(config, captions), or tokenizer_from_json(checkpoint['text']['tokenizer'])")
-    encoder = TextEncoder.for_tokenizer(tokenizer, context_dim=section.context_dim, depth=section.layers,
-                                        num_heads=section.heads)
-    return encoder, tokenizer
-
-
-def build_diffusion(config: Config):
-    """(process, loss) from the diffusion section."""
-    from .diffusion import DiffusionLoss, make_process
-
-    section = config.diffusion
-    process = make_process(section.process, **section.process_kwargs)
-    loss = DiffusionLoss(process, prediction=section.prediction, weighting=section.weighting,
-                         min_snr_gamma=section.min_snr_gamma, cond_drop_prob=section.cond_drop_prob)
-    return process, loss
 
 
 def ema_decay_at(updates: int, decay: float, warmup: bool) -> float:
@@ -242,6 +124,7 @@ def _init_distributed() -> tuple[int, int, int]:
 
 class Trainer:
     def __init__(self, config: Config, *, progress: bool | None = None):
+        check_names(config)
         self.config = config
         train = config.train
         self.rank, self.world_size, local_rank = _init_distributed()
@@ -397,17 +280,6 @@ class Trainer:
             per_example = self.loss_fn.loss_at(self.forward_model, x0, sigma, noise, cond)
         return per_example.float().mean()
 
-    def _condition(self, targets) -> torch.Tensor | None:
-        """A batch's labels, or its captions as token ids; None for unconditional models."""
-        if self.text:
-            if torch.is_tensor(targets) and targets.dtype == torch.long and targets.ndim == 2:
-                return targets.to(self.device)  # already tokenized by the data set
-            if torch.is_tensor(targets):
-                raise ConfigError(f"{self.config.data.dataset!r} yields {tuple(targets.shape)} {targets.dtype} targets "
-                                  "where captions were expected: build the data set with captions")
-            return self.model.encode_prompts(list(targets))
-        return targets.to(self.device, non_blocking=True) if self.use_labels else None
-
     def train_step(self) -> tuple[float, float, bool]:
         """One optimizer step over ``accumulate`` micro-batches: (global mean loss, grad norm, stop requested)."""
         accumulate = self.config.train.accumulate
@@ -417,7 +289,7 @@ class Trainer:
         for micro in range(accumulate):
             images, targets = next(self.data)
             x0 = images.to(self.device, non_blocking=True)
-            cond = self._condition(targets)
+            cond = batch_condition(self.model, targets, self.device)
             if draws is None:
                 draws = self._step_randomness(x0.shape)
             last = micro == accumulate - 1
@@ -557,71 +429,6 @@ class Trainer:
             log.write_text("".join(line + "\n" for line in kept))
 
 
-def generate(model: nn.Module, process, config: Config, *, n: int, generator: torch.Generator | None = None,
-             seed: int | None = None, device: torch.device | None = None, sampler: str | None = None,
-             steps: int | None = None, guidance: float | None = None, labels: torch.Tensor | None = None,
-             prompts: list[str] | None = None, grid: str | None = None, progress: bool = False) -> torch.Tensor:
-    """n samples in [-1, 1] with the config's sample settings (each overridable); RNG-neutral.
-
-    Noise comes from ``generator``, else a new one seeded with ``seed`` (default 0); ``device`` defaults to
-    the model's. A class-conditional model gets ``labels`` (default: 0, 1, 2, ... cycling over the classes);
-    a text model gets ``prompts``, cycled over the n samples (sample i shows ``prompts[i % len(prompts)]``)."""
-    from .sampling import sample
-
-    section = config.sample
-    channels, image_size = data_geometry(config)
-    device = torch.device(device) if device is not None else next(model.parameters()).device
-    if generator is None:
-        generator = torch.Generator(device).manual_seed(0 if seed is None else seed)
-    elif seed is not None:
-        raise ValueError("pass a generator or a seed, not both")
-    num_classes = getattr(model, "num_classes", 0)
-    if num_classes and labels is None:
-        labels = torch.arange(n) % num_classes
-    cond = labels.to(device) if num_classes else None
-    if getattr(model, "takes_token_ids", False):
-        if not prompts:
-            raise ValueError("a text-to-image model needs prompts=[...] (captions, cycled over the n samples)")
-        cond = model.encode_prompts([prompts[i % len(prompts)] for i in range(n)]).to(device)
-    elif prompts:
-        raise ValueError(f"{type(model).__name__} takes no text: drop prompts (use labels for class-conditional models)")
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
-            return sample(model, process, (n, channels, image_size, image_size),
-                          sampler=sampler or section.sampler, steps=steps or section.steps,
-                          prediction=config.diffusion.prediction, cond=cond,
-                          guidance=section.guidance if guidance is None else guidance,
-                          guidance_convention=section.guidance_convention, grid=grid or section.grid,
-                          clip_denoised=section.clip_denoised, generator=generator, progress=progress, device=device)
-    finally:
-        model.train(was_training)
-
-
-def load_for_inference(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu"):
-    """(model in eval mode, process, config, checkpoint state, checkpoint file) from a file or a run directory.
-
-    A text model comes back as :class:`vitdiff.text.TextToImage` with the tokenizer saved in the checkpoint."""
-    path = Path(path)
-    if path.is_dir():
-        found = ckpt.load_latest(path, map_location=device)
-        if found is None:
-            raise FileNotFoundError(f"{path} holds no checkpoint (last.pt); train with `vitdiff train` first")
-        state, path = found
-    else:
-        state = ckpt.load_checkpoint(path, map_location=device)
-    config = Config.from_dict(state["config"])
-    model = build_model(config, tokenizer_from_json(state.get("text", {}).get("tokenizer")))
-    if ema:
-        weights = {name[len("module."):]: value for name, value in state["ema"].items() if name.startswith("module.")}
-    else:
-        weights = state["model"]
-    model.load_state_dict(weights)
-    process, _ = build_diffusion(config)
-    return model.to(device).eval(), process, config, state, path
-
-
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -644,7 +451,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
     args = parser.parse_args(argv)
     try:
-        trainer = Trainer(load_config(args.config, args.overrides))
+        trainer = Trainer(load_experiment(args.config, args.overrides))
         result = trainer.fit()
     except (ConfigError, FileNotFoundError, ckpt.CheckpointError) as error:
         print(f"vitdiff train: {error}", file=sys.stderr)

@@ -21,6 +21,7 @@ import json
 import os
 import time
 from dataclasses import asdict, dataclass, field, replace
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -33,41 +34,62 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 
 @dataclass(frozen=True)
 class Profile:
+    """How every notebook runs: a recipe (an ``experiments/`` YAML plus config overrides, the one mechanism
+    ``vitdiff train`` uses too) and the notebook-level sizes. A run's config is the recipe plus its variant's
+    model and its seed (:func:`make_config`)."""
     name: str
-    dataset: str              # a name in vitdiff.data.DATASETS
-    size: str                 # preset size suffix: "tiny" or "S/2"-style for the gpu profile
-    steps: int                # optimizer steps per run
-    batch_size: int
-    lr: float
-    warmup_steps: int
+    experiment: str           # experiments/<file>: data, diffusion, optimiser and sampler settings of every run
+    overrides: tuple          # (dotted config key, value) pairs applied on top of the experiment, in order
+    size: str                 # preset size suffix: "tiny", or "S/2"-style at paper scale
     seeds: tuple[int, ...]
     eval_n: int               # samples for the Fréchet distance
     val_n: int                # held-out images for val_loss
-    sampler: str
-    sample_steps: int
-    grid: str = "karras"      # sigma grid for every sampler (DPM-Solver++(2M) is 2nd order on it, ~1.25 on uniform t)
-    # The diffusion recipe. gpu: U-ViT's (VP-SDE, eps, uniform). CPU profiles: EDM's preconditioning, because
-    # in a 400-step run an eps-model's small eps errors at high noise are multiplied by sigma in x0 and its
-    # samples are noise (measured on IU-ViT-tiny, fashion-mnist, 400 steps: FD-fmnist-clf@300 968 with
-    # vp-sde/eps, 937 with vp-sde/v, 560 with edm).
-    process: str = "edm"
-    prediction: str = "v"     # with edm: exactly EDM's c_skip/c_out parameterisation (vitdiff/diffusion.py)
-    weighting: str = "edm"
-    process_kwargs: dict = field(default_factory=dict)  # e.g. EDM's training-noise {p_mean, p_std}
+
+    def config(self, extra: tuple = ()) -> Config:
+        """The recipe as a config, with ``extra`` (dotted key, value) pairs applied last."""
+        from .build import load_experiment
+
+        return load_experiment(REPO_ROOT / "experiments" / self.experiment, [*self.overrides, *extra], quiet=True)
+
+    def with_overrides(self, **dotted: Any) -> "Profile":
+        """This profile with more config overrides, given as ``**{"train.steps": 10}``."""
+        return replace(self, overrides=(*self.overrides, *dotted.items()))
+
+    @cached_property
+    def recipe(self) -> Config:
+        return self.config()
+
+    # What tables and protocol lines quote, read from the recipe.
+    dataset = property(lambda self: self.recipe.data.dataset)
+    steps = property(lambda self: self.recipe.train.steps)
+    batch_size = property(lambda self: self.recipe.data.batch_size)
+    process = property(lambda self: self.recipe.diffusion.process)
+    process_kwargs = property(lambda self: self.recipe.diffusion.process_kwargs)
+    prediction = property(lambda self: self.recipe.diffusion.prediction)
+    sampler = property(lambda self: self.recipe.sample.sampler)
+    sample_steps = property(lambda self: self.recipe.sample.steps)
+    grid = property(lambda self: self.recipe.sample.grid)
 
 
+# Notebook runs log ~50 points, checkpoint once at the end, draw no in-loop grids and show one bar for all runs.
+_NOTEBOOK_RUN = (("train.sample_every", 0), ("train.progress", False))
+# The workbook's CPU recipe: EDM preconditioning, because in a 400-step run an eps-model's small eps errors at high
+# noise are multiplied by sigma in x0 and its samples are noise (experiments/README.md, notebook 05's history).
+_CPU_RECIPE = (("diffusion.process", "edm"), ("diffusion.process_kwargs", {}), ("diffusion.prediction", "v"),
+               ("diffusion.weighting", "edm"), ("sample.grid", "karras"), ("train.betas", (0.99, 0.999)))
 PROFILES: dict[str, Profile] = {
     # Proves the plumbing in seconds; its numbers mean nothing.
-    "smoke": Profile("smoke", dataset="digits", size="tiny", steps=4, batch_size=8, lr=1e-3, warmup_steps=1,
-                     seeds=(0,), eval_n=32, val_n=32, sampler="dpmpp_2m", sample_steps=4),
+    "smoke": Profile("smoke", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("data.dataset", "digits"),
+                                                   ("train.steps", 4), ("data.batch_size", 8),
+                                                   ("train.warmup_steps", 1), ("sample.steps", 4)),
+                     size="tiny", seeds=(0,), eval_n=32, val_n=32),
     # Orderings on real data within ~20 minutes a notebook on 2 cores.
-    # (IU-ViT-tiny: ~155 ms of one core per step at batch 32, so a run is about a minute.)
-    "cpu": Profile("cpu", dataset="fashion-mnist", size="tiny", steps=400, batch_size=32, lr=1e-3, warmup_steps=40,
-                   seeds=(0, 1), eval_n=500, val_n=500, sampler="dpmpp_2m", sample_steps=20),
-    # The paper's scale: CIFAR-10, U-ViT's recipe (experiments/cifar10_uvit_s2.yaml).
-    "gpu": Profile("gpu", dataset="cifar10", size="S/2", steps=500_000, batch_size=128, lr=2e-4, warmup_steps=2500,
-                   seeds=(0, 1), eval_n=10_000, val_n=10_000, sampler="dpmpp_2m", sample_steps=50,
-                   process="vp-sde", prediction="eps", weighting="uniform"),
+    "cpu": Profile("cpu", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("train.steps", 400),
+                                               ("train.warmup_steps", 40)),
+                   size="tiny", seeds=(0, 1), eval_n=500, val_n=500),
+    # The paper's scale: CIFAR-10 with U-ViT's published recipe, unchanged.
+    "gpu": Profile("gpu", "cifar10_uvit_s2.yaml", _NOTEBOOK_RUN, size="S/2", seeds=(0, 1), eval_n=10_000,
+                   val_n=10_000),
 }
 
 
@@ -81,9 +103,9 @@ def get_profile(name: str | None = None, *, dataset: str | None = None, steps: i
         raise ValueError(f"unknown profile {name!r}: use one of {', '.join(PROFILES)}")
     profile = PROFILES[name]
     if dataset is not None:
-        profile = replace(profile, dataset=dataset)
+        profile = profile.with_overrides(**{"data.dataset": dataset})
     if steps is not None:
-        profile = replace(profile, steps=int(steps))
+        profile = profile.with_overrides(**{"train.steps": int(steps)})
     if seeds is not None:
         profile = replace(profile, seeds=tuple(int(seed) for seed in seeds))
     return profile
@@ -117,34 +139,14 @@ class Variant:
         return {"UNet": "DDPM-UNet", "ASCEND-H": "ASCEND-H-S/8"}.get(self.family, f"{self.family}-{profile.size}")
 
 
-def _run_sections(profile: Profile, seed: int) -> dict[str, dict]:
-    """The config sections every notebook run shares: optimisation, sampling and evaluation of the profile."""
-    return {
-        "train": {"steps": profile.steps, "lr": profile.lr, "warmup_steps": profile.warmup_steps, "seed": seed,
-                  "log_every": max(1, profile.steps // 50), "ckpt_every": profile.steps, "sample_every": 0,
-                  "progress": False, "grad_clip": 1.0},
-        "sample": {"sampler": profile.sampler, "steps": profile.sample_steps, "grid": profile.grid},
-        "eval": {"metric": "fd-clf", "n": profile.eval_n},
-    }
-
-
-def _diffusion_section(profile: Profile) -> dict[str, Any]:
-    return {"process": profile.process, "prediction": profile.prediction, "weighting": profile.weighting,
-            "process_kwargs": dict(profile.process_kwargs)}
-
-
 def make_config(variant: Variant, profile: Profile, seed: int, out_dir: Path, **diffusion: Any) -> Config:
     """A full trainer config for one (variant, seed) under a profile; ``diffusion`` overrides that section."""
-    raw = {
-        "name": variant.name,
-        "out_dir": str(out_dir),
-        "model": {"preset": variant.preset_for(profile), **variant.overrides},
-        "diffusion": {**_diffusion_section(profile), **diffusion},
-        "data": {"dataset": profile.dataset, "batch_size": profile.batch_size, "num_workers": 0,
-                 "flip": profile.dataset in ("cifar10", "celeba64")},
-        **_run_sections(profile, seed),
-    }
-    return Config.from_dict(raw)
+    run = [("name", variant.name), ("out_dir", str(out_dir)), ("model.preset", variant.preset_for(profile)),
+           *((f"model.{key}", value) for key, value in variant.overrides.items()),
+           *((f"diffusion.{key}", value) for key, value in diffusion.items()),
+           ("train.seed", seed), ("train.log_every", max(1, profile.steps // 50)), ("train.ckpt_every", profile.steps),
+           ("eval.metric", "fd-clf"), ("eval.n", profile.eval_n)]
+    return profile.config(tuple(run))
 
 
 def _config_key(config: Config, sections: tuple[str, ...] | None = None, length: int = 12) -> str:
@@ -164,6 +166,7 @@ def model_cost(model: torch.nn.Module) -> tuple[int, float]:
 @torch.no_grad()
 def validation_loss(model, loss_fn, dataset: str, n: int, *, seed: int = 1234, batch_size: int = 250) -> float:
     """Mean training loss on the first n test images, with noise drawn from a fixed seed (same for every model)."""
+    from .build import batch_condition
     from .data import make_dataset
 
     test = make_dataset(dataset, train=False)
@@ -175,7 +178,7 @@ def validation_loss(model, loss_fn, dataset: str, n: int, *, seed: int = 1234, b
     for start in range(0, n, batch_size):
         items = [test[i] for i in range(start, min(n, start + batch_size))]
         x0 = torch.stack([image for image, _ in items])
-        cond = torch.tensor([label for _, label in items]) if getattr(model, "num_classes", 0) else None
+        cond = batch_condition(model, [label for _, label in items], "cpu")
         total += loss_fn(model, x0, cond, generator=generator).sum().item()
     model.train(was_training)
     return total / n
@@ -184,7 +187,7 @@ def validation_loss(model, loss_fn, dataset: str, n: int, *, seed: int = 1234, b
 def evaluate_run(trainer, profile: Profile) -> dict[str, float]:
     """val_loss and the classifier Fréchet distance of the EMA model of a finished run."""
     from .metrics import fd_classifier
-    from .trainer import generate
+    from .generate import generate
 
     ema = trainer.ema.module
     val = validation_loss(ema, trainer.loss_fn, profile.dataset, profile.val_n)
@@ -326,7 +329,7 @@ def sample_explorer(model, process, config: Config, *, n: int = 16, max_steps: i
     import matplotlib.pyplot as plt
 
     from .sampling import SAMPLERS
-    from .trainer import generate
+    from .generate import generate
 
     conditional = bool(getattr(model, "num_classes", 0))
 
@@ -359,29 +362,29 @@ class TextSetup:
     grid_n: int                 # samples per prompt in the prompt -> image grid
 
 
-# The Profile fields text-to-image changes, and its TextSetup, per profile.
-TEXT_PROFILE_CHANGES: dict[str, dict[str, Any]] = {
-    "smoke": dict(dataset="shapes", steps=3, batch_size=4, eval_n=16, val_n=16, sample_steps=3),
+# What text-to-image changes in each profile: config overrides, then the notebook-level sizes.
+TEXT_PROFILE_CHANGES: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
+    "smoke": ({"data.dataset": "shapes", "train.steps": 3, "data.batch_size": 4, "sample.steps": 3},
+              {"eval_n": 16, "val_n": 16}),
     # EDM with training noise shifted up (ln sigma ~ N(0.4, 1.0) instead of N(-1.2, 1.2)): the caption decides
-    # the scene at high noise, and a short run must spend its steps there. Measured on seed 0 (val captions):
-    # with vp-sde/v the caption changed the loss by <1e-4 at 400 steps, with EDM's default noise by ~1% at 600,
-    # and alignment stayed at chance; with the shift, colour accuracy 0.15 / 0.32 / 0.45 at 600 / 1500 / 2200
-    # steps (chance 0.17; w = 3). Hence 3000 steps: ~0.35 s a step on one CPU core.
-    "cpu": dict(dataset="shapes", steps=3000, batch_size=32, lr=1e-3, warmup_steps=50, eval_n=96, val_n=96,
-                sample_steps=20, process_kwargs={"p_mean": 0.4, "p_std": 1.0}),
+    # the scene at high noise, and a short run must spend its steps there (experiments/README.md: how the text
+    # recipe was found).
+    "cpu": ({"data.dataset": "shapes", "train.steps": 3000, "data.batch_size": 32, "train.lr": 1e-3,
+             "train.warmup_steps": 50, "sample.steps": 20, "diffusion.process_kwargs": {"p_mean": 0.4, "p_std": 1.0}},
+            {"eval_n": 96, "val_n": 96}),
     # Paper scale at 64x64 (experiments/shapes64_t2i_ascend_h.yaml).
     # v-prediction: an eps-model's x0 estimate at high noise (x - sigma*eps, sigma up to 152 on vp-sde) is poor.
-    "gpu": dict(dataset="shapes", steps=100_000, batch_size=128, lr=2e-4, warmup_steps=5000, eval_n=2000,
-                val_n=2000, sample_steps=50, prediction="v"),
+    "gpu": ({"data.dataset": "shapes", "train.steps": 100_000, "data.batch_size": 128, "train.lr": 2e-4,
+             "train.warmup_steps": 5000, "sample.steps": 50, "diffusion.prediction": "v"},
+            {"eval_n": 2000, "val_n": 2000}),
 }
 # The lightest pixel decoder: x2 pixel-shuffle stages and the full-resolution skip, no refining blocks, so the
 # encoder on 8x8 patches does the work (CPU-sized at 64x64: about a third of the cost of one conv block a stage).
 _LIGHT_DECODER = {"decoder_block": "conv", "decoder_blocks": 0, "hires_channels": 8}
 # At 32x32 a patch of 4 keeps 64 encoder tokens, with two x2 decoder stages.
 _PATCH4_AT_32 = {"patch_size": 4, "decoder_channels": (64, 32), "hires_channels": 16}
-# The pooled caption on the time embedding and the decoder's condition (Imagen's global text path). Measured in the
-# cpu profile (3000 steps, val captions, w = 3): colour accuracy 0.54 and 0.17 for seeds 0 and 1 with text tokens
-# alone, 0.55 and 0.65 with the pooled path too (chance 0.17).
+# The pooled caption on the time embedding and the decoder's condition (Imagen's global text path); notebook 07
+# measures what it adds.
 _POOLED = {"pooled_text": True}
 TEXT_SETUPS: dict[str, TextSetup] = {
     "smoke": TextSetup("ASCEND-H-tiny", 64, {**_LIGHT_DECODER, **_POOLED},
@@ -401,9 +404,10 @@ def text_profile(name: str | None = None, *, dataset: str | None = None, steps: 
         raise ValueError(f"text alignment is judged on the shapes set only, got dataset={dataset!r}: "
                          "train other captioned sets with `vitdiff train experiments/cub*_t2i_*.yaml`")
     profile = get_profile(name)
-    profile = replace(profile, **TEXT_PROFILE_CHANGES[profile.name])
+    overrides, sizes = TEXT_PROFILE_CHANGES[profile.name]
+    profile = replace(profile.with_overrides(**overrides), **sizes)
     if steps is not None:
-        profile = replace(profile, steps=int(steps))
+        profile = profile.with_overrides(**{"train.steps": int(steps)})
     if seeds is not None:
         profile = replace(profile, seeds=tuple(int(seed) for seed in seeds))
     return profile
@@ -413,17 +417,14 @@ def make_text_config(profile: Profile, seed: int, out_dir: Path, *, cond_drop_pr
     """A trainer config for text-to-image on the shapes set: the profile's backbone and diffusion recipe, a
     jointly-trained text encoder, caption dropout for classifier-free guidance."""
     setup = TEXT_SETUPS[profile.name]
-    raw = {
-        "name": f"t2i-{setup.preset}",
-        "out_dir": str(out_dir),
-        "model": {"preset": setup.preset, **setup.model},
-        "diffusion": {**_diffusion_section(profile), "cond_drop_prob": cond_drop_prob},
-        "data": {"dataset": profile.dataset, "image_size": setup.image_size, "batch_size": profile.batch_size,
-                 "num_workers": 0},
-        "text": {"encoder": "jointly-trained", **setup.text},
-        **_run_sections(profile, seed),
-    }
-    return Config.from_dict(raw)
+    run = [("name", f"t2i-{setup.preset}"), ("out_dir", str(out_dir)), ("model.preset", setup.preset),
+           *((f"model.{key}", value) for key, value in setup.model.items()),
+           ("diffusion.cond_drop_prob", cond_drop_prob), ("data.image_size", setup.image_size),
+           ("data.num_workers", 0), ("text.encoder", "jointly-trained"),
+           *((f"text.{key}", value) for key, value in setup.text.items()),
+           ("train.seed", seed), ("train.log_every", max(1, profile.steps // 50)), ("train.ckpt_every", profile.steps),
+           ("eval.metric", "fd-clf"), ("eval.n", profile.eval_n)]
+    return profile.config(tuple(run))
 
 
 def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: bool = True):
@@ -492,7 +493,8 @@ def text_alignment(model, process, config: Config, *, split: str = "test", guida
     between those real images and n other real scenes of the split (what a perfect generator scores at this n).
     Samples are clipped to [-1, 1] first, as when they are saved as images."""
     from .shapes import ShapesDataset, load_attribute_classifier, text_alignment_accuracy
-    from .trainer import data_geometry, generate
+    from .build import data_geometry
+    from .generate import generate
 
     classifier = classifier or load_attribute_classifier()
     _, image_size = data_geometry(config)
@@ -525,7 +527,7 @@ def alignment_frame_summary(frame, metrics=("all_correct", "shape", "colour", "s
 def prompt_grid(model, process, config: Config, prompts: list[str], *, per_prompt: int, guidance: float,
                 seed: int = 0) -> torch.Tensor:
     """``per_prompt`` samples of every prompt, prompt after prompt: (len(prompts) * per_prompt, C, H, W)."""
-    from .trainer import generate
+    from .generate import generate
 
     repeated = [prompt for prompt in prompts for _ in range(per_prompt)]
     return generate(model, process, config, n=len(repeated), seed=seed, prompts=repeated, guidance=guidance).cpu()
