@@ -15,14 +15,14 @@ def test_profile_from_environment_and_overrides(monkeypatch):
     assert wb.get_profile().name == "cpu"
     profile = wb.get_profile("smoke", steps=3, seeds=[4, 5], dataset="digits")
     assert (profile.steps, profile.seeds, profile.dataset) == (3, (4, 5), "digits")
-    with pytest.raises(ValueError, match="smoke, cpu, gpu"):
+    with pytest.raises(ValueError, match="smoke, cpu, cpu-long, gpu, paper"):
         wb.get_profile("laptop")
 
 
 def test_variant_presets_follow_the_profile():
     assert wb.Variant("x", "IU-ViT").preset_for(wb.PROFILES["cpu"]) == "IU-ViT-tiny"
-    assert wb.Variant("x", "UNet").preset_for(wb.PROFILES["gpu"]) == "DDPM-UNet"
-    assert wb.Variant("x", "DiT").preset_for(wb.PROFILES["gpu"]) == "DiT-S/2"
+    assert wb.Variant("x", "UNet").preset_for(wb.PROFILES["paper"]) == "DDPM-UNet"
+    assert wb.Variant("x", "DiT").preset_for(wb.PROFILES["paper"]) == "DiT-S/2"
     assert wb.Variant("x", "DiT", preset="DiT-B/4").preset_for(wb.PROFILES["cpu"]) == "DiT-B/4"
 
 
@@ -50,7 +50,7 @@ def test_run_variant_trains_evaluates_and_reuses(tmp_path, monkeypatch):
     variant = wb.Variant("DiT", "DiT")
     first = wb.run_variant(variant, profile, 0, tmp_path)
     assert first["preset"] == "DiT-tiny" and first["params_M"] > 0 and first["gflops"] > 0
-    assert all(torch.isfinite(torch.tensor(first[key])) for key in ("val_loss", "fd", "train_loss"))
+    assert all(torch.isfinite(torch.tensor(first[key])) for key in ("loss", "loss@1", "fd", "train_loss"))
     saved = tmp_path / "DiT" / "seed0" / "result.json"
     assert json.loads(saved.read_text())["fd"] == first["fd"]
     # A finished run with the same config is read back, not retrained.
@@ -60,11 +60,11 @@ def test_run_variant_trains_evaluates_and_reuses(tmp_path, monkeypatch):
 
 
 def test_summarize_reports_mean_and_sample_spread():
-    frame = pd.DataFrame({"variant": ["b", "b", "a", "a"], "val_loss": [1.0, 3.0, 2.0, 2.0],
+    frame = pd.DataFrame({"variant": ["b", "b", "a", "a"], "loss": [1.0, 3.0, 2.0, 2.0],
                           "fd": [0.0, 0.0, 1.0, 1.0], "params_M": [1, 1, 2, 2], "gflops": [0.1, 0.1, 0.2, 0.2]})
     table = wb.summarize(frame)
     assert list(table.index) == ["b", "a"]  # the notebook's order, not alphabetical
-    assert table.loc["b", "val_loss"] == "2.0000 ± 1.4142"
+    assert table.loc["b", "loss"] == "2.0000 ± 1.4142"
     assert table.loc["a", "seeds"] == 2
 
 
@@ -80,3 +80,40 @@ def test_check_outputs_names_what_is_missing(tmp_path):
     wb.save_results(pd.DataFrame([{"a": 1}]), wb.get_profile("smoke"), tmp_path)
     assert len(wb.check_outputs(tmp_path, ["curve"])) == 4
     assert json.loads((tmp_path / "results.json").read_text())["protocol"].startswith("digits")
+
+
+def test_profiles_are_experiment_files_plus_overrides():
+    paper = wb.PROFILES["paper"].recipe
+    from vitdiff.build import load_experiment
+
+    uvit = load_experiment(wb.REPO_ROOT / "experiments" / "cifar10_uvit_s2.yaml")
+    # The paper profile is U-ViT's recipe, unchanged but for the notebook's run bookkeeping.
+    for section in ("model", "diffusion", "data", "sample", "eval"):
+        assert getattr(paper, section) == getattr(uvit, section), section
+    assert (paper.train.grad_clip, paper.train.ema_warmup, paper.train.lr) == (None, False, 2e-4)
+    cpu = wb.PROFILES["cpu"]
+    assert (cpu.dataset, cpu.recipe.data.image_size, len(cpu.seeds)) == ("fashion-mnist", 16, 4)
+
+
+def test_held_out_loss_is_fixed_per_image_and_level(tmp_path):
+    from vitdiff.build import build_diffusion, build_model
+
+    config = wb.make_config(wb.Variant("x", "IU-ViT"), wb.get_profile("smoke"), 0, tmp_path)
+    model, (_, loss_fn) = build_model(config), build_diffusion(config)
+    whole = wb.sigma_losses(model, loss_fn, config, 20)
+    assert set(whole) == {"loss", *map(wb.sigma_column, wb.LOSS_SIGMAS)}
+    assert whole == wb.sigma_losses(model, loss_fn, config, 20)  # same images, same noise: the same numbers
+    assert whole["loss@0.05"] < whole["loss@40"]  # an untrained v-model at init: far off at high noise
+
+
+def test_ablation_in_two_processes_equals_one(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITDIFF_CACHE", str(tmp_path / "cache"))
+    profile = wb.get_profile("smoke", steps=3, seeds=[0, 1])
+    variants = [wb.Variant("ViT", "ViT")]
+    one = wb.run_ablation(variants, profile, tmp_path / "one", workers=1, progress=False)
+    two = wb.run_ablation(variants, profile, tmp_path / "two", workers=2, progress=False, notebook="nb")
+    columns = ["loss", "fd", "train_loss"]
+    assert one[columns].values.tolist() == two[columns].values.tolist()
+    assert (tmp_path / "two" / "results" / "nb" / "smoke.csv").is_file()  # smoke files its rows beside its outputs
+    curves = pd.read_csv(tmp_path / "two" / "results" / "nb" / "smoke_curves.csv")
+    assert len(curves) == 2 * 2 and "loss@1" in curves  # 3 steps pause at steps 1 and 2

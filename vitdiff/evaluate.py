@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     prompts = test_captions(config) if getattr(model, "takes_token_ids", False) else None
 
     if metric == "nll":
-        name, value, reference = "NLL-bpd", nll_on_test_split(model, process, config, n, args), f"{dataset}:test"
+        name, value, reference = "NLL-bpd", nll_on_test_split(model, process, config, n, args, device), f"{dataset}:test"
         protocol = dict(sampler="probability-flow ODE, RK4, Hutchinson trace", steps=args.nll_steps, guidance=None,
                         guidance_convention=None)
     else:
@@ -124,7 +124,10 @@ def fid(images: torch.Tensor, config, reference_file: Path | None, weights: Path
     return "FID", compute_fid(images, real, weights_path=weights, device=device), reference
 
 
-def nll_on_test_split(model, process, config, n: int, args) -> float:
+def nll_on_test_split(model, process, config, n: int, args, device) -> float:
+    import torch
+
+    from .build import batch_condition
     from .data import make_dataset
     from .likelihood import nll_bits_per_dim
 
@@ -132,11 +135,6 @@ def nll_on_test_split(model, process, config, n: int, args) -> float:
     test_set = make_dataset(section.dataset, root=section.root, image_size=section.image_size, train=False, flip=False)
     if n > len(test_set):
         raise SystemExit(f"vitdiff eval: --n {n} exceeds the {len(test_set)} test images of {section.dataset}")
-    import torch
-
-    from .build import batch_condition
-
-    device = resolve_device(args.device)
     generator = torch.Generator(device).manual_seed(args.seed)
     total = 0.0
     for start in range(0, n, args.batch_size):

@@ -1,18 +1,25 @@
-"""What the notebooks share: run profiles, ablation runs, result tables and paper figures.
+"""What the notebooks share: run profiles, ablation runs, result tables, verdicts and paper figures.
 
 A notebook declares its variants (a name, a model family, switch overrides) and
 calls :func:`run_ablation`; every variant is trained with every seed of the
 profile through the same :class:`vitdiff.trainer.Trainer` that ``vitdiff train``
-uses, then measured with the same protocol:
+uses, one thread a run, then measured with the same protocol:
 
-* ``val_loss``: the training objective on held-out images with *fixed* noise and
-  noise levels (seeded), the least noisy signal for short runs;
-* ``FD-<data>-clf@n``: Fréchet distance of n EMA samples against the test split,
-  on features of the small classifier of :mod:`vitdiff.metrics`. It is *not* FID.
+* ``loss`` and ``loss@<sigma>``: the training objective of the EMA model on the
+  same held-out images with the same noise at fixed noise levels
+  (:data:`LOSS_SIGMAS`), and their mean: the primary, low-noise metric, also
+  measured during training (the learning curves);
+* ``fd``: ``FD-<data>-clf@n``, Fréchet distance of n EMA samples on the features
+  of the small classifier of :mod:`vitdiff.metrics`, at the end only. It is *not* FID.
+
+Seed s gives every arm the same data order, noise draws and (where shapes allow)
+initialisation, so arms are compared by paired differences (:mod:`vitdiff.findings`).
 
 Profiles: ``smoke`` (seconds, for CI: checks that everything runs, says nothing
-about quality), ``cpu`` (fashion-mnist, minutes on a 2-core laptop, enough for
-orderings), ``gpu`` (the paper-scale configs in ``experiments/``).
+about quality), ``cpu`` (fashion-mnist at 16x16, <= 20 minutes a notebook on 2
+cores), ``cpu-long`` (the same, longer and with more seeds), ``gpu``
+(fashion-mnist at 32x32 at GPU scale) and ``paper`` (CIFAR-10, U-ViT's recipe,
+Inception FID).
 """
 from __future__ import annotations
 
@@ -20,6 +27,7 @@ import hashlib
 import json
 import os
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from functools import cached_property
 from pathlib import Path
@@ -71,25 +79,37 @@ class Profile:
     grid = property(lambda self: self.recipe.sample.grid)
 
 
-# Notebook runs log ~50 points, checkpoint once at the end, draw no in-loop grids and show one bar for all runs.
+# Notebook runs checkpoint once at the end, draw no in-loop grids and show one bar for all runs.
 _NOTEBOOK_RUN = (("train.sample_every", 0), ("train.progress", False))
-# The workbook's CPU recipe: EDM preconditioning, because in a 400-step run an eps-model's small eps errors at high
-# noise are multiplied by sigma in x0 and its samples are noise (experiments/README.md, notebook 05's history).
+# The workbook's CPU recipe: EDM preconditioning, because in a few hundred steps an eps-model's small eps errors at
+# high noise are multiplied by sigma in x0 and its samples are noise (experiments/README.md). 16x16 images: a
+# quarter of the pixels and, at patch 4, a quarter of the tokens of 32x32, so four times the steps per CPU hour.
 _CPU_RECIPE = (("diffusion.process", "edm"), ("diffusion.process_kwargs", {}), ("diffusion.prediction", "v"),
-               ("diffusion.weighting", "edm"), ("sample.grid", "karras"), ("train.betas", (0.99, 0.999)))
+               ("diffusion.weighting", "edm"), ("sample.grid", "karras"), ("train.betas", (0.99, 0.999)),
+               ("data.image_size", 16))
 PROFILES: dict[str, Profile] = {
     # Proves the plumbing in seconds; its numbers mean nothing.
     "smoke": Profile("smoke", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("data.dataset", "digits"),
                                                    ("train.steps", 4), ("data.batch_size", 8),
                                                    ("train.warmup_steps", 1), ("sample.steps", 4)),
                      size="tiny", seeds=(0,), eval_n=32, val_n=32),
-    # Orderings on real data within ~20 minutes a notebook on 2 cores.
-    "cpu": Profile("cpu", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("train.steps", 400),
-                                               ("train.warmup_steps", 40)),
-                   size="tiny", seeds=(0, 1), eval_n=500, val_n=500),
-    # The paper's scale: CIFAR-10 with U-ViT's published recipe, unchanged.
-    "gpu": Profile("gpu", "cifar10_uvit_s2.yaml", _NOTEBOOK_RUN, size="S/2", seeds=(0, 1), eval_n=10_000,
-                   val_n=10_000),
+    # Paired comparisons on real data within ~20 minutes a notebook on 2 cores (two runs at a time).
+    "cpu": Profile("cpu", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("train.steps", 1200),
+                                               ("train.warmup_steps", 50)),
+                   size="tiny", seeds=(0, 1, 2, 3), eval_n=500, val_n=500),
+    # The headline tables: 4x the steps and twice the seeds of cpu, <= 2 hours a notebook on 2 cores.
+    "cpu-long": Profile("cpu-long", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("train.steps", 4800),
+                                                         ("train.warmup_steps", 100)),
+                        size="tiny", seeds=tuple(range(8)), eval_n=1000, val_n=1000),
+    # GPU scale on the same data at 32x32: the tiny families trained 25x longer with a larger batch, 8 seeds.
+    "gpu": Profile("gpu", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("data.image_size", 32),
+                                               ("train.steps", 30_000), ("data.batch_size", 128),
+                                               ("train.lr", 5e-4), ("train.warmup_steps", 500),
+                                               ("train.ema_decay", 0.9999)),
+                   size="tiny", seeds=tuple(range(8)), eval_n=5000, val_n=2000),
+    # The paper's scale: CIFAR-10 with U-ViT's published recipe, unchanged; Inception FID from local weights.
+    "paper": Profile("paper", "cifar10_uvit_s2.yaml", _NOTEBOOK_RUN, size="S/2", seeds=(0, 1), eval_n=10_000,
+                     val_n=10_000),
 }
 
 
@@ -163,37 +183,53 @@ def model_cost(model: torch.nn.Module) -> tuple[int, float]:
     return sum(p.numel() for p in model.parameters()), count_gflops(model)
 
 
+# Noise levels of the held-out loss: log-spaced over the range where the data's structure is decided (EDM's
+# sigma_data is 0.5; at sigma < 0.05 the pixels are already resolved, above 40 the prior dominates).
+LOSS_SIGMAS = (0.05, 0.15, 0.4, 1.0, 2.5, 6.0, 15.0, 40.0)
+
+
+def sigma_column(sigma: float) -> str:
+    return f"loss@{sigma:g}"
+
+
 @torch.no_grad()
-def validation_loss(model, loss_fn, dataset: str, n: int, *, seed: int = 1234, batch_size: int = 250) -> float:
-    """Mean training loss on the first n test images, with noise drawn from a fixed seed (same for every model)."""
+def sigma_losses(model, loss_fn, config: Config, n: int, *, sigmas=LOSS_SIGMAS, seed: int = 1234) -> dict[str, float]:
+    """The training loss of ``model`` on the first n test images at each fixed noise level, with fixed noise (the
+    same images, noise and levels for every model and every call), and their mean ``loss``: the workbook's primary,
+    low-noise metric. Low sigma measures pixel detail, high sigma global structure."""
     from .build import batch_condition
     from .data import make_dataset
 
-    test = make_dataset(dataset, train=False)
+    test = make_dataset(config.data.dataset, root=config.data.root, image_size=config.data.image_size, train=False,
+                        flip=False)
     n = min(n, len(test))
-    generator = torch.Generator().manual_seed(seed)
-    total = 0.0
     was_training = model.training
     model.eval()
+    totals = dict.fromkeys(sigmas, 0.0)
+    batch_size = 250  # part of the protocol: the noise of a batch is seeded by (seed, level, batch start)
     for start in range(0, n, batch_size):
         items = [test[i] for i in range(start, min(n, start + batch_size))]
         x0 = torch.stack([image for image, _ in items])
         cond = batch_condition(model, [label for _, label in items], "cpu")
-        total += loss_fn(model, x0, cond, generator=generator).sum().item()
+        for index, sigma in enumerate(sigmas):
+            generator = torch.Generator().manual_seed(seed + 7919 * index + start)
+            noise = torch.randn(x0.shape, generator=generator)
+            levels = torch.full((len(x0),), float(sigma))
+            totals[sigma] += loss_fn.loss_at(model, x0, levels, noise, cond).sum().item()
     model.train(was_training)
-    return total / n
+    losses = {sigma_column(sigma): total / n for sigma, total in totals.items()}
+    return {"loss": sum(losses.values()) / len(losses), **losses}
 
 
 def evaluate_run(trainer, profile: Profile) -> dict[str, float]:
-    """val_loss and the classifier Fréchet distance of the EMA model of a finished run."""
-    from .metrics import fd_classifier
+    """The loss by noise level and the classifier Fréchet distance of the EMA model of a finished run."""
     from .generate import generate
+    from .metrics import fd_classifier
 
     ema = trainer.ema.module
-    val = validation_loss(ema, trainer.loss_fn, profile.dataset, profile.val_n)
+    losses = sigma_losses(ema, trainer.loss_fn, trainer.config, profile.val_n)
     images = generate(ema, trainer.process, trainer.config, n=profile.eval_n, seed=10_000, device=trainer.device)
-    fd = fd_classifier(images, dataset=profile.dataset)
-    return {"val_loss": val, "fd": fd}
+    return {**losses, "fd": fd_classifier(images, dataset=profile.dataset)}
 
 
 def fd_label(profile: Profile) -> str:
@@ -212,9 +248,29 @@ def protocol(profile: Profile, metric: str | None = None) -> str:
 
 
 # -- ablations ------------------------------------------------------------------------------------
+# Held-out loss is also measured at these fractions of training (on fewer images): the learning curves.
+CURVE_FRACTIONS = (0.25, 0.5, 0.75)
+CURVE_IMAGES = 200
+
+
+@contextmanager
+def one_thread():
+    """Every workbook run trains on one thread: its numbers then do not depend on the machine's core count
+    (the thread count alone changes float summation order), and two runs fill two cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
 def run_variant(variant: Variant, profile: Profile, seed: int, runs_dir: Path, *, reuse: bool = True,
                 **diffusion: Any) -> dict[str, Any]:
-    """Train and evaluate one (variant, seed); a finished run with the same config is read back, not redone."""
+    """Train and evaluate one (variant, seed) on one thread; a finished run with the same config is read back.
+
+    Training pauses at ``CURVE_FRACTIONS`` of its steps to measure the EMA model's held-out loss (the
+    learning curve); pausing is a no-op for the optimisation (per-step randomness is a function of the step)."""
     from .trainer import Trainer
 
     out = runs_dir / variant.name.replace("/", "_") / f"seed{seed}"
@@ -225,41 +281,95 @@ def run_variant(variant: Variant, profile: Profile, seed: int, runs_dir: Path, *
         saved = json.loads(result_file.read_text())
         if saved.get("config_key") == key:
             return saved
-    start = time.perf_counter()
-    trainer = Trainer(config, progress=False)
-    last = trainer.fit()
-    train_s = time.perf_counter() - start
-    params, gflops = model_cost(trainer.model)
-    result = {"variant": variant.name, "seed": seed, "preset": config.model.preset, "params_M": params / 1e6,
-              "gflops": gflops, "train_loss": last.get("loss"), **evaluate_run(trainer, profile),
-              "train_s": train_s, "img_per_s": last.get("img_per_s"), "config_key": key}
+    with one_thread():
+        start = time.perf_counter()
+        trainer = Trainer(config, progress=False)
+        curve, last = [], {}
+        pauses = sorted({max(1, round(fraction * profile.steps)) for fraction in CURVE_FRACTIONS} - {profile.steps})
+        for stop in (*pauses, profile.steps):
+            trainer.config.train.steps = stop
+            record = trainer.fit()
+            last = record if "loss" in record else last
+            if stop != profile.steps:
+                losses = sigma_losses(trainer.ema.module, trainer.loss_fn, config, min(CURVE_IMAGES, profile.val_n))
+                curve.append({"step": trainer.step, **losses})
+        train_s = time.perf_counter() - start
+        params, gflops = model_cost(trainer.model)
+        result = {"variant": variant.name, "seed": seed, "preset": config.model.preset, "params_M": params / 1e6,
+                  "gflops": gflops, "steps": profile.steps, "profile": profile.name, "train_loss": last.get("loss"),
+                  **evaluate_run(trainer, profile), "train_s": train_s, "img_per_s": last.get("img_per_s"),
+                  "threads": torch.get_num_threads(), "curve": curve, "config_key": key}
     result_file.write_text(json.dumps(result, indent=1))
     return result
 
 
-def run_ablation(variants: list[Variant], profile: Profile, out_dir: Path, *, progress: bool = True,
-                 **diffusion: Any):
-    """Every variant x every seed of the profile -> a DataFrame (one row per run); also saved as CSV and JSON."""
+def _run_job(job: tuple) -> dict[str, Any]:
+    variant, profile, seed, runs_dir, diffusion = job
+    return run_variant(variant, profile, seed, runs_dir, **diffusion)
+
+
+def run_ablation(variants: list[Variant], profile: Profile, out_dir: Path, *, notebook: str | None = None,
+                 workers: int | None = None, progress: bool = True, **diffusion: Any):
+    """Every variant x every seed of the profile -> a DataFrame (one row per run), saved with :func:`save_results`.
+
+    Runs go to ``workers`` processes of one thread each (default: one per core, at most 2 on this kind of
+    laptop); any worker count gives the same numbers. ``notebook`` (its file stem) also files the rows under
+    ``experiments/results/<notebook>/<profile>.csv`` (see :func:`results_dir`)."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
     import pandas as pd
     from tqdm.auto import tqdm
 
-    jobs = [(variant, seed) for variant in variants for seed in profile.seeds]
-    rows = []
-    for variant, seed in tqdm(jobs, desc="runs", disable=not progress):
-        rows.append(run_variant(variant, profile, seed, out_dir / "runs", **diffusion))
-    return save_results(pd.DataFrame(rows).drop(columns=["config_key"]), profile, out_dir)
+    jobs = [(variant, profile, seed, out_dir / "runs", diffusion) for variant in variants for seed in profile.seeds]
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers > 1:
+        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+            rows = list(tqdm(pool.map(_run_job, jobs), total=len(jobs), desc="runs", disable=not progress))
+    else:
+        rows = [_run_job(job) for job in tqdm(jobs, desc="runs", disable=not progress)]
+    frame = pd.DataFrame(rows).drop(columns=["config_key"])
+    curves = pd.DataFrame([{"variant": row["variant"], "seed": row["seed"], **point}
+                           for row in rows for point in row.get("curve", [])])
+    return save_results(frame.drop(columns=["curve"]), profile, out_dir, notebook=notebook, curves=curves)
 
 
-def save_results(frame, profile: Profile, out_dir: Path, metric: str | None = None):
-    """The raw rows as ``results.csv`` and, with the protocol, ``results.json``; returns the frame."""
+def results_dir(profile: Profile, out_dir: Path) -> Path:
+    """Where a notebook files its result rows and verdicts: the committed ``experiments/results/`` for real
+    profiles, the notebook's own output folder for ``smoke`` (whose numbers mean nothing)."""
+    return out_dir / "results" if profile.name == "smoke" else REPO_ROOT / "experiments" / "results"
+
+
+def save_results(frame, profile: Profile, out_dir: Path, metric: str | None = None, *, notebook: str | None = None,
+                 curves=None):
+    """The raw rows as ``results.csv`` and, with the protocol, ``results.json`` in ``out_dir``; with ``notebook``
+    also ``<results_dir>/<notebook>/<profile>.csv`` (and ``<profile>_curves.csv``). Returns the frame."""
     frame.to_csv(out_dir / "results.csv", index=False)
     payload = {"protocol": protocol(profile, metric), "profile": asdict(profile),
                "runs": json.loads(frame.to_json(orient="records"))}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
+    if notebook is not None:
+        filed = results_dir(profile, out_dir) / notebook
+        filed.mkdir(parents=True, exist_ok=True)
+        frame.to_csv(filed / f"{profile.name}.csv", index=False, float_format="%.6g")
+        (filed / f"{profile.name}.json").write_text(json.dumps({"protocol": payload["protocol"],
+                                                                "profile": payload["profile"]}, indent=1))
+        if curves is not None:
+            curves.to_csv(filed / f"{profile.name}_curves.csv", index=False, float_format="%.6g")
     return frame
 
 
-def summarize(frame, metrics=("val_loss", "fd"), by: str = "variant"):
+def judge(frame, comparisons, *, notebook: str, profile: Profile, out_dir: Path):
+    """The verdict rows of a notebook's comparisons (vitdiff.findings), filed in ``<results_dir>/verdicts.csv``;
+    returns the table and the markdown of the notebook's closing cell."""
+    from .findings import conclusion_markdown, update_verdicts, verdict_table
+
+    table = verdict_table(frame, comparisons, notebook=notebook, profile=profile.name)
+    update_verdicts(results_dir(profile, out_dir) / "verdicts.csv", table)
+    return table, conclusion_markdown(table)
+
+
+def summarize(frame, metrics=("loss", "fd"), by: str = "variant"):
     """Mean ± spread (sample std over seeds; 0 with one seed) per variant, in the variants' order."""
     import pandas as pd
 
@@ -404,6 +514,8 @@ def text_profile(name: str | None = None, *, dataset: str | None = None, steps: 
         raise ValueError(f"text alignment is judged on the shapes set only, got dataset={dataset!r}: "
                          "train other captioned sets with `vitdiff train experiments/cub*_t2i_*.yaml`")
     profile = get_profile(name)
+    if profile.name not in TEXT_PROFILE_CHANGES:
+        raise ValueError(f"text-to-image has no {profile.name!r} profile: use one of {', '.join(TEXT_PROFILE_CHANGES)}")
     overrides, sizes = TEXT_PROFILE_CHANGES[profile.name]
     profile = replace(profile.with_overrides(**overrides), **sizes)
     if steps is not None:

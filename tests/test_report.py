@@ -1,0 +1,41 @@
+"""The README's result tables are generated from the results files, and --check catches hand edits."""
+import json
+from pathlib import Path
+
+import pandas as pd
+
+from vitdiff import report
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def write_results(results: Path) -> None:
+    folder = results / "02_x"
+    folder.mkdir(parents=True)
+    pd.DataFrame([{"variant": v, "seed": s, "params_M": 0.5, "gflops": 0.01, "loss": loss, "loss@1": loss, "fd": 9.0}
+                  for v, losses in {"a": [1.0, 1.2], "b": [2.0, 2.1]}.items() for s, loss in enumerate(losses)]
+                 ).to_csv(folder / "cpu.csv", index=False)
+    (folder / "cpu.json").write_text(json.dumps({"protocol": "digits, 3 steps"}))
+    pd.DataFrame([{"notebook": "02_x", "profile": "cpu", "question": "q?", "paper_claim": "", "comparison": "a - b",
+                   "metric": "loss", "n_seeds": 2, "mean_diff": -0.95, "ci_low": -1.5, "ci_high": -0.3, "mde": 0.4,
+                   "verdict": "supported", "signs": "--"}]).to_csv(results / "verdicts.csv", index=False)
+
+
+def test_generate_then_check(tmp_path):
+    results, readme = tmp_path / "results", tmp_path / "README.md"
+    write_results(results)
+    readme.write_text(f"intro\n{report.BEGIN}\nstale\n{report.END}\noutro\n")
+    args = ["--readme", str(readme), "--results", str(results)]
+    assert report.main([*args, "--check"]) == 1
+    assert report.main(args) == 0
+    text = readme.read_text()
+    assert text.startswith("intro\n") and text.endswith("outro\n")
+    assert "| a | 0.500 | 0.0100 | 2 | 1.1 ± 0.14 | 9 ± 0 | 1.1 |" in text
+    assert "**supported** (--)" in text and "Protocol: digits, 3 steps" in text
+    assert report.main([*args, "--check"]) == 0
+    readme.write_text(text.replace("1.1 ± 0.14", "1.0 ± 0.14"))  # a hand edit
+    assert report.main([*args, "--check"]) == 1
+
+
+def test_the_committed_readme_matches_the_committed_results():
+    assert report.main(["--check"]) == 0
