@@ -52,6 +52,9 @@ def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
 
 
+SPACINGS = ("trailing", "leading", "linspace")  # placements of a discrete uniform_t grid (get_sigmas_uniform_t)
+
+
 def get_sigmas_uniform_t(process: NoiseProcess, steps: int, *, spacing: str | None = None) -> torch.Tensor:
     """``steps`` points uniform on the process's time axis, from t_max down, then 0.
 
@@ -67,14 +70,14 @@ def get_sigmas_uniform_t(process: NoiseProcess, steps: int, *, spacing: str | No
             raise ValueError(f"uniform_t on a {num}-step process takes at most {num} steps, got {steps}: "
                              "use fewer steps or a fractional grid (karras, quadratic)")
         spacing = spacing or "trailing"
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
         if spacing == "trailing":
             t = torch.arange(num, 0, -num / steps, dtype=torch.float64).round() - 1
         elif spacing == "leading":
             t = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * (num // steps)
-        elif spacing == "linspace":
-            t = torch.linspace(0, num - 1, steps, dtype=torch.float64).round().flip(0)
         else:
-            raise ValueError(f"unknown spacing {spacing!r}; choose 'trailing', 'leading' or 'linspace'")
+            t = torch.linspace(0, num - 1, steps, dtype=torch.float64).round().flip(0)
     elif spacing is not None:
         raise ValueError(f"spacing applies to discrete processes only; {type(process).__name__} has a "
                          "continuous time axis: leave spacing unset")
@@ -416,7 +419,7 @@ def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str
 
 
 __all__ = [
-    "GRIDS", "SAMPLERS", "NO_GUIDANCE", "ClassifierFreeGuidance", "ClipDenoised", "get_sigmas", "get_sigmas_uniform_t",
+    "GRIDS", "SPACINGS", "SAMPLERS", "NO_GUIDANCE", "ClassifierFreeGuidance", "ClipDenoised", "get_sigmas", "get_sigmas_uniform_t",
     "get_sigmas_quadratic", "get_sigmas_karras", "sample", "sample_ddpm", "sample_ddim", "sample_euler",
     "sample_heun", "sample_euler_maruyama", "sample_dpmpp_2m",
 ]

@@ -182,7 +182,8 @@ def build_diffusion(config: Config):
     section = config.diffusion
     process = make_process(section.process, **section.process_kwargs)
     loss = DiffusionLoss(process, prediction=section.prediction, weighting=section.weighting,
-                         min_snr_gamma=section.min_snr_gamma, cond_drop_prob=section.cond_drop_prob)
+                         min_snr_gamma=section.min_snr_gamma, cond_drop_prob=section.cond_drop_prob,
+                         vlb_weight=section.vlb_weight)
     return process, loss
 
 
@@ -594,7 +595,7 @@ def generate(model: nn.Module, process, config: Config, *, n: int, generator: to
                           prediction=config.diffusion.prediction, cond=cond,
                           guidance=section.guidance if guidance is None else guidance,
                           guidance_convention=section.guidance_convention, grid=grid or section.grid,
-                          clip_denoised=section.clip_denoised, generator=generator, progress=progress, device=device)
+                          spacing=section.spacing, variance=section.variance, clip_denoised=section.clip_denoised, generator=generator, progress=progress, device=device)
     finally:
         model.train(was_training)
 
