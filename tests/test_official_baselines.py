@@ -26,14 +26,14 @@ class ToyLearnSigma(DiffusionBackbone):
         self.mix = torch.randn(2 * channels, channels, generator=gen, dtype=torch.float64) * 0.2
         self.time = torch.randn(2 * channels, generator=gen, dtype=torch.float64)
         self.labels = torch.randn(num_classes + 1, 2 * channels, generator=gen, dtype=torch.float64) * 0.5
-        self.anchor = nn.Parameter(torch.zeros((), dtype=torch.float64))  # a device for sample()
+        self.gain = nn.Parameter(torch.ones((), dtype=torch.float64))  # a device for sample(), a path for gradients
 
     def forward(self, x, t, cond=None):
         self.check_inputs(x, t, cond)
         dtype, x = x.dtype, x.double()
         out = (torch.einsum("oc,bchw->bohw", self.mix, x) + 0.8 * torch.cat([x, x], 1)
                + (t.to(x) / 1000)[:, None, None, None] * self.time[None, :, None, None]
-               + self.labels[cond][:, :, None, None] + self.anchor)
+               + self.labels[0 if cond is None else cond][..., None, None]) * self.gain
         channels = self.in_channels
         return torch.cat([out[:, :channels], torch.tanh(out[:, channels:])], 1).to(dtype)
 
@@ -122,3 +122,125 @@ def test_dit_official_guidance_matches_forward_with_cfg():
     torch.testing.assert_close(variance, out[:, 4:])
     standard = ClassifierFreeGuidance(denoiser, model.null_cond, 3.0, "dit")(x, sigma, labels)
     assert not torch.allclose(standard[:, 3], x0[:, 3]) and torch.allclose(standard[:, :3], x0[:, :3])
+
+
+# --------------------------------------------------------------------------- the hybrid loss
+def _approx_phi(x):
+    return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def iddpm_hybrid_loss(model, x0, t, noise, process):
+    """iDDPM's training_losses for learned_range + eps + hybrid loss, from the formulas, in VP coordinates."""
+    abar_all = process.alphas_cumprod
+    abar, abar_prev = abar_all[t], torch.where(t > 0, abar_all[(t - 1).clamp(min=0)], 1.0)
+    beta = process.betas[t]
+    posterior_variance = beta * (1 - abar_prev) / (1 - abar)
+    variance_at_1 = process.betas[1] * (1 - abar_all[0]) / (1 - abar_all[1])
+    log_posterior = torch.where(t > 0, posterior_variance, variance_at_1).log()
+    bc = lambda v: v.reshape(-1, 1, 1, 1)  # noqa: E731
+    x_t = bc(abar.sqrt()) * x0 + bc((1 - abar).sqrt()) * noise
+    out = model(x_t, t.double(), None)
+    eps, v = out[:, :x0.shape[1]], out[:, x0.shape[1]:]
+    x0_hat = (x_t - bc((1 - abar).sqrt()) * eps.detach()) / bc(abar.sqrt())
+    coef_x0, coef_xt = beta * abar_prev.sqrt() / (1 - abar), (1 - abar_prev) * (1 - beta).sqrt() / (1 - abar)
+    true_mean = bc(coef_x0) * x0 + bc(coef_xt) * x_t
+    model_mean = bc(coef_x0) * x0_hat + bc(coef_xt) * x_t
+    log_var = (v + 1) / 2 * bc(beta.log()) + (1 - v) / 2 * bc(log_posterior)
+    kl = 0.5 * (-1 + log_var - bc(log_posterior) + (bc(log_posterior) - log_var).exp()
+                + (true_mean - model_mean) ** 2 * (-log_var).exp())
+    inv_std = (-0.5 * log_var).exp()
+    cdf_plus, cdf_minus = _approx_phi(inv_std * (x0 - model_mean + 1 / 255)), _approx_phi(inv_std * (x0 - model_mean - 1 / 255))
+    log_p = torch.where(x0 < -0.999, cdf_plus.clamp(min=1e-12).log(),
+                        torch.where(x0 > 0.999, (1 - cdf_minus).clamp(min=1e-12).log(),
+                                    (cdf_plus - cdf_minus).clamp(min=1e-12).log()))
+    vb = torch.where(t == 0, -log_p.flatten(1).mean(1), kl.flatten(1).mean(1)) / math.log(2)
+    return (noise - eps).pow(2).flatten(1).mean(1) + vb * process.num_steps / 1000
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine"])
+def test_hybrid_loss_matches_iddpm(schedule):
+    process = DiscreteVP(schedule=schedule)
+    model = ToyLearnSigma(channels=2, num_classes=0)
+    gen = torch.Generator().manual_seed(0)
+    t = torch.tensor([0, 0, 1, 7, 500, 999])
+    # 8-bit data in [-1, 1], edge bins included (the decoder NLL at t = 0 treats them apart)
+    x0 = (torch.randint(0, 256, (6, 2, 4, 4), generator=gen) / 127.5 - 1).double()
+    x0[0, 0, 0] = -1.0
+    x0[1, 1, 1] = 1.0
+    noise = torch.randn(6, 2, 4, 4, generator=gen, dtype=torch.float64)
+    sigma = process.sigmas[t].float()
+    ours = DiffusionLoss(process).loss_at(model, x0, sigma, noise)
+    torch.testing.assert_close(ours.double(), iddpm_hybrid_loss(model, x0, t, noise, process), rtol=2e-5, atol=2e-6)
+
+    def output_gradient(vlb_weight):
+        outputs = []
+
+        def keep(module, inputs, output):
+            output.retain_grad()
+            outputs.append(output)
+        handle = model.register_forward_hook(keep)
+        DiffusionLoss(process, vlb_weight=vlb_weight).loss_at(model, x0, sigma, noise).sum().backward()
+        handle.remove()
+        return outputs[0].grad
+    hybrid, mean_only = output_gradient(0.001), output_gradient(0.0)
+    torch.testing.assert_close(hybrid[:, :2], mean_only[:, :2])  # stop-gradient: L_vlb leaves the mean alone
+    assert mean_only[:, 2:].abs().max() == 0 and hybrid[:, 2:].abs().min() > 0  # and trains the variance
+
+
+# --------------------------------------------------------------------------- learned variance: closed forms
+def reverse_step_optimum(sigma, sigma_next, data_variance):
+    """(beta, beta_tilde, Sigma*) of the DDPM step sigma -> sigma_next for Gaussian data of per-dimension variance
+    `data_variance`: the true reverse step q(x_next | x) is Gaussian with variance Sigma* = beta_tilde +
+    coef^2 Var[x0 | x], coef = sqrt(abar_next) beta / (1 - abar) (VP coordinates, written from abar)."""
+    abar, abar_next = 1 / (1 + sigma ** 2), 1 / (1 + sigma_next ** 2)
+    beta = 1 - abar / abar_next
+    beta_tilde = beta * (1 - abar_next) / (1 - abar)
+    posterior_x0_variance = data_variance * sigma ** 2 / (data_variance + sigma ** 2)
+    return beta, beta_tilde, beta_tilde + (abar_next.sqrt() * beta / (1 - abar)) ** 2 * posterior_x0_variance
+
+
+class OracleMeanConstantVariance(nn.Module):
+    """The exact eps of Gaussian data, and one trainable variance output v for every pixel."""
+
+    learn_sigma, is_conditional = True, False
+
+    def __init__(self, data: GaussianData, process):
+        super().__init__()
+        self.eps = data.as_model(process, "eps")
+        self.v = nn.Parameter(torch.zeros((), dtype=torch.float64))
+
+    def forward(self, x, t, cond=None):
+        eps = self.eps(x, t)
+        return torch.cat([eps, self.v.expand_as(eps)], 1)
+
+
+@pytest.mark.parametrize("data_std", [1.0, 0.3])
+def test_hybrid_loss_learns_the_optimal_variance(data_std):
+    """Minimising the hybrid loss over the variance output (exact mean) finds Sigma* in closed form; for data of
+    unit variance Sigma* = beta exactly ("fixed_large" is optimal there, DDPM's observation)."""
+    process = DiscreteVP()
+    data = GaussianData(torch.full((3,), 0.1), data_std ** 2 * torch.eye(3, dtype=torch.float64))
+    gen = torch.Generator().manual_seed(0)
+    for t in (3, 60, 400):
+        model, n = OracleMeanConstantVariance(data, process), 20000
+        x0, noise = data.sample(n, gen), torch.randn(n, 3, 1, 1, generator=gen, dtype=torch.float64)
+        sigma = process.sigmas[t].expand(n)
+        loss_fn = DiffusionLoss(process, vlb_weight=10.0)  # the optimum is lambda's; a large one keeps float32 exact
+        optimizer = torch.optim.LBFGS([model.v], max_iter=50, line_search_fn="strong_wolfe")
+
+        def closure():
+            optimizer.zero_grad()
+            loss = loss_fn.loss_at(model, x0, sigma, noise).mean()
+            loss.backward()
+            return loss
+        optimizer.step(closure)
+        beta, beta_tilde, optimum = reverse_step_optimum(process.sigmas[t], process.sigmas[t - 1], data_std ** 2)
+        fraction = (model.v.detach() + 1) / 2
+        fitted = (fraction * beta.log() + (1 - fraction) * beta_tilde.log()).exp()
+        assert fitted.item() == pytest.approx(optimum.item(), rel=3e-3), (t, fitted, optimum, beta, beta_tilde)
+        gap = (beta / beta_tilde).log()
+        if gap > 0.02:  # the output itself where the range is wide enough to pin it
+            v_optimum = 2 * (optimum / beta_tilde).log() / gap - 1
+            assert model.v.item() == pytest.approx(v_optimum.item(), abs=0.05), t
+        if data_std == 1.0:
+            assert fitted.item() == pytest.approx(beta.item(), rel=3e-3)
