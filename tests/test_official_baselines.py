@@ -320,3 +320,116 @@ def test_euler_maruyama_matches_uvit_step_by_step(steps):
     default = sample_euler_maruyama(denoiser, x_vp * (1 + sigmas[0] ** 2).sqrt(), sigmas,
                                     generator=torch.Generator().manual_seed(1), progress=False)
     assert (default - official).abs().max() > 1e-3
+
+
+# --------------------------------------------------------------------------- config, trainer, command line
+DIT_RUN = {
+    "model": {"preset": "DiT-tiny", "learn_sigma": True, "dim": 32, "depth": 1, "num_heads": 2, "patch_size": 4},
+    "diffusion": {"process": "ddpm-linear"},
+    "data": {"dataset": "digits", "image_size": 8, "batch_size": 8, "num_workers": 0},
+    "train": {"steps": 2, "lr": 1.0e-3, "warmup_steps": 1, "sample_every": 0, "progress": False},
+    "sample": {"sampler": "ddpm", "variance": "learned_range", "spacing": "linspace", "steps": 4},
+}
+
+
+def _variance_output_after_training(tmp_path, name, *overrides):
+    import yaml
+
+    from vitdiff.trainer import Trainer
+
+    (tmp_path / "dit.yaml").write_text(yaml.safe_dump(DIT_RUN))
+    trainer = Trainer(load_config(tmp_path / "dit.yaml", [f"out_dir={tmp_path / name}", *overrides]))
+    trainer.fit()
+    x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        return trainer.loss_fn.vlb_weight, trainer.model(x, torch.tensor([10.0, 500.0]))[:, 1:]
+
+
+def test_trainer_trains_the_variance_with_the_hybrid_loss_and_samples_with_it(tmp_path):
+    from vitdiff.cli import main as vitdiff
+
+    weight, variance = _variance_output_after_training(tmp_path, "hybrid")
+    assert weight == 0.001 and variance.abs().max() > 0
+    # DiT's output layer starts at zero: without L_vlb nothing moves the variance channels
+    weight, variance = _variance_output_after_training(tmp_path, "mean-only", "diffusion.vlb_weight=0")
+    assert weight == 0 and variance.abs().max() == 0
+    out = tmp_path / "grid.png"
+    assert vitdiff(["sample", str(tmp_path / "hybrid"), "--n", "2", "--spacing", "leading", "--out", str(out)]) == 0
+    assert out.is_file()
+
+
+def test_config_checks_the_new_settings(tmp_path):
+    config = load_config(None, ["sample.sampler=ddpm", "sample.variance=learned_range", "sample.spacing=linspace",
+                                "sample.guidance_convention=dit_official", "diffusion.vlb_weight=0.001"])
+    assert (config.sample.variance, config.sample.spacing, config.sample.guidance_convention) == (
+        "learned_range", "linspace", "dit_official")
+    with pytest.raises(ConfigError, match="sample.spacing must be one of trailing, leading, linspace"):
+        load_config(None, ["sample.spacing=even"])
+    with pytest.raises(ConfigError, match="sample.variance must be one of fixed_small, fixed_large, learned_range"):
+        load_config(None, ["sample.sampler=ddpm", "sample.variance=learned"])
+    with pytest.raises(ConfigError, match="read by the ddpm sampler only"):
+        load_config(None, ["sample.variance=fixed_large"])  # the default sampler is dpmpp_2m
+    with pytest.raises(ConfigError, match="vlb_weight must be >= 0"):
+        load_config(None, ["diffusion.vlb_weight=-1"])
+    with pytest.raises(ConfigError, match="dit, dit_official, uvit"):
+        load_config(None, ["sample.guidance_convention=official"])
+
+
+# --------------------------------------------------------------------------- grids and small things
+@pytest.mark.parametrize("spacing, first, last", [("trailing", 999, 199), ("leading", 800, 0), ("linspace", 999, 0)])
+def test_sample_reaches_every_spacing(spacing, first, last):
+    model, process = ToyLearnSigma(channels=2, num_classes=0), DiscreteVP()
+    seen = []
+    sample(model, process, (1, 2, 4, 4), sampler="ddim", steps=5, spacing=spacing, progress=False,
+           callback=lambda d: seen.append(d["sigma"]))
+    steps = process.sigma_to_t(torch.stack(seen).double()).round().long()
+    assert torch.equal(steps, process.sigma_to_t(get_sigmas(process, 5, spacing=spacing)[:-1]).round().long())
+    assert (steps[0], steps[-1]) == (first, last), steps
+
+
+def test_bad_settings_name_the_fix():
+    model, process = ToyLearnSigma(channels=2, num_classes=0), DiscreteVP()
+    shape = (1, 2, 4, 4)
+    with pytest.raises(ValueError, match="places the uniform_t grid, not 'karras'"):
+        sample(model, process, shape, grid="karras", spacing="leading")
+    with pytest.raises(ValueError, match="choose one of trailing, leading, linspace"):
+        sample(model, process, shape, spacing="even")
+    with pytest.raises(ValueError, match="ddpm sampler only"):
+        sample(model, process, shape, sampler="ddim", variance="learned_range")
+    with pytest.raises(ValueError, match="fixed_small, fixed_large, learned_range"):
+        sample(model, process, shape, sampler="ddpm", variance="learned")
+    data = GaussianData(torch.zeros(2), torch.eye(2))
+    with pytest.raises(ValueError, match="needs a learn_sigma model"):
+        sample(data.as_model(process), process, (1, 2, 1, 1), sampler="ddpm", variance="learned_range")
+    with pytest.raises(ValueError, match="vlb_weight=0"):
+        DiffusionLoss(ContinuousVP())(model, torch.randn(shape))  # the VLB needs a discrete chain
+    with pytest.raises(ValueError, match="vlb_weight must be >= 0"):
+        DiffusionLoss(process, vlb_weight=-1)
+
+
+def test_karras_grid_honours_explicit_bounds():
+    process = make_process("edm")
+    grid = get_sigmas_karras(process, 5, sigma_min=1e-4, sigma_max=10.0)
+    assert grid[0] == pytest.approx(10.0) and grid[-2] == pytest.approx(1e-4) and grid[-1] == 0
+    with pytest.raises(ValueError, match="0 < sigma_min < sigma_max"):
+        get_sigmas_karras(process, 5, sigma_min=0.0)  # was silently replaced by the process's sigma_min
+
+
+def test_churn_draws_noise_only_inside_its_window():
+    data, process = GaussianData(torch.zeros(2), torch.eye(2)), make_process("edm")
+    sigmas, x = get_sigmas(process, 8), torch.randn(4, 2, 1, 1, dtype=torch.float64)
+    outside, fresh = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    plain = sample_euler(data.denoiser, x, sigmas, progress=False)
+    churned = sample_euler(data.denoiser, x, sigmas, generator=outside, progress=False, s_churn=10.0, s_tmin=1e3)
+    assert torch.equal(plain, churned) and torch.equal(outside.get_state(), fresh.get_state())
+    inside = torch.Generator().manual_seed(0)
+    sample_euler(data.denoiser, x, sigmas, generator=inside, progress=False, s_churn=10.0, s_tmin=1.0, s_tmax=20.0)
+    in_window = int(((sigmas[:-1] >= 1.0) & (sigmas[:-1] <= 20.0)).sum())
+    assert torch.equal(inside.get_state(), _after_draws(in_window, x.shape))
+
+
+def _after_draws(count, shape):
+    gen = torch.Generator().manual_seed(0)
+    for _ in range(count):
+        torch.randn(shape, generator=gen, dtype=torch.float64)
+    return gen.get_state()
