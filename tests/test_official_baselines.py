@@ -149,7 +149,8 @@ def iddpm_hybrid_loss(model, x0, t, noise, process):
     kl = 0.5 * (-1 + log_var - bc(log_posterior) + (bc(log_posterior) - log_var).exp()
                 + (true_mean - model_mean) ** 2 * (-log_var).exp())
     inv_std = (-0.5 * log_var).exp()
-    cdf_plus, cdf_minus = _approx_phi(inv_std * (x0 - model_mean + 1 / 255)), _approx_phi(inv_std * (x0 - model_mean - 1 / 255))
+    cdf_plus = _approx_phi(inv_std * (x0 - model_mean + 1 / 255))
+    cdf_minus = _approx_phi(inv_std * (x0 - model_mean - 1 / 255))
     log_p = torch.where(x0 < -0.999, cdf_plus.clamp(min=1e-12).log(),
                         torch.where(x0 > 0.999, (1 - cdf_minus).clamp(min=1e-12).log(),
                                     (cdf_plus - cdf_minus).clamp(min=1e-12).log()))
@@ -280,9 +281,11 @@ def test_learned_range_with_the_optimal_variance_is_exact_in_few_steps():
     for variance in ("learned_range", "fixed_small", "fixed_large"):
         out = sample(model, process, (n, 3, 1, 1), sampler="ddpm", steps=steps, spacing="linspace", variance=variance,
                      generator=torch.Generator().manual_seed(0), progress=False).double().flatten(1)
-        errors[variance] = ((out.var(0) / expected - 1).abs().max().item(), (out.mean(0) - data.mean).abs().max().item())
+        errors[variance] = ((out.var(0) / expected - 1).abs().max().item(),
+                            (out.mean(0) - data.mean).abs().max().item())
     standard_error = math.sqrt(2 / n)  # of a variance estimate, relative
-    assert errors["learned_range"][0] < 4 * standard_error and errors["learned_range"][1] < 4 * math.sqrt(0.5 / n), errors
+    assert errors["learned_range"][0] < 4 * standard_error, errors
+    assert errors["learned_range"][1] < 4 * math.sqrt(0.5 / n), errors  # the mean, its largest std is sqrt(0.5)
     assert min(errors["fixed_small"][0], errors["fixed_large"][0]) > 10 * standard_error, errors
 
 

@@ -353,8 +353,8 @@ class ClassifierFreeGuidance(BaseDenoiser):
         conditional, unconditional = both.chunk(2)
         guided = unconditional + self.scale * (conditional - unconditional)
         if self.convention == "dit_official":
-            guided = torch.cat([guided[:, :DIT_OFFICIAL_GUIDED_CHANNELS], conditional[:, DIT_OFFICIAL_GUIDED_CHANNELS:]],
-                               dim=1)
+            split = DIT_OFFICIAL_GUIDED_CHANNELS
+            guided = torch.cat([guided[:, :split], conditional[:, split:]], dim=1)
         return guided, None if variance is None else variance.chunk(2)[0]
 
 
@@ -419,7 +419,8 @@ def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str
 
 
 __all__ = [
-    "GRIDS", "SPACINGS", "SAMPLERS", "NO_GUIDANCE", "ClassifierFreeGuidance", "ClipDenoised", "get_sigmas", "get_sigmas_uniform_t",
+    "GRIDS", "SPACINGS", "SAMPLERS", "NO_GUIDANCE", "ClassifierFreeGuidance", "ClipDenoised", "get_sigmas",
+    "get_sigmas_uniform_t",
     "get_sigmas_quadratic", "get_sigmas_karras", "sample", "sample_ddpm", "sample_ddim", "sample_euler",
     "sample_heun", "sample_euler_maruyama", "sample_dpmpp_2m",
 ]
