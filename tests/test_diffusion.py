@@ -230,12 +230,12 @@ def test_condition_dropout_rate_and_null_label():
     assert (model.seen_cond == 0).all()
 
 
-def test_learn_sigma_uses_the_mean_half():
+def test_learn_sigma_mse_uses_the_mean_half():
     model = TinyBackbone(learn_sigma=True)
     with torch.no_grad():
-        model.conv.bias[2:] += 1e3  # the variance half must not reach the loss
+        model.conv.bias[2:] += 1e3  # the variance half must not reach the mean's loss
     half = _FirstHalf(model)
-    loss_fn = DiffusionLoss(make_process("ddpm-linear"))
+    loss_fn = DiffusionLoss(make_process("ddpm-linear"), vlb_weight=0.0)
     x0, sigma, noise = torch.randn(3, 2, 4, 4), torch.tensor([0.1, 1.0, 5.0]), torch.randn(3, 2, 4, 4)
     torch.testing.assert_close(loss_fn.loss_at(model, x0, sigma, noise), loss_fn.loss_at(half, x0, sigma, noise))
     assert make_denoiser(model, make_process("ddpm-linear"))(x0, sigma).shape == x0.shape

@@ -268,7 +268,7 @@ def test_bad_input_names_the_fix():
         sample(model, process, shape, guidance=0.4, guidance_convention="uvit")
     with pytest.raises(ValueError, match="needs cond"):
         sample(cond_model, process, (2, 2, 4, 4), guidance=3.0)
-    with pytest.raises(ValueError, match="'dit' or 'uvit'"):
+    with pytest.raises(ValueError, match="dit, dit_official, uvit"):
         sample(cond_model, process, (2, 2, 4, 4), guidance_convention="cfg")
     with pytest.raises(ValueError, match="at most 1000 steps"):
         get_sigmas(DiscreteVP(), 1001)

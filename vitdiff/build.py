@@ -159,17 +159,18 @@ def build_diffusion(config: Config):
     section = config.diffusion
     process = make_process(section.process, **section.process_kwargs)
     loss = DiffusionLoss(process, prediction=section.prediction, weighting=section.weighting,
-                         min_snr_gamma=section.min_snr_gamma, cond_drop_prob=section.cond_drop_prob)
+                         min_snr_gamma=section.min_snr_gamma, cond_drop_prob=section.cond_drop_prob,
+                         vlb_weight=section.vlb_weight)
     return process, loss
 
 
 def check_names(config: Config) -> None:
     """Every registry name in the config exists (preset, data set, process, prediction, weighting, samplers,
-    grid), checked before anything is trained or written."""
+    grid, spacing, variance, guidance convention), checked before anything is trained or written."""
     from .data import DATASETS
-    from .diffusion import PREDICTIONS, PROCESSES, WEIGHTINGS
+    from .diffusion import PREDICTIONS, PROCESSES, VARIANCES, WEIGHTINGS
     from .models import PRESETS
-    from .sampling import GRIDS, SAMPLERS
+    from .sampling import GRIDS, NO_GUIDANCE, SAMPLERS, SPACINGS
 
     section_names = [
         ("model.preset", config.model.preset, PRESETS),
@@ -178,8 +179,10 @@ def check_names(config: Config) -> None:
         ("diffusion.prediction", config.diffusion.prediction, PREDICTIONS),
         ("diffusion.weighting", config.diffusion.weighting, WEIGHTINGS),
         ("sample.sampler", config.sample.sampler, SAMPLERS),
+        ("sample.guidance_convention", config.sample.guidance_convention, NO_GUIDANCE),
     ]
-    optional = [("sample.grid", config.sample.grid, GRIDS), ("eval.sampler", config.eval.sampler, SAMPLERS)]
+    optional = [("sample.grid", config.sample.grid, GRIDS), ("eval.sampler", config.eval.sampler, SAMPLERS),
+                ("sample.spacing", config.sample.spacing, SPACINGS), ("sample.variance", config.sample.variance, VARIANCES)]
     section_names += [entry for entry in optional if entry[1] is not None]
     for key, value, choices in section_names:
         if value not in choices:

@@ -52,6 +52,9 @@ class DiffusionConfig:
     weighting: str = "uniform"         # uniform | min_snr | edm
     min_snr_gamma: float = 5.0
     cond_drop_prob: float = 0.0        # classifier-free guidance training: chance to drop the condition
+    # learn_sigma models (DiT): lambda of iDDPM's hybrid loss L_simple + lambda L_vlb, which trains the variance
+    # channels (needs ddpm-linear or ddpm-cosine); 0 trains the mean only. Models without learn_sigma ignore it.
+    vlb_weight: float = 0.001
 
 
 @dataclass
@@ -110,11 +113,18 @@ class SampleConfig:
     sampler: str = "dpmpp_2m"          # a name in vitdiff.sampling.SAMPLERS
     steps: int = 50
     guidance: float = 1.0
-    guidance_convention: str = "dit"   # dit: u + w (c - u); uvit: (1 + s) c - s u
+    guidance_convention: str = "dit"   # dit: u + w (c - u); dit_official: the same on channels 0-2 only, as DiT's
+    #                                    forward_with_cfg (its FIDs); uvit: (1 + s) c - s u
     n: int = 64
     # Sigma grid (vitdiff.sampling.GRIDS: uniform_t | quadratic | karras); null: the process's own (uniform_t for the
     # VP processes, karras for edm). The grid sets a solver's order of accuracy (benchmarks/sampler_orders.py).
     grid: str | None = None
+    # Discrete processes, uniform_t grid: trailing | leading | linspace; null: trailing (t = T-1 ... T/steps - 1).
+    # DiT's respacing "250" is linspace (t = T-1 ... 0), "ddim50" leading.
+    spacing: str | None = None
+    # The ddpm sampler's variance: fixed_small (null: the posterior's, beta_tilde) | fixed_large (beta) |
+    # learned_range (a learn_sigma model's, as DiT samples). Other samplers take none: leave null.
+    variance: str | None = None
     # Clamp the denoiser's x0 estimates to the data range [-1, 1] (DDPM/ADM's clip_denoised). Pixel data: on;
     # latent models (SD-VAE latents are not bounded by 1): set false.
     clip_denoised: bool = True
@@ -362,7 +372,10 @@ def _validate(config: Config) -> None:
         (train.sample_every >= 0, "train.sample_every must be >= 0 (0: never)"),
         (config.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (0 <= config.diffusion.cond_drop_prob < 1, "diffusion.cond_drop_prob must lie in [0, 1)"),
-        (config.sample.guidance_convention in ("dit", "uvit"), "sample.guidance_convention must be dit or uvit"),
+        (config.diffusion.vlb_weight >= 0, "diffusion.vlb_weight must be >= 0 (0: train the mean only)"),
+        (config.sample.variance is None or (config.sample.sampler == "ddpm" and config.eval.sampler in (None, "ddpm")),
+         "sample.variance is read by the ddpm sampler only: set sample.sampler=ddpm (and eval.sampler=null or ddpm), "
+         "or sample.variance=null"),
         (config.sample.prompts is None or (len(config.sample.prompts) > 0
                                            and all(isinstance(p, str) for p in config.sample.prompts)),
          "sample.prompts must be a non-empty list of captions or null"),

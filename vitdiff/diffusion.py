@@ -37,10 +37,18 @@ weight; written as the weight ``lambda(sigma)`` each puts on ``|x0_hat - x0|^2``
 * ``"min_snr"``: ``lambda = min(SNR, gamma)`` with ``SNR = 1/sigma^2`` (Hang et al. 2023);
 * ``"edm"``: ``lambda = (sigma^2 + sigma_d^2) / (sigma * sigma_d)^2`` (Karras et al. 2022).
 
-Learned variance: when a backbone has ``learn_sigma`` (2x output channels, as
-DiT/iDDPM) only the first half (the mean prediction) is used, by the loss and by
-the denoiser. The iDDPM variational-bound term that would train the second half
-is not implemented, so those channels stay untrained.
+Learned variance (iDDPM, Nichol & Dhariwal 2021; DiT). A backbone with ``learn_sigma``
+outputs twice the channels: the first half is the mean prediction above, the second a
+raw ``v`` per pixel whose reverse-step variance is the "learned range"
+``log Sigma = f log beta + (1 - f) log beta_tilde``, ``f = (v + 1) / 2``
+(:func:`learned_range_log_variance`). :class:`DiffusionLoss` trains it with the hybrid
+loss ``L_simple + lambda L_vlb`` (``vlb_weight`` = lambda = 0.001): ``L_vlb`` is
+estimated at the drawn step t as ``T L_t``, with ``L_t`` the KL between the true
+posterior ``q(x_{t-1} | x_t, x0)`` and the model's Gaussian, and at t = 0 the
+discretized-Gaussian decoder NLL, both in bits per dimension; the mean enters
+``L_vlb`` under a stop-gradient, so ``L_vlb`` trains only the variance. This needs a
+discrete process (its steps define the chain). The DDPM sampler reads the variance
+with ``variance="learned_range"`` (:mod:`vitdiff.sampling`).
 """
 from __future__ import annotations
 
@@ -229,6 +237,12 @@ class ContinuousVP(NoiseProcess):
     def sample_sigma(self, batch, *, generator=None, device=None):
         return self.t_to_sigma(rand((batch,), generator=generator, device=device))
 
+    def beta_dt_at_start(self, sigma: torch.Tensor, sigma_next: torch.Tensor) -> torch.Tensor:
+        """beta(t) (t - t_next) with beta read at the step's start t: the Euler–Maruyama step of U-ViT's
+        ``sde.py`` (pass as ``beta_dt`` to :func:`vitdiff.sampling.sample_euler_maruyama`)."""
+        t, t_next = self.sigma_to_t(sigma), self.sigma_to_t(sigma_next)
+        return (self.beta_min + t * (self.beta_max - self.beta_min)) * (t - t_next)
+
     def prior_std(self, sigma):
         return (sigma ** 2 + 1).sqrt()
 
@@ -351,13 +365,66 @@ def loss_weight(sigma: torch.Tensor, prediction: str, weighting: str, *, sigma_d
     return (sigma ** 2 + sigma_data ** 2) / sigma_data ** 2 * r
 
 
+# --------------------------------------------------------------------------- learned variance
+VARIANCES = ("fixed_small", "fixed_large", "learned_range")
+
+
+def ddpm_step_variances(sigma: torch.Tensor, sigma_next: torch.Tensor):
+    """(beta, beta_tilde) of DDPM's reverse step from noise level sigma to sigma_next (VP coordinates).
+
+    ``beta = 1 - abar / abar_next`` is the forward step's variance ("fixed_large") and
+    ``beta_tilde = beta (1 - abar_next) / (1 - abar)`` that of the posterior q(x_next | x, x0)
+    ("fixed_small"), with ``abar = 1 / (1 + sigma^2)``. On a respaced grid they are the
+    respaced chain's own, as in iDDPM/DiT's ``SpacedDiffusion``.
+    """
+    beta = (sigma ** 2 - sigma_next ** 2) / (1 + sigma ** 2)
+    return beta, (sigma ** 2 - sigma_next ** 2) * sigma_next ** 2 / (sigma ** 2 * (1 + sigma_next ** 2))
+
+
+def learned_range_log_variance(output: torch.Tensor, log_beta: torch.Tensor,
+                               log_beta_tilde: torch.Tensor) -> torch.Tensor:
+    """iDDPM's learned range: a variance output v in [-1, 1] moves log Sigma from log beta_tilde to log beta."""
+    fraction = (output + 1) / 2
+    return fraction * log_beta + (1 - fraction) * log_beta_tilde
+
+
+def _approx_standard_normal_cdf(x: torch.Tensor) -> torch.Tensor:
+    """Phi(x) in the tanh approximation that iDDPM's and DiT's decoder likelihood use."""
+    return 0.5 * (1 + torch.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.Tensor) -> torch.Tensor:
+    """log P(x) per element for 8-bit data scaled to [-1, 1] under N(mean, exp(log_scale)^2) binned to width 2/255;
+    the edge bins extend to -inf and +inf (DDPM's decoder L_0)."""
+    inv_std = torch.exp(-log_scale)
+    cdf_plus = _approx_standard_normal_cdf(inv_std * (x - mean + 1 / 255))
+    cdf_minus = _approx_standard_normal_cdf(inv_std * (x - mean - 1 / 255))
+    log_cdf_plus = cdf_plus.clamp(min=1e-12).log()
+    log_one_minus_cdf_minus = (1 - cdf_minus).clamp(min=1e-12).log()
+    log_bin = (cdf_plus - cdf_minus).clamp(min=1e-12).log()
+    return torch.where(x < -0.999, log_cdf_plus, torch.where(x > 0.999, log_one_minus_cdf_minus, log_bin))
+
+
 # --------------------------------------------------------------------------- denoiser
-def _mean_channels(model: nn.Module, output: torch.Tensor, channels: int) -> torch.Tensor:
-    """Drop a learned-variance half of the output (learn_sigma models)."""
-    return output[:, :channels] if getattr(model, "learn_sigma", False) else output
+def _split_output(model: nn.Module, output: torch.Tensor, channels: int):
+    """(mean prediction, raw variance channels or None): learn_sigma models output both halves."""
+    if getattr(model, "learn_sigma", False):
+        return output[:, :channels], output[:, channels:]
+    return output, None
 
 
-class Denoiser:
+class BaseDenoiser:
+    """D(x, sigma, cond) -> x0_hat; :meth:`denoise` also hands over a learn_sigma model's variance output."""
+
+    def denoise(self, x: torch.Tensor, sigma, cond=None):
+        """(x0_hat, raw variance channels of a learn_sigma model, else None)."""
+        raise NotImplementedError
+
+    def __call__(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+        return self.denoise(x, sigma, cond)[0]
+
+
+class Denoiser(BaseDenoiser):
     """D(x, sigma, cond) -> x0_hat: a backbone wrapped with a process and a prediction type."""
 
     def __init__(self,
@@ -367,12 +434,12 @@ class Denoiser:
         _check_choice("prediction", prediction, PREDICTIONS)
         self.model, self.process, self.prediction = model, process, prediction
 
-    def __call__(self, x: torch.Tensor, sigma, cond=None) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma, cond=None):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         x_in = x * _bc(self.process.input_scale(sigma), x)
-        output = self.model(x_in, self.process.model_time(sigma), cond)
-        output = _mean_channels(self.model, output, x.shape[1]).to(x.dtype)
-        return denoised_from_prediction(output, x, sigma, self.prediction, self.process.sigma_data)
+        output = self.model(x_in, self.process.model_time(sigma), cond).to(x.dtype)
+        output, variance_output = _split_output(self.model, output, x.shape[1])
+        return denoised_from_prediction(output, x, sigma, self.prediction, self.process.sigma_data), variance_output
 
 
 def make_denoiser(model: nn.Module, process: NoiseProcess, prediction: str = "eps") -> Denoiser:
@@ -385,7 +452,8 @@ class DiffusionLoss:
 
     Draws sigma from the process and eps ~ N(0, I), feeds ``c_in * (x0 + sigma*eps)``
     and ``model_time(sigma)`` to the model, and returns the weighted mean square error
-    between its output (mean half if learn_sigma) and the prediction target.
+    between its output (mean half if learn_sigma) and the prediction target; for a
+    learn_sigma model plus ``vlb_weight * L_vlb`` (iDDPM's hybrid loss, module docstring).
     """
 
     def __init__(self,
@@ -393,15 +461,19 @@ class DiffusionLoss:
                  prediction: str = "eps",      # network target: "eps", "x0" or "v"
                  weighting: str = "uniform",   # "uniform" (L_simple), "min_snr" (min-SNR-gamma), "edm" (lambda)
                  min_snr_gamma: float = 5.0,   # gamma of min-SNR-gamma; read only when weighting="min_snr"
-                 cond_drop_prob: float = 0.0):  # chance of replacing cond by the null condition (trains CFG)
+                 cond_drop_prob: float = 0.0,  # chance of replacing cond by the null condition (trains CFG)
+                 vlb_weight: float = 0.001):   # lambda of the hybrid loss for learn_sigma models (iDDPM, DiT: 0.001);
+                                               # 0 trains the mean only and leaves the variance channels untrained
         _check_choice("prediction", prediction, PREDICTIONS)
         _check_choice("weighting", weighting, WEIGHTINGS)
         if min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         if not 0 <= cond_drop_prob < 1:
             raise ValueError(f"cond_drop_prob must lie in [0, 1), got {cond_drop_prob}")
+        if vlb_weight < 0:
+            raise ValueError(f"vlb_weight must be >= 0, got {vlb_weight}")
         self.process, self.prediction, self.weighting = process, prediction, weighting
-        self.min_snr_gamma, self.cond_drop_prob = min_snr_gamma, cond_drop_prob
+        self.min_snr_gamma, self.cond_drop_prob, self.vlb_weight = min_snr_gamma, cond_drop_prob, vlb_weight
 
     def __call__(self, model: nn.Module, x0: torch.Tensor, cond=None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
@@ -422,12 +494,46 @@ class DiffusionLoss:
         sigma_data = self.process.sigma_data
         x = x0 + _bc(sigma, x0) * noise
         x_in = x * _bc(self.process.input_scale(sigma), x)
-        output = _mean_channels(model, model(x_in, self.process.model_time(sigma), cond), x0.shape[1])
+        output, variance_output = _split_output(model, model(x_in, self.process.model_time(sigma), cond), x0.shape[1])
         target = prediction_target(x0, noise, sigma, self.prediction, sigma_data)
         mse = (output.float() - target.float()).pow(2).flatten(1).mean(1)
         weight = loss_weight(sigma.float(), self.prediction, self.weighting, sigma_data=sigma_data,
                              min_snr_gamma=self.min_snr_gamma)
-        return weight * mse
+        loss = weight * mse
+        if variance_output is None or self.vlb_weight == 0:
+            return loss
+        if not isinstance(self.process, DiscreteVP):
+            raise ValueError(f"the hybrid loss of a learn_sigma model needs a discrete process (ddpm-linear or "
+                             f"ddpm-cosine, as iDDPM and DiT); {type(self.process).__name__} has none: switch the "
+                             "process, or set vlb_weight=0 (diffusion.vlb_weight) to train the mean only")
+        # Stop-gradient on the mean: L_vlb trains the variance channels only.
+        x0_hat = denoised_from_prediction(output.detach().float(), x.float(), sigma.float(), self.prediction,
+                                          sigma_data)
+        step_term = self.variational_bound_term(x0.float(), x0_hat, sigma, variance_output.float())
+        return loss + self.vlb_weight * self.process.num_steps * step_term  # T L_t estimates L_vlb = sum_t L_t
+
+    def variational_bound_term(self, x0: torch.Tensor, x0_hat: torch.Tensor, sigma: torch.Tensor,
+                               variance_output: torch.Tensor) -> torch.Tensor:
+        """(B,) L_t in bits per dimension at the process's step t of each sigma: KL(q(x_{t-1} | x_t, x0) ||
+        N(mu(x0_hat, x_t), Sigma)) for t > 0, the decoder NLL -log p(x0 | x_1) for t = 0."""
+        process = self.process
+        step = process.sigma_to_t(sigma.double()).round().long()
+        table = process.sigmas.to(step.device)
+        sigma_t, sigma_prev = table[step], torch.where(step > 0, table[(step - 1).clamp(min=0)], 0.0)
+        beta, beta_tilde = ddpm_step_variances(sigma_t, sigma_prev)
+        # beta_tilde is 0 at t = 0: the learned range then starts from beta_tilde at t = 1 (iDDPM's "clipped" log)
+        beta_tilde = torch.where(step > 0, beta_tilde, ddpm_step_variances(table[1], table[0])[1])
+        log_variance = learned_range_log_variance(variance_output, _bc(beta.log(), x0).float(),
+                                                  _bc(beta_tilde.log(), x0).float())
+        # posterior means differ by coef (x0 - x0_hat), coef = sqrt(abar_{t-1}) beta_t / (1 - abar_t)
+        abar, abar_prev = 1 / (1 + sigma_t ** 2), 1 / (1 + sigma_prev ** 2)
+        coef = _bc(abar_prev.sqrt() * beta / (1 - abar), x0).float()
+        log_beta_tilde = _bc(beta_tilde.log(), x0).float()
+        kl = 0.5 * (log_variance - log_beta_tilde - 1 + torch.exp(log_beta_tilde - log_variance)
+                    + (coef * (x0 - x0_hat)) ** 2 * torch.exp(-log_variance))
+        decoder_nll = -discretized_gaussian_log_likelihood(x0, x0_hat, 0.5 * log_variance)
+        per_element = torch.where(_bc(step, x0) == 0, decoder_nll, kl)
+        return per_element.flatten(1).mean(1) / math.log(2)
 
 
 # --------------------------------------------------------------------------- ground truth
@@ -503,5 +609,6 @@ class _GaussianOracle(nn.Module):
 __all__ = [
     "PREDICTIONS", "WEIGHTINGS", "PROCESSES", "NoiseProcess", "DiscreteVP", "ContinuousVP", "EDM",
     "make_process", "prediction_target", "denoised_from_prediction", "convert_prediction", "loss_weight",
-    "Denoiser", "make_denoiser", "DiffusionLoss", "GaussianData",
+    "VARIANCES", "ddpm_step_variances", "learned_range_log_variance", "discretized_gaussian_log_likelihood",
+    "BaseDenoiser", "Denoiser", "make_denoiser", "DiffusionLoss", "GaussianData",
 ]

@@ -64,7 +64,7 @@ def generate(model: nn.Module, process, config: Config, *, n: int, batch_size: i
                     prediction=config.diffusion.prediction, cond=cond,
                     guidance=section.guidance if guidance is None else guidance,
                     guidance_convention=section.guidance_convention, grid=grid or section.grid,
-                    clip_denoised=section.clip_denoised, generator=generator, progress=progress,
+                    spacing=section.spacing, variance=section.variance, clip_denoised=section.clip_denoised, generator=generator, progress=progress,
                     device=device).cpu())
     finally:
         model.train(was_training)

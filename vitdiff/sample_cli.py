@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=64, help="number of images")
     parser.add_argument("--out", type=Path,
                         help="output PNG; default: grid_<sampler><steps>_seed<seed>.png beside the checkpoint")
+    parser.add_argument("--spacing",
+                        help="discrete processes: where the uniform_t grid's steps lie (trailing: t = T-1 ... "
+                             "T/steps - 1; leading: multiples of T/steps, as DDIM and DiT's 'ddim50'; linspace: "
+                             "T-1 ... 0, as DiT's '250'); default: the config's sample.spacing")
     parser.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
                         help="text models: a caption (repeat for several; they cycle over the images); default: the "
                              "sample prompts saved with the checkpoint")
@@ -71,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from torchvision.utils import save_image
 
+    from .build import check_names
     from .generate import generate, load_for_inference
 
     device = resolve_device(args.device)
@@ -80,6 +85,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"--prompt: this checkpoint's model ({config.model.preset} on {config.data.dataset}) takes no text")
     sampler = args.sampler or config.sample.sampler
     steps = args.steps or config.sample.steps
+    if args.spacing:
+        config.sample.spacing = args.spacing
+        check_names(config)
     images = generate(model, process, config, n=args.n, batch_size=args.batch_size, seed=args.seed, device=device,
                       sampler=sampler, steps=steps, guidance=args.guidance, prompts=prompts, progress=True)
     out = args.out or checkpoint.parent / f"grid_{sampler}{steps}_seed{args.seed}.png"

@@ -13,16 +13,20 @@ sampler walks the decreasing grid ``sigmas`` (usually ending in 0) and returns x
 Correspondences (all exact, in VE coordinates; tested against diffusers):
 
 * ``ddim`` with eta = 0 *is* ``euler`` without churn (Karras et al. 2022, Sec. 4);
-* ``ddpm`` is ``ddim`` with eta = 1: DDPM's ancestral step with the posterior variance
-  ``beta_tilde`` ("fixed_small"); DDPM's "fixed_large" variance is not offered;
+* ``ddpm`` is DDPM's ancestral sampler; with ``variance="fixed_small"`` (default, the
+  posterior variance ``beta_tilde``) it is ``ddim`` with eta = 1; ``"fixed_large"`` takes
+  ``beta``, ``"learned_range"`` a learn_sigma model's iDDPM variance (DiT's sampler), each
+  with beta and beta_tilde of the grid's own (respaced) chain;
 * ``dpmpp_2m`` is DPM-Solver++(2M) (Lu et al. 2022) in its multistep midpoint form,
   first order on the first step and on a final step to sigma = 0;
 * ``euler_maruyama`` is U-ViT's final-FID sampler, Euler–Maruyama on the reverse
-  VP-SDE written in VP coordinates, with the step's ``beta(t) dt`` replaced by its
-  exact integral ``log((1 + sigma^2) / (1 + sigma_next^2))`` so the sampler needs
-  only sigmas. With U-ViT's 1000 steps the two differ by ``beta' dt^2 / 2 ~ 1e-5``
-  per step; both are first-order weak schemes of the same SDE. As U-ViT, the last
-  step (to sigma = 0) adds no noise.
+  VP-SDE written in VP coordinates. By default the step's ``beta(t) dt`` is its exact
+  integral ``log((1 + sigma^2) / (1 + sigma_next^2))`` (U-ViT's scheme with beta read at
+  the step's midpoint), so the sampler needs only sigmas; ``beta_dt=process.beta_dt_at_start``
+  (:class:`vitdiff.diffusion.ContinuousVP`) reads beta at the step's start as U-ViT's
+  ``sde.py`` does. The two differ by ``beta' dt^2 / 2`` per step, which adds up to a
+  first-order difference of the samples; both are first-order weak schemes of the same
+  SDE. As U-ViT, the last step (to sigma = 0) adds no noise.
 
 Step counts: ``steps`` grid points plus a final 0, so ``steps`` sampler iterations;
 ``heun`` costs ``2 * steps - 1`` network evaluations, the others ``steps``.
@@ -35,7 +39,10 @@ from typing import Callable
 import torch
 from tqdm.auto import trange
 
-from .diffusion import DiscreteVP, NoiseProcess, make_denoiser, randn
+from .diffusion import (
+    VARIANCES, BaseDenoiser, DiscreteVP, NoiseProcess, ddpm_step_variances, learned_range_log_variance, make_denoiser,
+    randn,
+)
 
 DenoiserFn = Callable[..., torch.Tensor]  # D(x, sigma, cond) -> x0_hat
 
@@ -43,6 +50,9 @@ DenoiserFn = Callable[..., torch.Tensor]  # D(x, sigma, cond) -> x0_hat
 # --------------------------------------------------------------------------- sigma grids
 def _append_zero(sigmas: torch.Tensor) -> torch.Tensor:
     return torch.cat([sigmas, sigmas.new_zeros(1)])
+
+
+SPACINGS = ("trailing", "leading", "linspace")  # placements of a discrete uniform_t grid (get_sigmas_uniform_t)
 
 
 def get_sigmas_uniform_t(process: NoiseProcess, steps: int, *, spacing: str | None = None) -> torch.Tensor:
@@ -60,14 +70,14 @@ def get_sigmas_uniform_t(process: NoiseProcess, steps: int, *, spacing: str | No
             raise ValueError(f"uniform_t on a {num}-step process takes at most {num} steps, got {steps}: "
                              "use fewer steps or a fractional grid (karras, quadratic)")
         spacing = spacing or "trailing"
+        if spacing not in SPACINGS:
+            raise ValueError(f"unknown spacing {spacing!r}; choose one of {', '.join(SPACINGS)}")
         if spacing == "trailing":
             t = torch.arange(num, 0, -num / steps, dtype=torch.float64).round() - 1
         elif spacing == "leading":
             t = torch.arange(steps - 1, -1, -1, dtype=torch.float64) * (num // steps)
-        elif spacing == "linspace":
-            t = torch.linspace(0, num - 1, steps, dtype=torch.float64).round().flip(0)
         else:
-            raise ValueError(f"unknown spacing {spacing!r}; choose 'trailing', 'leading' or 'linspace'")
+            t = torch.linspace(0, num - 1, steps, dtype=torch.float64).round().flip(0)
     elif spacing is not None:
         raise ValueError(f"spacing applies to discrete processes only; {type(process).__name__} has a "
                          "continuous time axis: leave spacing unset")
@@ -85,9 +95,13 @@ def get_sigmas_quadratic(process: NoiseProcess, steps: int) -> torch.Tensor:
 
 def get_sigmas_karras(process: NoiseProcess, steps: int, *, rho: float = 7.0,
                       sigma_min: float | None = None, sigma_max: float | None = None) -> torch.Tensor:
-    """EDM's grid: uniform in sigma^(1/rho) between the process's sigma_max and sigma_min, then 0."""
-    lo = (sigma_min or process.sigma_min) ** (1 / rho)
-    hi = (sigma_max or process.sigma_max) ** (1 / rho)
+    """EDM's grid: uniform in sigma^(1/rho) between sigma_max and sigma_min (default: the process's), then 0."""
+    sigma_min = process.sigma_min if sigma_min is None else sigma_min
+    sigma_max = process.sigma_max if sigma_max is None else sigma_max
+    if not 0 < sigma_min < sigma_max:
+        raise ValueError(f"karras grid needs 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, "
+                         f"sigma_max={sigma_max}; the final 0 is appended anyway, so pass the smallest positive sigma")
+    lo, hi = sigma_min ** (1 / rho), sigma_max ** (1 / rho)
     u = torch.linspace(0, 1, steps, dtype=torch.float64)
     return _append_zero((hi + u * (lo - hi)) ** rho)
 
@@ -115,7 +129,12 @@ def _noise_like(x: torch.Tensor, generator: torch.Generator | None) -> torch.Ten
 
 
 def _churn(x, sigma, num_steps, generator, s_churn, s_tmin, s_tmax, s_noise):
-    """EDM's stochastic "churn": raise sigma to sigma_hat = sigma (1 + gamma) by adding fresh noise."""
+    """EDM's stochastic "churn": raise sigma to sigma_hat = sigma (1 + gamma) by adding fresh noise.
+
+    Noise is drawn only at steps with gamma > 0 (sigma inside [s_tmin, s_tmax]), as EDM's Algorithm 2;
+    k-diffusion draws it at every step and scales it by zero outside the window. Same distribution,
+    but with a window the generator is consumed differently, so one seed gives other samples than there.
+    """
     gamma = min(s_churn / num_steps, math.sqrt(2) - 1) if s_tmin <= sigma <= s_tmax else 0.0
     if gamma == 0:
         return x, sigma
@@ -187,33 +206,70 @@ def sample_ddim(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, 
     return x
 
 
+@torch.no_grad()
 def sample_ddpm(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None, generator=None,
-                callback=None, progress: bool = True) -> torch.Tensor:
-    """DDPM's ancestral sampler (Ho et al. 2020), posterior variance ("fixed_small"): DDIM with eta = 1."""
-    return sample_ddim(denoiser, x, sigmas, cond=cond, generator=generator, callback=callback,
-                       progress=progress, eta=1.0)
+                callback=None, progress: bool = True, variance: str = "fixed_small") -> torch.Tensor:
+    """DDPM's ancestral sampler (Ho et al. 2020) with iDDPM's reverse variances.
+
+    Each step draws from N(posterior mean of q(x_next | x, x0_hat), Sigma): the mean is
+    ``x0_hat + (sigma_next^2 / sigma) eps_hat`` in VE coordinates, Sigma (VP coordinates) is
+    beta_tilde ("fixed_small"; DDIM with eta = 1), beta ("fixed_large") or the learned range
+    between them ("learned_range"; needs a learn_sigma model, whose variance output the
+    denoiser's ``denoise`` returns). The last step (to sigma = 0) adds no noise.
+    """
+    if variance not in VARIANCES:
+        raise ValueError(f"unknown variance {variance!r}; choose one of {', '.join(VARIANCES)}")
+    learned = variance == "learned_range"
+    if learned and not isinstance(denoiser, BaseDenoiser):
+        raise ValueError("variance='learned_range' needs a model's denoiser (vitdiff.diffusion.Denoiser), "
+                         "which hands over the learned variance; use fixed_small or fixed_large here")
+    sigmas = sigmas.to(x)
+    for i in trange(len(sigmas) - 1, disable=not progress, desc="ddpm"):
+        sigma, sigma_next = sigmas[i], sigmas[i + 1]
+        denoised, variance_output = denoiser.denoise(x, sigma, cond) if learned else (denoiser(x, sigma, cond), None)
+        if learned and variance_output is None:
+            raise ValueError("variance='learned_range' needs a learn_sigma model (its second half of output "
+                             "channels is the variance); this model has none: use fixed_small or fixed_large")
+        _report(callback, i, x, sigma, denoised)
+        x = denoised + (x - denoised) * (sigma_next / sigma) ** 2
+        if sigma_next > 0:
+            beta, beta_tilde = ddpm_step_variances(sigma, sigma_next)
+            if variance == "fixed_small":
+                log_variance = beta_tilde.log()
+            elif variance == "fixed_large":
+                log_variance = beta.log()
+            else:
+                log_variance = learned_range_log_variance(variance_output, beta.log(), beta_tilde.log())
+            # VP noise of variance Sigma is sqrt(1 + sigma_next^2) times larger in VE coordinates
+            x = x + (0.5 * log_variance).exp() * (1 + sigma_next ** 2).sqrt() * _noise_like(x, generator)
+    return x
 
 
 @torch.no_grad()
 def sample_euler_maruyama(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor, *, cond=None,
-                          generator=None, callback=None, progress: bool = True) -> torch.Tensor:
+                          generator=None, callback=None, progress: bool = True,
+                          beta_dt: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Euler–Maruyama on the reverse VP-SDE (U-ViT's sampler; see the module docstring).
 
-    In VP coordinates x_vp = x / sqrt(1 + sigma^2), with b = integral of beta over the step:
+    In VP coordinates x_vp = x / sqrt(1 + sigma^2), with b = beta dt of the step:
     x_vp_next = (1 + b/2) x_vp + b * score + sqrt(b) z, score = -eps_hat / sqrt(1 - abar).
+    ``beta_dt(sigma, sigma_next)`` gives b; default its exact integral over the step.
     """
     sigmas = sigmas.to(x)
     for i in trange(len(sigmas) - 1, disable=not progress, desc="euler_maruyama"):
         sigma, sigma_next = sigmas[i], sigmas[i + 1]
         denoised = denoiser(x, sigma, cond)
         _report(callback, i, x, sigma, denoised)
-        beta_dt = torch.log1p(sigma ** 2) - torch.log1p(sigma_next ** 2)
+        if beta_dt is None:
+            step_beta = torch.log1p(sigma ** 2) - torch.log1p(sigma_next ** 2)
+        else:
+            step_beta = beta_dt(sigma, sigma_next).to(x)
         scale = (1 + sigma ** 2).sqrt()             # 1 / alpha
         eps_hat = (x - denoised) / sigma
         # score term: -b * eps_hat / (sigma * alpha) in VP coordinates
-        x_vp = (1 + beta_dt / 2) * x / scale - beta_dt * eps_hat * scale / sigma
+        x_vp = (1 + step_beta / 2) * x / scale - step_beta * eps_hat * scale / sigma
         if sigma_next > 0:
-            x_vp = x_vp + beta_dt.sqrt() * _noise_like(x, generator)
+            x_vp = x_vp + step_beta.sqrt() * _noise_like(x, generator)
         x = x_vp * (1 + sigma_next ** 2).sqrt()
     return x
 
@@ -253,49 +309,79 @@ SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
 
 
 # --------------------------------------------------------------------------- guidance
-NO_GUIDANCE = {"dit": 1.0, "uvit": 0.0}
+NO_GUIDANCE = {"dit": 1.0, "dit_official": 1.0, "uvit": 0.0}  # convention -> the scale that means no guidance
+DIT_OFFICIAL_GUIDED_CHANNELS = 3  # DiT's forward_with_cfg guides eps[:, :3] only, for bitwise reproducibility
 
 
-class ClassifierFreeGuidance:
+def _check_convention(convention: str) -> None:
+    if convention not in NO_GUIDANCE:
+        raise ValueError(f"unknown guidance_convention {convention!r}; choose one of {', '.join(NO_GUIDANCE)}")
+
+
+class ClassifierFreeGuidance(BaseDenoiser):
     """Classifier-free guidance (Ho & Salimans 2022) as a denoiser wrapper.
 
     Conventions (``guidance`` is read in the one chosen):
 
-    * ``"dit"`` (default): ``out = uncond + w * (cond - uncond)``; w = 1 is no guidance.
-    * ``"uvit"``: ``eps = (1 + s) * eps_c - s * eps_u``, i.e. w = 1 + s; s = 0 is no guidance
-      (U-ViT's s = 0.4 equals DiT's w = 1.4).
+    * ``"dit"`` (default): ``out = uncond + w * (cond - uncond)`` on every channel; w = 1 is no
+      guidance. This is the standard rule, which DiT's code mentions but does not run.
+    * ``"dit_official"``: what DiT's ``forward_with_cfg`` runs and its FIDs were measured with: the
+      same rule on the first 3 channels only, the remaining channels (the 4th latent channel)
+      left conditional.
+    * ``"uvit"``: ``eps = (1 + s) * eps_c - s * eps_u``, i.e. w = 1 + s on every channel; s = 0 is
+      no guidance (U-ViT's s = 0.4 equals DiT's w = 1.4).
 
-    The combination is applied to x0_hat. Since x0_hat is affine in the network output
-    with the same x (for eps, x0 and v), this equals guiding eps as DiT and U-ViT do.
-    Conditional and unconditional passes share one batched forward.
+    The combination is applied to x0_hat. x0_hat is affine in the network output channel by
+    channel with the same x (for eps, x0 and v), so this equals guiding the network output as
+    DiT and U-ViT do, channel for channel. A learned variance comes from the conditional pass (as
+    in DiT). Conditional and unconditional passes share one batched forward.
     """
 
     def __init__(self,
-                 denoiser: DenoiserFn,                               # the conditional denoiser D(x, sigma, cond)
+                 denoiser: BaseDenoiser,                             # the conditional denoiser D(x, sigma, cond)
                  null_cond: Callable[[torch.Tensor], torch.Tensor],  # cond -> its unconditional counterpart
                  guidance: float,                                  # scale, read in `convention`
-                 convention: str = "dit"):                         # "dit" (w) or "uvit" (s = w - 1)
-        if convention not in NO_GUIDANCE:
-            raise ValueError(f"unknown guidance_convention {convention!r}; choose 'dit' or 'uvit'")
-        self.denoiser, self.null_cond = denoiser, null_cond
-        self.scale = guidance if convention == "dit" else 1.0 + guidance
+                 convention: str = "dit"):                         # "dit", "dit_official" (w) or "uvit" (s = w - 1)
+        _check_convention(convention)
+        self.denoiser, self.null_cond, self.convention = denoiser, null_cond, convention
+        self.scale = 1.0 + guidance if convention == "uvit" else guidance
 
-    def __call__(self, x: torch.Tensor, sigma, cond) -> torch.Tensor:
+    def denoise(self, x: torch.Tensor, sigma, cond):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        both = self.denoiser(torch.cat([x, x]), torch.cat([sigma, sigma]), torch.cat([cond, self.null_cond(cond)]))
+        both, variance = self.denoiser.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]),
+                                               torch.cat([cond, self.null_cond(cond)]))
         conditional, unconditional = both.chunk(2)
-        return unconditional + self.scale * (conditional - unconditional)
+        guided = unconditional + self.scale * (conditional - unconditional)
+        if self.convention == "dit_official":
+            split = DIT_OFFICIAL_GUIDED_CHANNELS
+            guided = torch.cat([guided[:, :split], conditional[:, split:]], dim=1)
+        return guided, None if variance is None else variance.chunk(2)[0]
+
+
+class ClipDenoised(BaseDenoiser):
+    """Clamps x0_hat to the data range [-1, 1] (DDPM/ADM's clip_denoised), passing a learned variance on."""
+
+    def __init__(self, denoiser: BaseDenoiser):  # the denoiser whose x0 estimates are clamped
+        self.denoiser = denoiser
+
+    def denoise(self, x: torch.Tensor, sigma, cond):
+        denoised, variance = self.denoiser.denoise(x, sigma, cond)
+        return denoised.clamp(-1.0, 1.0), variance
 
 
 # --------------------------------------------------------------------------- high level
 @torch.no_grad()
 def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str = "dpmpp_2m", steps: int = 50,
            prediction: str = "eps", cond=None, guidance: float = 1.0, guidance_convention: str = "dit",
-           grid: str | None = None, clip_denoised: bool = False, generator: torch.Generator | None = None,
+           grid: str | None = None, spacing: str | None = None, variance: str | None = None,
+           clip_denoised: bool = False, generator: torch.Generator | None = None,
            progress: bool = True, callback=None, device=None, **sampler_opts) -> torch.Tensor:
     """Draw samples ``shape = (B, C, H, W)``; returns x0 in data space.
 
-    ``grid`` defaults to the process's own (uniform_t for VP, karras for EDM);
+    ``grid`` defaults to the process's own (uniform_t for VP, karras for EDM); ``spacing``
+    places a discrete process's uniform_t grid: "trailing" (default; t = T-1 ... T/steps - 1),
+    "leading" or "linspace" (t = T-1 ... 0; DiT's respacing "250" is linspace, "ddim50" leading).
+    ``variance`` is the ddpm sampler's (fixed_small, the default; fixed_large; learned_range).
     ``clip_denoised`` clamps every x0 estimate to [-1, 1], the data range of pixel models (DDPM's and
     ADM's ``clip_denoised``, diffusers' ``clip_sample``). It rescues young eps-prediction models, whose
     small eps errors at high noise are multiplied by sigma in x0; leave it off for latent models.
@@ -304,8 +390,12 @@ def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r}; choose one of {', '.join(SAMPLERS)}")
-    if guidance_convention not in NO_GUIDANCE:
-        raise ValueError(f"unknown guidance_convention {guidance_convention!r}; choose 'dit' or 'uvit'")
+    _check_convention(guidance_convention)
+    if variance is not None:
+        if sampler != "ddpm":
+            raise ValueError(f"variance={variance!r} is read by the ddpm sampler only, not {sampler!r}: "
+                             "pass sampler='ddpm' or leave variance unset (sample.variance=null)")
+        sampler_opts["variance"] = variance
     guided = guidance != NO_GUIDANCE[guidance_convention]
     if guided and not getattr(model, "is_conditional", False):
         raise ValueError(f"guidance={guidance} asks for classifier-free guidance, but the model is unconditional: "
@@ -313,21 +403,24 @@ def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str
                          f"{guidance_convention!r} convention) or use a class/text-conditional model")
     if guided and cond is None:
         raise ValueError("classifier-free guidance needs cond (labels or text context) to guide towards")
-    sigmas = get_sigmas(process, steps, grid)
+    if spacing is not None and (grid or process.default_grid) != "uniform_t":
+        raise ValueError(f"spacing={spacing!r} places the uniform_t grid, not {grid or process.default_grid!r}: "
+                         "pass grid='uniform_t' or leave spacing unset")
+    sigmas = get_sigmas(process, steps, grid, **({} if spacing is None else {"spacing": spacing}))
     device = torch.device(device) if device is not None else next(model.parameters()).device
     denoiser = make_denoiser(model, process, prediction)
     if guided:
         denoiser = ClassifierFreeGuidance(denoiser, model.null_cond, guidance, guidance_convention)
     if clip_denoised:
-        unclipped = denoiser
-        denoiser = lambda x, sigma, cond: unclipped(x, sigma, cond).clamp(-1.0, 1.0)  # noqa: E731
+        denoiser = ClipDenoised(denoiser)
     x = randn(tuple(shape), generator=generator, device=device) * float(process.prior_std(sigmas[0]))
     return SAMPLERS[sampler](denoiser, x, sigmas.to(device), cond=cond, generator=generator, callback=callback,
                              progress=progress, **sampler_opts)
 
 
 __all__ = [
-    "GRIDS", "SAMPLERS", "NO_GUIDANCE", "ClassifierFreeGuidance", "get_sigmas", "get_sigmas_uniform_t",
+    "GRIDS", "SPACINGS", "SAMPLERS", "NO_GUIDANCE", "ClassifierFreeGuidance", "ClipDenoised", "get_sigmas",
+    "get_sigmas_uniform_t",
     "get_sigmas_quadratic", "get_sigmas_karras", "sample", "sample_ddpm", "sample_ddim", "sample_euler",
     "sample_heun", "sample_euler_maruyama", "sample_dpmpp_2m",
 ]
