@@ -340,3 +340,18 @@ def test_hierarchical_256_forward_backward_batch_one():
     out.square().mean().backward()
     assert out.shape == (1, 3, 256, 256)
     assert model.patch_embed.proj.weight.grad is not None and model.out[-1].weight.grad is not None
+
+
+def test_hierarchical_without_its_pixel_path():
+    """hires_channels=0 removes the high-resolution skip, decoder_blocks=0 the refining blocks: what notebook 03
+    switches off to separate the pixel path from the asymmetry."""
+    torch.manual_seed(0)
+    full = create_model("ASCEND-H-tiny", in_channels=1, image_size=16, patch_size=4, decoder_channels=(64, 32))
+    bare = create_model("ASCEND-H-tiny", in_channels=1, image_size=16, patch_size=4, decoder_channels=(64, 32),
+                        hires_channels=0, decoder_blocks=0)
+    assert not hasattr(bare, "hires_stem") and all(len(stage.blocks) == 0 for stage in bare.decoder_stages)
+    assert sum(p.numel() for p in bare.parameters()) < sum(p.numel() for p in full.parameters())
+    x, t = torch.randn(2, 1, 16, 16), torch.rand(2)
+    assert bare(x, t).shape == full(x, t).shape == x.shape
+    with pytest.raises(ValueError, match="hires_channels must be >= 0"):
+        create_model("ASCEND-H-tiny", hires_channels=-1)

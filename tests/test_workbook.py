@@ -110,10 +110,11 @@ def test_ablation_in_two_processes_equals_one(tmp_path, monkeypatch):
     monkeypatch.setenv("VITDIFF_CACHE", str(tmp_path / "cache"))
     profile = wb.get_profile("smoke", steps=3, seeds=[0, 1])
     variants = [wb.Variant("ViT", "ViT")]
-    one = wb.run_ablation(variants, profile, tmp_path / "one", workers=1, progress=False)
-    two = wb.run_ablation(variants, profile, tmp_path / "two", workers=2, progress=False, notebook="nb")
+    one, _ = wb.run_ablation(variants, profile, tmp_path / "one", workers=1, progress=False)
+    two, two_curves = wb.run_ablation(variants, profile, tmp_path / "two", workers=2, progress=False, notebook="nb")
     columns = ["loss", "fd", "train_loss"]
     assert one[columns].values.tolist() == two[columns].values.tolist()
     assert (tmp_path / "two" / "results" / "nb" / "smoke.csv").is_file()  # smoke files its rows beside its outputs
     curves = pd.read_csv(tmp_path / "two" / "results" / "nb" / "smoke_curves.csv")
+    assert list(curves["step"]) == list(two_curves["step"])
     assert len(curves) == 2 * 2 and "loss@1" in curves  # 3 steps pause at steps 1 and 2

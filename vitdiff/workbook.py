@@ -175,6 +175,14 @@ def _config_key(config: Config, sections: tuple[str, ...] | None = None, length:
     return hashlib.sha1(json.dumps(chosen, sort_keys=True, default=str).encode()).hexdigest()[:length]
 
 
+def model_cost_of(variant: Variant, profile: Profile) -> tuple[int, float]:
+    """(parameters, GFLOPs) of a variant under a profile, built on the meta device (no memory, no init cost)."""
+    from .build import build_model
+
+    with torch.device("meta"):
+        return model_cost(build_model(make_config(variant, profile, 0, Path("unused"))))
+
+
 # -- measurement ----------------------------------------------------------------------------------
 def model_cost(model: torch.nn.Module) -> tuple[int, float]:
     """(parameters, GFLOPs per batch-1 forward in DiT's convention) of a built model."""
@@ -242,9 +250,12 @@ def protocol(profile: Profile, metric: str | None = None) -> str:
     metric = metric or fd_label(profile)
     settings = ", ".join(f"{k}={v:g}" for k, v in profile.process_kwargs.items())
     process = f"{profile.process}({settings})" if settings else profile.process
-    return (f"{profile.dataset}, {process}/{profile.prediction}, {profile.steps} steps x batch "
-            f"{profile.batch_size}, {len(profile.seeds)} seed(s); "
-            f"{metric} vs train split, {profile.sampler} {profile.sample_steps} steps ({profile.grid} grid); profile={profile.name}")
+    size = profile.recipe.data.image_size
+    return (f"{profile.dataset}{f' {size}x{size}' if size else ''}, {process}/{profile.prediction}, {profile.steps} "
+            f"steps x batch {profile.batch_size}, {len(profile.seeds)} seed(s), one thread a run; loss = mean held-out "
+            f"loss at sigma in {list(LOSS_SIGMAS)} ({profile.val_n} test images, fixed noise); "
+            f"{metric} vs train split, {profile.sampler} {profile.sample_steps} steps ({profile.grid} grid); "
+            f"profile={profile.name}")
 
 
 # -- ablations ------------------------------------------------------------------------------------
@@ -310,7 +321,8 @@ def _run_job(job: tuple) -> dict[str, Any]:
 
 def run_ablation(variants: list[Variant], profile: Profile, out_dir: Path, *, notebook: str | None = None,
                  workers: int | None = None, progress: bool = True, **diffusion: Any):
-    """Every variant x every seed of the profile -> a DataFrame (one row per run), saved with :func:`save_results`.
+    """Every variant x every seed of the profile -> (results, curves): DataFrames with one row per run and one per
+    (run, learning-curve point), saved with :func:`save_results`.
 
     Runs go to ``workers`` processes of one thread each (default: one per core, at most 2 on this kind of
     laptop); any worker count gives the same numbers. ``notebook`` (its file stem) also files the rows under
@@ -331,7 +343,7 @@ def run_ablation(variants: list[Variant], profile: Profile, out_dir: Path, *, no
     frame = pd.DataFrame(rows).drop(columns=["config_key"])
     curves = pd.DataFrame([{"variant": row["variant"], "seed": row["seed"], **point}
                            for row in rows for point in row.get("curve", [])])
-    return save_results(frame.drop(columns=["curve"]), profile, out_dir, notebook=notebook, curves=curves)
+    return save_results(frame.drop(columns=["curve"]), profile, out_dir, notebook=notebook, curves=curves), curves
 
 
 def results_dir(profile: Profile, out_dir: Path) -> Path:
@@ -384,6 +396,105 @@ def summarize(frame, metrics=("loss", "fd"), by: str = "variant"):
         table[metric] = [f"{m:.4f} ± {s:.4f}" for m, s in zip(mean, std)]
     table["seeds"] = grouped.size().reindex(order)
     return table
+
+
+# -- what notebooks share -------------------------------------------------------------------------
+def setup(notebook: str, profile: str | None = None, *, dataset: str | None = None, steps: int | None = None,
+          seeds=None, out_dir: str | None = None) -> tuple[Profile, Path]:
+    """A notebook's first cell after its parameters: the profile with the notebook's overrides, its output
+    folder, the figure style, and the protocol printed."""
+    chosen = get_profile(profile, dataset=dataset, steps=steps, seeds=seeds)
+    out = output_dir(notebook, chosen, out_dir)
+    paper_style()
+    print("protocol:", protocol(chosen))
+    print("outputs: ", out)
+    return chosen, out
+
+
+def match_flops(variant: Variant, profile: Profile, target: float, dims, *, tolerance: float = 0.10) -> Variant:
+    """``variant`` with the width among ``dims`` (``dim`` of a Transformer, whose head count stays the preset's,
+    or ``channels`` of a U-Net) whose GFLOPs come closest to ``target``; raises if none lies within ``tolerance``
+    (relative), so a "matched compute" arm is matched or absent."""
+    def gflops_at(dim: int) -> tuple[float, Variant]:
+        width = {"channels": dim} if variant.family == "UNet" else {"dim": dim}
+        candidate = replace(variant, overrides={**variant.overrides, **width})
+        return model_cost_of(candidate, profile)[1], candidate
+
+    measured = [gflops_at(dim) for dim in dims]
+    gflops, best = min(measured, key=lambda item: abs(item[0] - target))
+    if abs(gflops - target) > tolerance * target:
+        raise ValueError(f"no width in {list(dims)} brings {variant.name} within {tolerance:.0%} of {target:.4f} "
+                         f"GFLOPs (closest: {gflops:.4f}); widen the search")
+    return best
+
+
+def show_conclusion(table) -> None:
+    """Display a notebook's verdict rows as its closing, generated statement."""
+    from IPython.display import Markdown, display
+
+    from .findings import conclusion_markdown
+
+    display(Markdown(conclusion_markdown(table)))
+
+
+def plot_findings(results, curves, table, profile: Profile, out_dir: Path, name: str, *, reference: str):
+    """The figure every ablation notebook shows: held-out loss by noise level relative to ``reference`` (mean
+    over seeds of the paired difference), the learning curves, and each comparison's paired difference with its
+    95% interval and per-seed points. Saved as ``name`` (PDF and PNG); returns the figure."""
+    import matplotlib.pyplot as plt
+    import pandas as pd
+    import seaborn as sns
+
+    from .findings import paired_differences
+
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+    by_sigma = []
+    for variant in dict.fromkeys(results["variant"]):
+        for sigma in LOSS_SIGMAS:
+            diffs = paired_differences(results, sigma_column(sigma), variant, reference)
+            by_sigma += [{"variant": variant, "sigma": sigma, "diff": d} for d in diffs]
+    sns.lineplot(data=pd.DataFrame(by_sigma), x="sigma", y="diff", hue="variant", marker="o", errorbar=("ci", 95),
+                 ax=axes[0])
+    axes[0].axhline(0, color="black", lw=0.8)
+    axes[0].set(xscale="log", xlabel="noise level sigma", ylabel=f"held-out loss minus {reference}",
+                title="where each arm wins (paired, mean and 95% CI)")
+    final = results.assign(step=profile.steps)[["variant", "seed", "step", "loss"]]
+    sns.lineplot(data=pd.concat([curves[["variant", "seed", "step", "loss"]], final]), x="step", y="loss",
+                 hue="variant", errorbar=("ci", 95), ax=axes[1], legend=False)
+    axes[1].set(yscale="log", ylabel="held-out loss (mean over sigma)", title="learning curves")
+    rows = list(table.itertuples())
+    for y, row in enumerate(rows):
+        arm, ref = row.comparison.split(" - ")
+        points = paired_differences(results, row.metric, arm, ref)
+        axes[2].errorbar(row.mean_diff, y, xerr=[[row.mean_diff - row.ci_low], [row.ci_high - row.mean_diff]],
+                         fmt="o", color={"supported": "tab:green", "contradicted": "tab:red"}.get(row.verdict, "grey"))
+        axes[2].scatter(points, [y] * len(points), marker="|", color="black", s=60)
+    axes[2].axvline(0, color="black", lw=0.8)
+    axes[2].set_yticks(range(len(rows)), [f"{r.comparison} ({r.metric})" for r in rows], fontsize=7)
+    axes[2].invert_yaxis()
+    axes[2].set(xlabel="paired difference (arm - reference)", title="comparisons: mean, 95% CI, seeds")
+    for ax in axes[:1]:
+        ax.legend(fontsize=6)
+    fig.suptitle(protocol(profile), fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out_dir, name)
+    return fig
+
+
+def plot_quality_vs_gflops(results, profile: Profile, out_dir: Path, name: str):
+    """Held-out loss and FD of every run against the model's GFLOPs (log scale)."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, metric, label in zip(axes, ["loss", "fd"], ["held-out loss (mean over sigma)", fd_label(profile)]):
+        sns.scatterplot(data=results, x="gflops", y=metric, hue="variant", style="variant", ax=ax, s=50)
+        ax.set(xscale="log", xlabel="GFLOPs per image (DiT convention)", ylabel=label)
+        ax.legend(fontsize=6)
+    fig.suptitle(f"quality vs compute\n{protocol(profile)}", fontsize=7)
+    fig.tight_layout()
+    save_figure(fig, out_dir, name)
+    return fig
 
 
 # -- figures --------------------------------------------------------------------------------------

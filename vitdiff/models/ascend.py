@@ -184,7 +184,8 @@ class HierarchicalASCEND(TokenBackbone):
         decoder_channels: channels of each decoder stage, coarse to fine (length log2(patch_size)).
         decoder_blocks: refining blocks per stage; decoder_block: "window" or "conv".
         window: attention window side (clipped to the stage's resolution).
-        hires_channels: width of the conv stem whose full-resolution features join the last stage.
+        hires_channels: width of the conv stem whose full-resolution features join the last stage; 0: no
+            high-resolution skip (the decoder sees the noisy input only through the encoder's tokens).
         **options: shared switches of :class:`TokenBackbone` (conditioning, text, positions, ...).
     """
 
@@ -213,9 +214,13 @@ class HierarchicalASCEND(TokenBackbone):
             resolution *= 2
             self.decoder_stages.append(DecoderStage(widths[i], widths[i + 1], resolution, decoder_blocks,
                                                     decoder_block, dim, window))
-        self.hires_stem = nn.Sequential(nn.Conv2d(in_channels, hires_channels, 3, padding=1), nn.SiLU(),
-                                        nn.Conv2d(hires_channels, hires_channels, 3, padding=1))
-        self.hires_fuse = nn.Conv2d(decoder_channels[-1] + hires_channels, decoder_channels[-1], 1)
+        if hires_channels < 0:
+            raise ValueError(f"hires_channels must be >= 0 (0: no high-resolution skip), got {hires_channels}")
+        self.hires_channels = hires_channels
+        if hires_channels:
+            self.hires_stem = nn.Sequential(nn.Conv2d(in_channels, hires_channels, 3, padding=1), nn.SiLU(),
+                                            nn.Conv2d(hires_channels, hires_channels, 3, padding=1))
+            self.hires_fuse = nn.Conv2d(decoder_channels[-1] + hires_channels, decoder_channels[-1], 1)
         self.out = nn.Sequential(_group_norm(decoder_channels[-1]), nn.SiLU(),
                                  nn.Conv2d(decoder_channels[-1], self.out_channels, 3, padding=1))
         self.initialize_weights()
@@ -245,7 +250,7 @@ class HierarchicalASCEND(TokenBackbone):
         last = len(self.decoder_stages) - 1
         for i, stage in enumerate(self.decoder_stages):
             h = stage.upsample(h)
-            if i == last:
+            if i == last and self.hires_channels:
                 h = self.hires_fuse(torch.cat([h, self.hires_stem(x)], dim=1))
             for block in stage.blocks:
                 h = self.run_block(block, h, c_dec)
