@@ -21,7 +21,7 @@ from vitdiff.metrics import (
     compute_fid, fd_classifier, frechet_distance, frechet_metric, load_classifier, load_results, results_table,
     save_result,
 )
-from vitdiff.shapes import ATTRIBUTE_JUDGE, ShapesDataset, load_attribute_classifier, text_alignment_accuracy
+from vitdiff.shapes import ShapesDataset, load_attribute_classifier, text_alignment_accuracy
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -165,10 +165,7 @@ def test_fid_runs_from_a_local_weights_file(no_inception_weights, monkeypatch):
 # Pinned networks and the classifier FD
 
 
-PINNED = [*metrics.FD_NETWORKS.values(), ATTRIBUTE_JUDGE]
-
-
-@pytest.mark.parametrize("network", PINNED, ids=lambda network: network.name)
+@pytest.mark.parametrize("network", metrics.PINNED_NETWORKS, ids=lambda network: network.name)
 def test_pinned_files_have_the_committed_checksum_and_ship_with_the_package(network):
     data = network.path.read_bytes()
     assert hashlib.sha256(data).hexdigest() == network.sha256

@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import importlib
 import io
 import json
 import os
@@ -232,10 +233,12 @@ class PinnedNetwork:
     process, refuses any file whose sha256 differs, and unpickles with ``weights_only=True``.
     """
 
-    name: str                        # file stem under vitdiff/assets/, e.g. "clf-digits"
-    sha256: str                      # of the committed file; its first 6 hex digits tag the metric's name
-    build: Callable[..., nn.Module]  # the architecture, called with the saved ``config``
-    make: Callable[[], dict]         # the deterministic recipe that wrote the file (``python -m vitdiff.metrics``)
+    name: str                               # file stem under vitdiff/assets/, e.g. "clf-digits"
+    sha256: str                             # of the committed file; its first 6 hex digits tag the metric's name
+    build: Callable[..., nn.Module] | str   # the architecture, called with the saved ``config``
+    make: Callable[[], dict] | str          # the deterministic recipe that wrote the file (``--make-assets``)
+    # build / make: a function, or "module:function" for one defined in a module that itself imports this one
+    # (vitdiff.shapes), imported on first use.
 
     @property
     def path(self) -> Path:
@@ -251,10 +254,17 @@ class PinnedNetwork:
     def load(self) -> nn.Module:
         """A fresh copy (callers may move it to a device), in eval mode, without gradients."""
         payload = self.payload()
-        model = self.build(**payload["config"])
+        model = _resolve(self.build)(**payload["config"])
         model.load_state_dict(payload["state_dict"])
         model.meta = {**json.loads(payload["meta"]), "file": str(self.path), "sha256": self.sha256}
         return model.eval().requires_grad_(False)
+
+
+def _resolve(function: Callable | str) -> Callable:
+    if isinstance(function, str):
+        module, _, name = function.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return function
 
 
 @functools.lru_cache(maxsize=None)
@@ -283,14 +293,12 @@ def asset_bytes(payload: dict[str, Any]) -> bytes:
 def make_assets(networks: Iterable[PinnedNetwork] | None = None) -> None:
     """Re-make the pinned files with their recipes (one CPU thread: the sums' order does not depend on the thread
     count) and say whether each matches its committed sha256."""
-    from .shapes import ATTRIBUTE_JUDGE
-
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for network in networks or [*FD_NETWORKS.values(), ATTRIBUTE_JUDGE]:
+        for network in networks or PINNED_NETWORKS:
             start = time.perf_counter()
-            data = asset_bytes(network.make())
+            data = asset_bytes(_resolve(network.make)())
             network.path.parent.mkdir(parents=True, exist_ok=True)
             network.path.write_bytes(data)
             found = hashlib.sha256(data).hexdigest()
@@ -413,6 +421,10 @@ FD_NETWORKS = {
     "digits": PinnedNetwork("clf-digits", "5a6c3d86eb2c58affd3bc329ad21e9fe02b2c2d4faf4a41cf47ee7c34d6c2a2c",
                             SmallClassifier, functools.partial(make_fd_asset, "digits")),
 }
+# The judge of text alignment on shapes (vitdiff.shapes), pinned the same way.
+ATTRIBUTE_JUDGE = PinnedNetwork("shapes-judge", "b9b688970f2a80548d20e822666c0b84b9473121b8dc333f1876c956f8b0f851",
+                                "vitdiff.shapes:AttributeClassifier", "vitdiff.shapes:make_judge_asset")
+PINNED_NETWORKS = (*FD_NETWORKS.values(), ATTRIBUTE_JUDGE)
 _FD_SHORT_NAMES = {"fashion-mnist": "fmnist", "digits": "digits"}
 # The metric names carry the pinned file's hash prefix: a number from another network never shares a column.
 FD_METRIC_NAMES = {dataset: f"FD-{_FD_SHORT_NAMES[dataset]}-clf[{net.tag}]" for dataset, net in FD_NETWORKS.items()}

@@ -22,9 +22,10 @@ here and carry no machine-checkable truth, so this module draws one:
 * **Judge.** :class:`AttributeClassifier` is a small CNN with one head per
   attribute and object slot (plus the object count), trained on ``split="all"``
   in well under a minute on a CPU and pinned: ``vitdiff/assets/shapes-judge.pt``
-  with its sha256 in the code (``ATTRIBUTE_JUDGE``, see ``vitdiff.metrics``). :func:`text_alignment_accuracy`
-  scores samples against the attributes of the captions they were drawn from;
-  :data:`CHANCE_LEVELS` states what uniform guessing would score.
+  with its sha256 in the code (``vitdiff.metrics.ATTRIBUTE_JUDGE``).
+  :func:`text_alignment_accuracy` scores samples against the attributes of the
+  captions they were drawn from; :data:`CHANCE_LEVELS` states what uniform
+  guessing would score.
 
 Attributes are a (2, 4) long tensor per scene: rows are object slots (slot 0 is
 the first-named object), columns ``ATTRIBUTES`` = shape, colour, size, position
@@ -45,7 +46,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from .data import ImageDataset
-from .metrics import PinnedNetwork
+from .metrics import ATTRIBUTE_JUDGE
 from .text import WordTokenizer
 
 SHAPES = ("circle", "square", "triangle")
@@ -344,7 +345,8 @@ def train_attribute_classifier(num_images: int = 8_000, steps: int = 300, batch_
 
 
 def make_judge_asset() -> dict:
-    """The pinned judge's payload: trained with the default recipe, scored on new scenes of the val split."""
+    """The pinned judge's file content (``python -m vitdiff.metrics --make-assets``): trained with the default
+    recipe, scored on new scenes of the val split."""
     recipe = {"num_images": 8_000, "steps": 300, "batch_size": 128, "lr": 3e-3, "seed": 0}
     model = train_attribute_classifier(**recipe)
     val = ShapesDataset("val", image_size=64, num_samples=1_000)
@@ -353,13 +355,8 @@ def make_judge_asset() -> dict:
     return {"state_dict": model.state_dict(), "config": {}, "meta": json.dumps(meta)}
 
 
-# The judge is pinned like the FD classifiers: python -m vitdiff.metrics --make-assets re-makes it.
-ATTRIBUTE_JUDGE = PinnedNetwork("shapes-judge", "b9b688970f2a80548d20e822666c0b84b9473121b8dc333f1876c956f8b0f851",
-                                AttributeClassifier, make_judge_asset)
-
-
 def load_attribute_classifier() -> AttributeClassifier:
-    """The pinned judge (checksum verified)."""
+    """The pinned judge (``vitdiff.metrics.ATTRIBUTE_JUDGE``, checksum verified)."""
     return ATTRIBUTE_JUDGE.load()
 
 
@@ -406,8 +403,8 @@ def text_alignment_accuracy(images: torch.Tensor, attributes: torch.Tensor,
 
 
 __all__ = [
-    "ATTRIBUTES", "ATTRIBUTE_JUDGE", "CHANCE_LEVELS", "COLOURS", "HELD_OUT_PAIRS", "POSITIONS", "RELATIONS", "SHAPES",
-    "SIZES", "AttributeClassifier", "ShapesDataset", "build_shapes", "caption_of", "caption_vocabulary",
-    "load_attribute_classifier", "make_judge_asset", "parse_caption", "predict_attributes", "render_scene", "sample_scenes",
-    "shapes_tokenizer", "text_alignment_accuracy", "train_attribute_classifier",
+    "ATTRIBUTES", "CHANCE_LEVELS", "COLOURS", "HELD_OUT_PAIRS", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
+    "AttributeClassifier", "ShapesDataset", "build_shapes", "caption_of", "caption_vocabulary",
+    "load_attribute_classifier", "make_judge_asset", "parse_caption", "predict_attributes", "render_scene",
+    "sample_scenes", "shapes_tokenizer", "text_alignment_accuracy", "train_attribute_classifier",
 ]
