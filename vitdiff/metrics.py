@@ -509,7 +509,8 @@ def frechet_metric(images: torch.Tensor, dataset: str, *, metric: str | None = N
     ``metric``: "fd-clf" (the pinned classifier; the default for fashion-mnist and digits) or "fid" (Inception-v3
     from local weights: ``inception_weights``, ``$VITDIFF_INCEPTION_WEIGHTS`` or torch.hub's cache; the default
     otherwise). ``reference``: a ``FeatureStats``, a .npz of them, or real images; default the training split
-    (committed statistics for fd-clf; for FID read with ``root`` at the samples' resolution)."""
+    (committed statistics for fd-clf; for FID read with ``root`` at the samples' resolution). ``device`` runs
+    Inception; the small classifier always runs on the CPU, so its number is the same on every machine."""
     name = check_frechet_metric(dataset, metric=metric, inception_weights=inception_weights)
     if isinstance(reference, (str, os.PathLike)):
         reference, described = FeatureStats.load(reference), str(reference)
@@ -527,12 +528,11 @@ def frechet_metric(images: torch.Tensor, dataset: str, *, metric: str | None = N
     if name == "FID":
         value = compute_fid(images, reference, weights_path=inception_weights, batch_size=batch_size, device=device)
         return FrechetResult(name, value, described)
-    model = load_classifier(dataset)
-    if device is not None:
-        model.to(device)
+    # The classifier always runs on the CPU in float32: a GPU's TF32 convolutions would change the number.
+    features = load_classifier(dataset).features
     if not isinstance(reference, FeatureStats):
-        reference = feature_stats(model.features, reference, batch_size=batch_size, device=device)
-    samples = feature_stats(model.features, images, batch_size=batch_size, device=device)
+        reference = feature_stats(features, reference, batch_size=batch_size, device="cpu")
+    samples = feature_stats(features, images, batch_size=batch_size, device="cpu")
     return FrechetResult(name, samples.frechet_distance(reference), described)
 
 
