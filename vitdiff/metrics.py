@@ -290,13 +290,13 @@ def asset_bytes(payload: dict[str, Any]) -> bytes:
     return buffer.getvalue()
 
 
-def make_assets(networks: Iterable[PinnedNetwork] | None = None) -> None:
+def make_assets() -> None:
     """Re-make the pinned files with their recipes (one CPU thread: the sums' order does not depend on the thread
     count) and say whether each matches its committed sha256."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        for network in networks or PINNED_NETWORKS:
+        for network in PINNED_NETWORKS:
             start = time.perf_counter()
             data = asset_bytes(_resolve(network.make)())
             network.path.parent.mkdir(parents=True, exist_ok=True)
