@@ -1,8 +1,12 @@
-"""Fréchet-distance maths, feature statistics, the offline FID error path, the classifier FD and the protocol."""
+"""Fréchet-distance maths, feature statistics, the offline FID error path, the pinned networks, the classifier FD,
+the one Fréchet entry point and the protocol."""
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import shutil
+import tomllib
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,9 +17,13 @@ import torch
 from vitdiff import metrics
 from vitdiff.data import make_dataset
 from vitdiff.metrics import (
-    FeatureStats, InceptionWeightsNotFound, MetricResult, classifier_accuracy, compute_fid, fd_classifier,
-    frechet_distance, load_classifier, load_results, results_table, save_result,
+    FD_METRIC_NAMES, FeatureStats, InceptionWeightsNotFound, MetricResult, check_frechet_metric, classifier_accuracy,
+    compute_fid, fd_classifier, frechet_distance, frechet_metric, load_classifier, load_results, results_table,
+    save_result,
 )
+from vitdiff.shapes import ShapesDataset, load_attribute_classifier, text_alignment_accuracy
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def random_spd(rng: np.random.Generator, dim: int) -> np.ndarray:
@@ -154,35 +162,52 @@ def test_fid_runs_from_a_local_weights_file(no_inception_weights, monkeypatch):
 
 
 # --------------------------------------------------------------------------------------------------
-# Classifier FD (digits, for speed)
+# Pinned networks and the classifier FD
 
 
-@pytest.fixture(scope="module")
-def digits_classifier(tmp_path_factory):
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("VITDIFF_CACHE", str(tmp_path_factory.mktemp("vitdiff-cache")))
-        yield load_classifier("digits")
+@pytest.mark.parametrize("network", metrics.PINNED_NETWORKS, ids=lambda network: network.name)
+def test_pinned_files_have_the_committed_checksum_and_ship_with_the_package(network):
+    data = network.path.read_bytes()
+    assert hashlib.sha256(data).hexdigest() == network.sha256
+    assert len(data) < 1.5e6  # small enough to commit
+    model = network.load()
+    assert model.meta["sha256"] == network.sha256 and not model.training
+    assert not any(p.requires_grad for p in model.parameters())
+    package_data = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]
+    assert any(network.path.match(f"vitdiff/{pattern}") for pattern in package_data["vitdiff"])
 
 
-def test_classifier_trains_caches_and_reloads(digits_classifier):
-    meta = digits_classifier.meta
-    assert meta["test_accuracy"] > 0.85, meta
-    file = os.path.basename(meta["file"])
-    assert file.startswith(f"clf-digits-v{metrics.CLASSIFIER_VERSION}-") and file.endswith(".pt")
-    assert os.path.dirname(meta["file"]) == os.environ["VITDIFF_CACHE"]
-    reloaded = load_classifier("digits")
-    assert reloaded.meta == meta  # read back, not retrained
-    x = make_dataset("digits", train=False)[0][0][None]
-    assert torch.equal(reloaded.features(x), digits_classifier.features(x))
+def test_fd_metric_names_carry_the_network_hash():
+    for dataset, network in metrics.FD_NETWORKS.items():
+        assert FD_METRIC_NAMES[dataset].endswith(f"-clf[{network.sha256[:6]}]")
+    assert FD_METRIC_NAMES["digits"].startswith("FD-digits-clf[")
+    assert FD_METRIC_NAMES["fashion-mnist"].startswith("FD-fmnist-clf[")
+    assert check_frechet_metric("digits") == FD_METRIC_NAMES["digits"]
 
 
-def test_classifier_file_name_changes_with_the_training_data(digits_classifier):
-    images, labels = metrics._split_tensors("digits", True)
-    same = metrics._classifier_file("digits", images, labels)
-    changed = labels.clone()
-    changed[0] = (changed[0] + 1) % 10
-    assert same.name == os.path.basename(digits_classifier.meta["file"])
-    assert metrics._classifier_file("digits", images, changed) != same
+@pytest.fixture
+def asset_copy(tmp_path, monkeypatch):
+    """The assets copied to a temporary folder that the loader reads instead (and forgets afterwards)."""
+    copy = tmp_path / "assets"
+    shutil.copytree(metrics.ASSET_DIR, copy)
+    monkeypatch.setattr(metrics, "ASSET_DIR", copy)
+    metrics._read_asset.cache_clear()
+    yield copy
+    metrics._read_asset.cache_clear()
+
+
+def test_a_changed_or_missing_pinned_file_is_refused(asset_copy):
+    path = asset_copy / "clf-digits.pt"
+    data = bytearray(path.read_bytes())
+    data[-100] ^= 1
+    path.write_bytes(bytes(data))
+    with pytest.raises(metrics.AssetChecksumError, match="git checkout -- vitdiff/assets"):
+        load_classifier("digits")
+    with pytest.raises(metrics.AssetChecksumError, match="has sha256"):
+        check_frechet_metric("digits")  # what a run checks before it trains
+    path.unlink()
+    with pytest.raises(metrics.AssetChecksumError, match="missing"):
+        fd_classifier(torch.zeros(4, 1, 32, 32), dataset="digits")
 
 
 def all_digits() -> tuple[torch.Tensor, torch.Tensor]:
@@ -191,7 +216,25 @@ def all_digits() -> tuple[torch.Tensor, torch.Tensor]:
     return images, torch.cat([s.labels for s in sets])
 
 
-def test_fd_clf_near_zero_for_real_halves_and_large_for_noise(digits_classifier):
+def smooth_noise(n: int, seed: int) -> torch.Tensor:
+    """Fixed 32x32 grey images: upsampled uniform noise (a CPU generator draws the same numbers everywhere)."""
+    coarse = torch.rand(n, 1, 8, 8, generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return torch.nn.functional.interpolate(coarse, size=32, mode="bilinear", align_corners=False)
+
+
+# Regression values, measured once with the pinned files (python -m pytest prints them on failure). The
+# tolerance covers float32 feature round-off between CPUs and BLAS builds, far below any real difference.
+PINNED_FD = {"digits": 139.97587, "fashion-mnist": 2844.7858}
+
+
+def test_fd_of_fixed_samples_is_a_fixed_number():
+    digits_test = metrics.uint8_to_model_range(make_dataset("digits", train=False).images)
+    measured = {"digits": fd_classifier(digits_test, dataset="digits"),
+                "fashion-mnist": fd_classifier(smooth_noise(256, seed=0), dataset="fashion-mnist")}
+    assert measured == pytest.approx(PINNED_FD, rel=1e-4), measured
+
+
+def test_fd_clf_near_zero_for_real_halves_and_large_for_noise():
     images, _ = all_digits()
     images = images[torch.randperm(len(images), generator=torch.Generator().manual_seed(0))]
     half_a, half_b = images[:898], images[898:]
@@ -201,24 +244,89 @@ def test_fd_clf_near_zero_for_real_halves_and_large_for_noise(digits_classifier)
     blurred = torch.nn.functional.avg_pool2d(half_a, 5, stride=1, padding=2)
     blur_vs_real = fd_classifier(blurred, dataset="digits", reference=half_b)
     assert real_vs_real < 0.1 * blur_vs_real and blur_vs_real < noise_vs_real
-    # Default reference: the cached statistics of the training split.
+    # Default reference: the committed statistics, which are those of the training split under the pinned net.
     train_images = metrics.uint8_to_model_range(make_dataset("digits").images)
-    assert abs(fd_classifier(train_images, dataset="digits")) < 1e-6
-    assert metrics.classifier_reference_stats("digits").meta["reference"] == "digits:train"
-    assert metrics.FD_METRIC_NAMES["digits"] == "FD-digits-clf"
+    assert abs(fd_classifier(train_images, dataset="digits")) < 1e-4
+    reference = metrics.classifier_reference_stats("digits")
+    assert reference.meta["reference"] == "digits:train" and reference.count == len(train_images)
 
 
-def test_classifier_accuracy_of_labelled_images(digits_classifier):
+def test_classifier_accuracy_of_labelled_images():
     images, labels = all_digits()
     test_images, test_labels = images[1500:], labels[1500:]
-    assert classifier_accuracy(test_images, test_labels, dataset="digits") == pytest.approx(
-        digits_classifier.meta["test_accuracy"])
+    pinned = load_classifier("digits").meta
+    assert pinned["test_accuracy"] > 0.85 and pinned["train_data_sha256"]
+    assert classifier_accuracy(test_images, test_labels, dataset="digits") == pytest.approx(pinned["test_accuracy"])
     wrong = (test_labels + 1) % 10
     assert classifier_accuracy(test_images, wrong, dataset="digits") < 0.1
     smaller = torch.nn.functional.interpolate(test_images, size=16, mode="bilinear", antialias=True)
     assert classifier_accuracy(smaller, test_labels, dataset="digits") > 0.5  # other sizes are resized to 32
     with pytest.raises(ValueError, match="1-channel"):
         classifier_accuracy(torch.zeros(2, 3, 32, 32), torch.zeros(2), dataset="digits")
+
+
+def test_pinned_shapes_judge_reads_new_scenes():
+    judge = load_attribute_classifier()
+    scenes = ShapesDataset("val", image_size=64, num_samples=100, seed=5)
+    accuracy = text_alignment_accuracy(scenes.images(), scenes.attributes, judge)
+    assert accuracy["all_correct"] > 0.8, accuracy
+    assert judge.meta["val_accuracy_64px"]["all_correct"] > 0.8
+
+
+# --------------------------------------------------------------------------------------------------
+# One entry point for a data set's Fréchet metric
+
+
+def test_the_default_metric_follows_the_data_set(no_inception_weights):
+    assert [metrics.default_frechet_metric(d) for d in ("fashion-mnist", "digits", "cifar10", "shapes")] == \
+        ["fd-clf", "fd-clf", "fid", "fid"]
+    # Raised up front, before any training: which file is missing and how to pass it.
+    with pytest.raises(InceptionWeightsNotFound) as error:
+        check_frechet_metric("cifar10")
+    assert "--inception-weights PATH" in str(error.value) and metrics.INCEPTION_WEIGHTS_ENV in str(error.value)
+    with pytest.raises(ValueError, match="Inception FID"):
+        check_frechet_metric("cifar10", metric="fd-clf")
+    with pytest.raises(ValueError, match="'fd-clf' or 'fid'"):
+        check_frechet_metric("digits", metric="nll")
+
+
+class PooledStandIn(torch.nn.Module):
+    """Inception's place in the FID path: 3x4x4 average-pooled pixels, from a (dummy) local weights file."""
+
+    def __init__(self, weights_path=None):
+        super().__init__()
+        self.weights_path = metrics.inception_weights_path(weights_path)
+
+    def forward(self, images):
+        return torch.nn.functional.adaptive_avg_pool2d(images.expand(-1, 3, -1, -1), 4).flatten(1)
+
+
+def test_fid_path_of_the_entry_point_on_a_stand_in(no_inception_weights, monkeypatch, tmp_path):
+    weights = tmp_path / "inception.pth"
+    weights.write_bytes(b"stand-in")
+    monkeypatch.setattr(metrics, "InceptionFeatures", PooledStandIn)
+    generator = torch.Generator().manual_seed(0)
+    real = torch.rand(40, 3, 8, 8, generator=generator) * 2 - 1
+    fake = torch.rand(30, 3, 8, 8, generator=generator) * 2 - 1
+    train_sets = []
+
+    def fake_make_dataset(name, *, root, image_size, train, flip):
+        train_sets.append((name, image_size, train))
+        return torch.utils.data.TensorDataset(real, torch.zeros(len(real)))
+
+    monkeypatch.setattr(metrics, "make_dataset", fake_make_dataset)
+    pooled = PooledStandIn(weights)
+    expected = FeatureStats(48).update(pooled(fake)).frechet_distance(FeatureStats(48).update(pooled(real)))
+    result = frechet_metric(fake, "cifar10", inception_weights=weights)
+    assert train_sets == [("cifar10", 8, True)]
+    assert result.metric == "FID" and result.reference == "cifar10:train (all 40)"
+    assert result.value == pytest.approx(expected, rel=1e-9)
+    # A reference .npz instead of the training split; the environment variable instead of the argument.
+    metrics.feature_stats(pooled, real).save(tmp_path / "ref.npz")
+    monkeypatch.setenv(metrics.INCEPTION_WEIGHTS_ENV, str(weights))
+    from_file = frechet_metric(fake, "cifar10", reference=tmp_path / "ref.npz")
+    assert from_file == (result.metric, pytest.approx(expected, rel=1e-9), str(tmp_path / "ref.npz"))
+    assert len(train_sets) == 1
 
 
 # --------------------------------------------------------------------------------------------------

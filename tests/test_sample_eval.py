@@ -11,6 +11,7 @@ from PIL import Image
 from vitdiff.cli import main as vitdiff
 from vitdiff.config import load_config
 from vitdiff.generate import load_for_inference
+from vitdiff.metrics import FD_METRIC_NAMES
 from vitdiff.trainer import Trainer
 
 TINY = {
@@ -58,7 +59,8 @@ def test_eval_saves_the_number_with_its_protocol(run_dir, tmp_path):
     nll, fd = (json.loads(line) for line in results.read_text().splitlines())
     assert nll["metric"] == "NLL-bpd" and nll["label"] == "NLL-bpd@4" and nll["value"] > 0
     assert nll["reference"] == "digits:test" and nll["steps"] == 2
-    assert fd["metric"] == "FD-digits-clf" and fd["label"] == "FD-digits-clf@16" and fd["value"] > 0
+    assert fd["metric"] == FD_METRIC_NAMES["digits"] and fd["label"] == f"{FD_METRIC_NAMES['digits']}@16"
+    assert fd["value"] > 0 and fd["reference"] == "digits:train"
     assert (fd["sampler"], fd["steps"], fd["guidance"], fd["guidance_convention"], fd["seed"]) == ("dpmpp_2m", 2, 1.0,
                                                                                                   "dit", 3)
     assert fd["checkpoint"] == str((run_dir / "last.pt").resolve())

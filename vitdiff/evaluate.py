@@ -92,7 +92,7 @@ def test_captions(config) -> list[str]:
 
 
 def fd_clf(images: torch.Tensor, config, reference_file: Path | None) -> tuple[str, float, str]:
-    from .metrics import FD_METRIC_NAMES, FeatureStats, classifier_reference_stats, fd_classifier
+    from .metrics import FD_METRIC_NAMES, frechet_metric
 
     dataset = config.data.dataset
     if dataset not in FD_METRIC_NAMES:
@@ -100,28 +100,15 @@ def fd_clf(images: torch.Tensor, config, reference_file: Path | None) -> tuple[s
                 if dataset == "shapes" else "")
         raise SystemExit(f"vitdiff eval: fd-clf has a classifier for {sorted(FD_METRIC_NAMES)} only, and this model "
                          f"was trained on {dataset!r}: use --metric fid (with Inception weights) instead{hint}")
-    reference = (FeatureStats.load(reference_file) if reference_file
-                 else classifier_reference_stats(dataset, root=config.data.root))
-    value = fd_classifier(images, dataset=dataset, reference=reference, root=config.data.root)
-    return FD_METRIC_NAMES[dataset], value, str(reference_file or reference.meta.get("reference"))
+    return frechet_metric(images, dataset, metric="fd-clf", reference=reference_file, root=config.data.root)
 
 
 def fid(images: torch.Tensor, config, reference_file: Path | None, weights: Path | None,
         device: torch.device) -> tuple[str, float, str]:
-    from torch.utils.data import DataLoader
+    from .metrics import frechet_metric
 
-    from .data import make_dataset
-    from .metrics import FeatureStats, compute_fid
-
-    if reference_file:
-        real, reference = FeatureStats.load(reference_file), str(reference_file)
-    else:
-        section = config.data
-        train_set = make_dataset(section.dataset, root=section.root, image_size=section.image_size, train=True,
-                                 flip=False)
-        real = DataLoader(train_set, batch_size=250, num_workers=section.num_workers)
-        reference = f"{section.dataset}:train (all {len(train_set)})"
-    return "FID", compute_fid(images, real, weights_path=weights, device=device), reference
+    return frechet_metric(images, config.data.dataset, metric="fid", reference=reference_file, root=config.data.root,
+                          inception_weights=weights, device=device, batch_size=50)
 
 
 def nll_on_test_split(model, process, config, n: int, args, device) -> float:

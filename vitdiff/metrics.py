@@ -7,25 +7,33 @@
   local weights file only: ``weights_path``, ``$VITDIFF_INCEPTION_WEIGHTS``, or torch.hub's cache. Images
   are quantised to uint8 first (as if saved to PNG) and the extractor resizes them to 299 itself.
   Without weights it raises ``InceptionWeightsNotFound`` saying where to put the file; it never downloads.
-- FD-<set>-clf: the same Fréchet distance on the 64-d penultimate features of a small CNN trained here on
+- FD-<set>-clf[<hash>]: the same Fréchet distance on the 64-d penultimate features of a small CNN trained here on
   fashion-mnist or digits (32x32, 1 channel). A CPU/offline proxy, never comparable with FID: it has its own
-  metric names. The trained classifier is cached in ``$VITDIFF_CACHE`` (default ~/.cache/vitdiff) under a name
-  holding the recipe version and a hash of the training data + recipe, so a changed classifier can never be
-  mixed with statistics of an old one. ``classifier_accuracy`` scores class-conditional samples with it.
+  metric names, which carry the first 6 hex digits of the network file's sha256. The networks (and the shapes
+  judge, ``vitdiff.shapes``) are ``PinnedNetwork``s: files committed under ``vitdiff/assets/``, made by their
+  deterministic recipes with ``python -m vitdiff.metrics --make-assets`` and verified against the sha256 in the
+  code on every load, so the same samples score the same on every machine. Each FD file also holds the feature
+  statistics of its training split, the default reference. ``classifier_accuracy`` scores class-conditional
+  samples with the classifier.
+- ``frechet_metric``: the one entry point for a data set's Fréchet metric (FD-clf where a pinned classifier
+  exists, else FID); ``check_frechet_metric`` raises up front, saying what is missing, when it could not run.
 - ``MetricResult`` / ``save_result`` / ``results_table``: every value carries metric, n ("FID@10k"), sampler,
   steps, guidance (+ convention), seed, reference set, checkpoint and dataset; a table refuses mixed n.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import hashlib
+import importlib
+import io
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -98,13 +106,17 @@ class FeatureStats:
         np.savez(path, mu=self._mean, sigma=self.cov, count=self.count, meta=json.dumps(self.meta))
 
     @classmethod
+    def from_moments(cls, mean, cov, count: int, meta: dict[str, Any] | None = None) -> "FeatureStats":
+        stats = cls(len(mean), meta)
+        stats.count, stats._mean = int(count), np.asarray(mean, np.float64).copy()
+        stats._scatter = np.asarray(cov, np.float64) * (stats.count - 1)
+        return stats
+
+    @classmethod
     def load(cls, path: str | os.PathLike) -> "FeatureStats":
         with np.load(path) as data:
-            mean, sigma, count = data["mu"], data["sigma"], int(data["count"])
             meta = json.loads(str(data["meta"])) if "meta" in data else {}
-        stats = cls(mean.shape[0], meta)
-        stats.count, stats._mean, stats._scatter = count, mean.astype(np.float64), sigma * (count - 1)
-        return stats
+            return cls.from_moments(data["mu"], data["sigma"], int(data["count"]), meta)
 
 
 def _image_batches(images, batch_size: int) -> Iterable[torch.Tensor]:
@@ -202,11 +214,108 @@ def compute_fid(fake, real, *, weights_path=None, batch_size: int = 50, device=N
 
 
 # --------------------------------------------------------------------------------------------------
+# Pinned measuring networks: committed files with their sha256
+
+ASSET_DIR = Path(__file__).resolve().parent / "assets"
+
+
+class AssetChecksumError(RuntimeError):
+    """A pinned network's file is missing or is not the committed one."""
+
+
+@dataclass(frozen=True)
+class PinnedNetwork:
+    """A measuring network committed under ``vitdiff/assets/`` with the sha256 of its file.
+
+    The file is a ``torch.save``d dict: ``state_dict``, ``config`` (the architecture's keyword arguments), ``meta``
+    (a JSON string: recipe, training data hash, held-out accuracy) and, for a Fréchet metric, ``reference``
+    (``mean``, ``cov``, ``count`` of the real training split's features). Loading reads the bytes once per
+    process, refuses any file whose sha256 differs, and unpickles with ``weights_only=True``.
+    """
+
+    name: str                               # file stem under vitdiff/assets/, e.g. "clf-digits"
+    sha256: str                             # of the committed file; its first 6 hex digits tag the metric's name
+    build: Callable[..., nn.Module] | str   # the architecture, called with the saved ``config``
+    make: Callable[[], dict] | str          # the deterministic recipe that wrote the file (``--make-assets``)
+    # build / make: a function, or "module:function" for one defined in a module that itself imports this one
+    # (vitdiff.shapes), imported on first use.
+
+    @property
+    def path(self) -> Path:
+        return ASSET_DIR / f"{self.name}.pt"
+
+    @property
+    def tag(self) -> str:
+        return self.sha256[:6]
+
+    def payload(self) -> dict[str, Any]:
+        return _read_asset(self.path, self.sha256)
+
+    def load(self) -> nn.Module:
+        """A fresh copy (callers may move it to a device), in eval mode, without gradients."""
+        payload = self.payload()
+        model = _resolve(self.build)(**payload["config"])
+        model.load_state_dict(payload["state_dict"])
+        model.meta = {**json.loads(payload["meta"]), "file": str(self.path), "sha256": self.sha256}
+        return model.eval().requires_grad_(False)
+
+
+def _resolve(function: Callable | str) -> Callable:
+    if isinstance(function, str):
+        module, _, name = function.partition(":")
+        return getattr(importlib.import_module(module), name)
+    return function
+
+
+@functools.lru_cache(maxsize=None)
+def _read_asset(path: Path, sha256: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise AssetChecksumError(f"the pinned network {path} is missing: it is committed in the repository and "
+                                 "installed with the package; reinstall vitdiff (pip install -e .) or check out the "
+                                 "file again (git checkout -- vitdiff/assets)")
+    data = path.read_bytes()
+    found = hashlib.sha256(data).hexdigest()
+    if found != sha256:
+        raise AssetChecksumError(f"{path} has sha256 {found}, but the committed file has {sha256}: the metric would "
+                                 "not be comparable with other machines. Restore it (git checkout -- vitdiff/assets); "
+                                 "if you re-made it on purpose, update the sha256 in the code after review")
+    return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+
+
+def asset_bytes(payload: dict[str, Any]) -> bytes:
+    """The file content of a payload. Saved from memory so the archive's inner name (torch.save takes it from the
+    file name) and hence the bytes depend on the payload only."""
+    buffer = io.BytesIO()
+    torch.save(payload, buffer)
+    return buffer.getvalue()
+
+
+def make_assets() -> None:
+    """Re-make the pinned files with their recipes (one CPU thread: the sums' order does not depend on the thread
+    count) and say whether each matches its committed sha256."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for network in PINNED_NETWORKS:
+            start = time.perf_counter()
+            data = asset_bytes(_resolve(network.make)())
+            network.path.parent.mkdir(parents=True, exist_ok=True)
+            network.path.write_bytes(data)
+            found = hashlib.sha256(data).hexdigest()
+            verdict = ("matches the pinned sha256" if found == network.sha256 else
+                       f"DIFFERS from the pinned {network.sha256}: review it, then pin the new sha256 in the code")
+            print(f"{network.path.name}: {len(data) / 1e3:.0f} kB in {time.perf_counter() - start:.0f} s, "
+                  f"sha256 {found} {verdict}")
+    finally:
+        torch.set_num_threads(threads)
+    _read_asset.cache_clear()
+
+
+# --------------------------------------------------------------------------------------------------
 # The offline classifier and FD-<set>-clf
 
 CLASSIFIER_VERSION = 1
 CLASSIFIER_IMAGE_SIZE = 32
-FD_METRIC_NAMES = {"fashion-mnist": "FD-fmnist-clf", "digits": "FD-digits-clf"}
 
 
 @dataclass(frozen=True)
@@ -253,25 +362,11 @@ class SmallClassifier(nn.Module):
         return self.head(F.relu(self.features(images)))
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("VITDIFF_CACHE", "~/.cache/vitdiff")).expanduser()
-
-
 def _split_tensors(dataset: str, train: bool, root=None) -> tuple[torch.Tensor, torch.Tensor]:
     """All images (uint8, N x 1 x 32 x 32) and labels of a split, straight from the in-memory set."""
-    if dataset not in CLASSIFIER_RECIPES:
-        raise ValueError(f"no classifier for {dataset!r}; choose one of {sorted(CLASSIFIER_RECIPES)}")
+    _fd_network(dataset)
     data = make_dataset(dataset, root=root, image_size=CLASSIFIER_IMAGE_SIZE, train=train, flip=False)
     return data.images, data.labels
-
-
-def _classifier_file(dataset: str, images: torch.Tensor, labels: torch.Tensor) -> Path:
-    recipe = CLASSIFIER_RECIPES[dataset]
-    digest = hashlib.sha256()
-    digest.update(images.numpy().tobytes())
-    digest.update(labels.numpy().astype(np.int64).tobytes())
-    digest.update(repr(recipe).encode())
-    return cache_dir() / f"clf-{dataset}-v{CLASSIFIER_VERSION}-{digest.hexdigest()[:12]}.pt"
 
 
 @torch.no_grad()
@@ -289,7 +384,6 @@ def train_classifier(dataset: str, images: torch.Tensor, labels: torch.Tensor,
     if recipe.train_items is not None:
         images, labels = images[: recipe.train_items], labels[: recipe.train_items]
     x, x_test = uint8_to_model_range(images), uint8_to_model_range(test_images)
-    start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(recipe.seed)
         model = SmallClassifier(int(labels.max()) + 1)
@@ -304,68 +398,142 @@ def train_classifier(dataset: str, images: torch.Tensor, labels: torch.Tensor,
                 optimizer.step()
     model.eval()
     model.meta = {"dataset": dataset, "version": CLASSIFIER_VERSION, "recipe": dataclasses.asdict(recipe),
-                  "train_seconds": round(time.perf_counter() - start, 2),
                   "test_accuracy": _accuracy(model, x_test, test_labels)}
     return model
 
 
-def load_classifier(dataset: str = "fashion-mnist", *, root=None, retrain: bool = False) -> SmallClassifier:
-    """The cached classifier for ``dataset``, training and caching it on first use."""
+def make_fd_asset(dataset: str, root=None) -> dict[str, Any]:
+    """The pinned file's payload: the classifier trained by its recipe and its training split's statistics."""
     images, labels = _split_tensors(dataset, True, root)
-    path = _classifier_file(dataset, images, labels)
-    if path.is_file() and not retrain:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-        model = SmallClassifier(saved["num_classes"])
-        model.load_state_dict(saved["state_dict"])
-        model.meta = json.loads(saved["meta"])
-    else:
-        model = train_classifier(dataset, images, labels, *_split_tensors(dataset, False, root))
-        path.parent.mkdir(parents=True, exist_ok=True)
-        temporary = path.with_suffix(f".tmp{os.getpid()}")
-        torch.save({"state_dict": model.state_dict(), "num_classes": model.head.out_features,
-                    "meta": json.dumps(model.meta)}, temporary)
-        temporary.replace(path)  # atomic: concurrent runs never read a half-written file
-    model.meta["file"] = str(path)
-    return model.eval().requires_grad_(False)
+    model = train_classifier(dataset, images, labels, *_split_tensors(dataset, False, root))
+    data_hash = hashlib.sha256(images.numpy().tobytes() + labels.numpy().astype(np.int64).tobytes()).hexdigest()
+    reference = feature_stats(model.features, uint8_to_model_range(images), batch_size=500)
+    meta = {**model.meta, "train_data_sha256": data_hash, "reference": f"{dataset}:train"}
+    return {"state_dict": model.state_dict(), "config": {"num_classes": model.head.out_features},
+            "meta": json.dumps(meta), "reference": {"mean": torch.from_numpy(reference.mean),
+                                                    "cov": torch.from_numpy(reference.cov), "count": reference.count}}
 
 
-def classifier_reference_stats(dataset: str = "fashion-mnist", *, split: str = "train", root=None) -> FeatureStats:
-    """Classifier features of a real split, cached beside the classifier. The default is the training split,
-    the data a generator learns (FID's convention); it is also the larger one (digits' test split has only
-    297 images, too few for a 64-d covariance)."""
-    if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
-    model = load_classifier(dataset, root=root)
-    path = Path(model.meta["file"]).with_suffix(f".ref-{split}.npz")
-    if path.is_file():
-        return FeatureStats.load(path)
-    images, _ = _split_tensors(dataset, split == "train", root)
-    stats = feature_stats(model.features, uint8_to_model_range(images), batch_size=500,
-                          meta={"reference": f"{dataset}:{split}", "classifier": Path(model.meta["file"]).name})
-    stats.save(path)
-    return stats
+FD_NETWORKS = {
+    "fashion-mnist": PinnedNetwork("clf-fashion-mnist",
+                                   "7296299ad83b34ef046444712a716cd85fad2c4396acc9380cca1788d29ea90d",
+                                   SmallClassifier, functools.partial(make_fd_asset, "fashion-mnist")),
+    "digits": PinnedNetwork("clf-digits", "5a6c3d86eb2c58affd3bc329ad21e9fe02b2c2d4faf4a41cf47ee7c34d6c2a2c",
+                            SmallClassifier, functools.partial(make_fd_asset, "digits")),
+}
+# The judge of text alignment on shapes (vitdiff.shapes), pinned the same way.
+ATTRIBUTE_JUDGE = PinnedNetwork("shapes-judge", "b9b688970f2a80548d20e822666c0b84b9473121b8dc333f1876c956f8b0f851",
+                                "vitdiff.shapes:AttributeClassifier", "vitdiff.shapes:make_judge_asset")
+PINNED_NETWORKS = (*FD_NETWORKS.values(), ATTRIBUTE_JUDGE)
+_FD_SHORT_NAMES = {"fashion-mnist": "fmnist", "digits": "digits"}
+# The metric names carry the pinned file's hash prefix: a number from another network never shares a column.
+FD_METRIC_NAMES = {dataset: f"FD-{_FD_SHORT_NAMES[dataset]}-clf[{net.tag}]" for dataset, net in FD_NETWORKS.items()}
+
+
+def _fd_network(dataset: str) -> PinnedNetwork:
+    if dataset not in FD_NETWORKS:
+        raise ValueError(f"no pinned classifier for {dataset!r}; the classifier FD exists for {sorted(FD_NETWORKS)}; "
+                         "other sets are measured with Inception FID (metric 'fid')")
+    return FD_NETWORKS[dataset]
+
+
+def load_classifier(dataset: str = "fashion-mnist") -> SmallClassifier:
+    """The pinned classifier for ``dataset`` (checksum verified)."""
+    return _fd_network(dataset).load()
+
+
+def classifier_reference_stats(dataset: str = "fashion-mnist") -> FeatureStats:
+    """Classifier features of the training split, committed with the classifier: the data a generator learns
+    (FID's convention), and the larger split (digits' test split has only 297 images, too few for a 64-d
+    covariance). Committed rather than computed, so the reference is the same bytes on every machine and needs
+    no data on disk."""
+    saved = _fd_network(dataset).payload()["reference"]
+    return FeatureStats.from_moments(saved["mean"].numpy(), saved["cov"].numpy(), saved["count"],
+                                     meta={"reference": f"{dataset}:train", "classifier": FD_METRIC_NAMES[dataset]})
 
 
 def fd_classifier(images, *, dataset: str = "fashion-mnist", reference: FeatureStats | torch.Tensor | None = None,
-                  batch_size: int = 500, root=None) -> float:
+                  batch_size: int = 500) -> float:
     """Fréchet distance of classifier features (metric name ``FD_METRIC_NAMES[dataset]``), images in [-1, 1].
 
     ``reference``: real images or their stats; default the dataset's training split ("<dataset>:train")."""
-    model = load_classifier(dataset, root=root)
-    if reference is None:
-        reference = classifier_reference_stats(dataset, root=root)
-    elif not isinstance(reference, FeatureStats):
-        reference = feature_stats(model.features, reference, batch_size=batch_size)
-    return feature_stats(model.features, images, batch_size=batch_size).frechet_distance(reference)
+    return frechet_metric(images, dataset, metric="fd-clf", reference=reference, batch_size=batch_size).value
 
 
 @torch.no_grad()
-def classifier_accuracy(images: torch.Tensor, labels: torch.Tensor, *, dataset: str = "fashion-mnist",
-                        root=None) -> float:
+def classifier_accuracy(images: torch.Tensor, labels: torch.Tensor, *, dataset: str = "fashion-mnist") -> float:
     """Fraction of class-conditional samples that the classifier assigns to their conditioning label."""
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
-    return _accuracy(load_classifier(dataset, root=root), images.float(), torch.as_tensor(labels).long())
+    return _accuracy(load_classifier(dataset), images.float(), torch.as_tensor(labels).long())
+
+
+# --------------------------------------------------------------------------------------------------
+# One entry point: a data set's Fréchet metric
+
+
+class FrechetResult(NamedTuple):
+    metric: str     # MetricResult.metric: "FD-fmnist-clf[3fa2c1]", "FID" (its label adds "@n")
+    value: float
+    reference: str  # what the samples were compared with: "fashion-mnist:train", a .npz path, ...
+
+
+def default_frechet_metric(dataset: str) -> str:
+    """"fd-clf" where a pinned classifier exists (the embedded sets), else "fid"."""
+    return "fd-clf" if dataset in FD_NETWORKS else "fid"
+
+
+def check_frechet_metric(dataset: str, *, metric: str | None = None, inception_weights=None) -> str:
+    """Raise now, saying what to do, if ``frechet_metric`` could not run for ``dataset``; return the metric's name.
+
+    Call it before training so a run never ends in an evaluation that cannot run."""
+    metric = metric or default_frechet_metric(dataset)
+    if metric == "fd-clf":
+        _fd_network(dataset).payload()  # verifies the committed file
+        return FD_METRIC_NAMES[dataset]
+    if metric == "fid":
+        try:
+            import torch_fidelity  # noqa: F401
+        except ImportError as error:
+            raise ImportError("FID needs torch-fidelity (the pinned version is in requirements.txt): "
+                              "pip install torch-fidelity") from error
+        inception_weights_path(inception_weights)
+        return "FID"
+    raise ValueError(f"a Fréchet metric is 'fd-clf' or 'fid', got {metric!r}")
+
+
+def frechet_metric(images: torch.Tensor, dataset: str, *, metric: str | None = None, reference=None, root=None,
+                   inception_weights=None, device=None, batch_size: int = 100) -> FrechetResult:
+    """The Fréchet metric of samples (N, C, H, W) in [-1, 1] of ``dataset``.
+
+    ``metric``: "fd-clf" (the pinned classifier; the default for fashion-mnist and digits) or "fid" (Inception-v3
+    from local weights: ``inception_weights``, ``$VITDIFF_INCEPTION_WEIGHTS`` or torch.hub's cache; the default
+    otherwise). ``reference``: a ``FeatureStats``, a .npz of them, or real images; default the training split
+    (committed statistics for fd-clf; for FID read with ``root`` at the samples' resolution). ``device`` runs
+    Inception; the small classifier always runs on the CPU, so its number is the same on every machine."""
+    name = check_frechet_metric(dataset, metric=metric, inception_weights=inception_weights)
+    if isinstance(reference, (str, os.PathLike)):
+        reference, described = FeatureStats.load(reference), str(reference)
+    elif isinstance(reference, FeatureStats):
+        described = reference.meta.get("reference", "given statistics")
+    elif reference is not None:
+        described = f"{len(reference)} given images" if torch.is_tensor(reference) else "given images"
+    elif name == "FID":
+        from torch.utils.data import DataLoader
+
+        train_set = make_dataset(dataset, root=root, image_size=images.shape[-1], train=True, flip=False)
+        reference, described = DataLoader(train_set, batch_size=250), f"{dataset}:train (all {len(train_set)})"
+    else:
+        reference, described = classifier_reference_stats(dataset), f"{dataset}:train"
+    if name == "FID":
+        value = compute_fid(images, reference, weights_path=inception_weights, batch_size=batch_size, device=device)
+        return FrechetResult(name, value, described)
+    # The classifier always runs on the CPU in float32: a GPU's TF32 convolutions would change the number.
+    features = load_classifier(dataset).features
+    if not isinstance(reference, FeatureStats):
+        reference = feature_stats(features, reference, batch_size=batch_size, device="cpu")
+    samples = feature_stats(features, images, batch_size=batch_size, device="cpu")
+    return FrechetResult(name, samples.frechet_distance(reference), described)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -435,3 +603,16 @@ def results_table(rows: Iterable[MetricResult]) -> list[dict[str, Any]]:
             raise ValueError(f"two {row.label} values for the same run {dict(zip(RUN_FIELDS, key))}")
         entry[row.label] = row.value
     return list(table.values())
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m vitdiff.metrics", description="Maintain the pinned networks.")
+    parser.add_argument("--make-assets", action="store_true", required=True,
+                        help="re-train every pinned network with its recipe (fashion-mnist from its default root), "
+                             "write vitdiff/assets/, and compare each file with its pinned sha256")
+    parser.parse_args()
+    from vitdiff.metrics import make_assets as run  # the imported module, the one vitdiff.shapes shares
+
+    run()

@@ -21,10 +21,11 @@ here and carry no machine-checkable truth, so this module draws one:
   box-downsampled (antialiased). 10k images at 64x64 take 2-6 s on one CPU core.
 * **Judge.** :class:`AttributeClassifier` is a small CNN with one head per
   attribute and object slot (plus the object count), trained on ``split="all"``
-  in well under a minute on a CPU and cached in ``$VITDIFF_CACHE`` (default
-  ``~/.cache/vitdiff``) under a version tag. :func:`text_alignment_accuracy`
-  scores samples against the attributes of the captions they were drawn from;
-  :data:`CHANCE_LEVELS` states what uniform guessing would score.
+  in well under a minute on a CPU and pinned: ``vitdiff/assets/shapes-judge.pt``
+  with its sha256 in the code (``vitdiff.metrics.ATTRIBUTE_JUDGE``).
+  :func:`text_alignment_accuracy` scores samples against the attributes of the
+  captions they were drawn from; :data:`CHANCE_LEVELS` states what uniform
+  guessing would score.
 
 Attributes are a (2, 4) long tensor per scene: rows are object slots (slot 0 is
 the first-named object), columns ``ATTRIBUTES`` = shape, colour, size, position
@@ -33,10 +34,9 @@ as indices into the vocabularies below; an absent second object is ``-1``.
 from __future__ import annotations
 
 import hashlib
-import os
+import json
 import re
 import time
-from pathlib import Path
 from typing import Iterable
 
 import numpy as np
@@ -46,6 +46,7 @@ from PIL import Image, ImageDraw
 from torch import nn
 
 from .data import ImageDataset
+from .metrics import ATTRIBUTE_JUDGE
 from .text import WordTokenizer
 
 SHAPES = ("circle", "square", "triangle")
@@ -343,23 +344,20 @@ def train_attribute_classifier(num_images: int = 8_000, steps: int = 300, batch_
     return model.eval()
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get("VITDIFF_CACHE", Path.home() / ".cache" / "vitdiff"))
+def make_judge_asset() -> dict:
+    """The pinned judge's file content (``python -m vitdiff.metrics --make-assets``): trained with the default
+    recipe, scored on new scenes of the val split."""
+    recipe = {"num_images": 8_000, "steps": 300, "batch_size": 128, "lr": 3e-3, "seed": 0}
+    model = train_attribute_classifier(**recipe)
+    val = ShapesDataset("val", image_size=64, num_samples=1_000)
+    accuracy = text_alignment_accuracy(val.images(), val.attributes, model)
+    meta = {"version": CLASSIFIER_VERSION, "recipe": recipe, "val_accuracy_64px": accuracy}
+    return {"state_dict": model.state_dict(), "config": {}, "meta": json.dumps(meta)}
 
 
-def load_attribute_classifier(retrain: bool = False, verbose: bool = False) -> AttributeClassifier:
-    """The cached judge, training (and caching) it on first use; the version tag invalidates old files."""
-    path = cache_dir() / f"{CLASSIFIER_VERSION}.pt"
-    model = AttributeClassifier()
-    if path.exists() and not retrain:
-        model.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-        return model.eval()
-    model = train_attribute_classifier(verbose=verbose)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    torch.save(model.state_dict(), tmp)
-    tmp.replace(path)  # atomic: parallel test workers never read half a file
-    return model
+def load_attribute_classifier() -> AttributeClassifier:
+    """The pinned judge (``vitdiff.metrics.ATTRIBUTE_JUDGE``, checksum verified)."""
+    return ATTRIBUTE_JUDGE.load()
 
 
 @torch.no_grad()
@@ -407,6 +405,6 @@ def text_alignment_accuracy(images: torch.Tensor, attributes: torch.Tensor,
 __all__ = [
     "ATTRIBUTES", "CHANCE_LEVELS", "COLOURS", "HELD_OUT_PAIRS", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
     "AttributeClassifier", "ShapesDataset", "build_shapes", "caption_of", "caption_vocabulary",
-    "load_attribute_classifier", "parse_caption", "predict_attributes", "render_scene", "sample_scenes",
-    "shapes_tokenizer", "text_alignment_accuracy", "train_attribute_classifier",
+    "load_attribute_classifier", "make_judge_asset", "parse_caption", "predict_attributes", "render_scene",
+    "sample_scenes", "shapes_tokenizer", "text_alignment_accuracy", "train_attribute_classifier",
 ]
