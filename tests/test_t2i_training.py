@@ -28,7 +28,7 @@ SMALL = ["tiny=true", "data.batch_size=4", "text.context_dim=32", "text.layers=1
 
 
 def small_config(out_dir: Path, *overrides: str):
-    return load_config(SHAPES_T2I, [*SMALL, f"out_dir={out_dir}", *overrides])
+    return load_experiment(SHAPES_T2I, [*SMALL, f"out_dir={out_dir}", *overrides])
 
 
 def assert_same_state(a: dict, b: dict) -> None:

@@ -32,7 +32,7 @@ def test_make_config_carries_switches_and_protocol(tmp_path):
     assert config.model.preset == "IU-ViT-tiny" and config.model.overrides == {"skip": "add"}
     assert config.train.seed == 3 and config.train.steps == profile.steps
     assert config.diffusion.cond_drop_prob == 0.1 and config.sample.grid == profile.grid
-    assert "FD-digits-clf@32" in wb.protocol(profile)
+    assert "FD-digits-clf[" in wb.protocol(profile) and "]@32 vs train split" in wb.protocol(profile)
 
 
 def test_text_config_takes_the_profiles_diffusion_recipe(tmp_path):
@@ -118,3 +118,19 @@ def test_ablation_in_two_processes_equals_one(tmp_path, monkeypatch):
     curves = pd.read_csv(tmp_path / "two" / "results" / "nb" / "smoke_curves.csv")
     assert list(curves["step"]) == list(two_curves["step"])
     assert len(curves) == 2 * 2 and "loss@1" in curves  # 3 steps pause at steps 1 and 2
+
+
+def test_every_profile_builds_and_its_evaluation_can_run_or_says_why_not(tmp_path, monkeypatch):
+    from vitdiff.build import check_names
+    from vitdiff.metrics import InceptionWeightsNotFound
+
+    for name, profile in wb.PROFILES.items():
+        check_names(wb.make_config(wb.Variant("x", "IU-ViT"), profile, 0, tmp_path))
+        if profile.dataset in ("digits", "fashion-mnist"):
+            assert wb.fd_label(profile).startswith("FD-"), name
+    # The paper profile (CIFAR-10, Inception FID) refuses to start when the Inception weights are not on disk.
+    monkeypatch.setenv("VITDIFF_INCEPTION_WEIGHTS", str(tmp_path / "missing.pth"))
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    with pytest.raises(InceptionWeightsNotFound, match="VITDIFF_INCEPTION_WEIGHTS|inception"):
+        wb.run_ablation([wb.Variant("U-ViT", "U-ViT")], wb.PROFILES["paper"], tmp_path / "paper")
+    assert not (tmp_path / "paper" / "runs").exists()  # nothing was trained

@@ -452,6 +452,20 @@ def classifier_reference_stats(dataset: str = "fashion-mnist") -> FeatureStats:
                                      meta={"reference": f"{dataset}:train", "classifier": FD_METRIC_NAMES[dataset]})
 
 
+@functools.lru_cache(maxsize=4)
+def classifier_reference_stats_at(dataset: str, image_size: int) -> FeatureStats:
+    """The training split's classifier statistics with the images first brought to ``image_size`` as the data set
+    does for training, then through the classifier's own resize: the reference for samples generated at that size,
+    so FD compares like with like instead of measuring the lost resolution. Computed on the CPU from the pinned
+    network (deterministic); cached for the process."""
+    if image_size == CLASSIFIER_IMAGE_SIZE:
+        return classifier_reference_stats(dataset)
+    train = make_dataset(dataset, image_size=image_size, train=True, flip=False)
+    return feature_stats(load_classifier(dataset).features, uint8_to_model_range(train.images), batch_size=500,
+                         device="cpu", meta={"reference": f"{dataset}:train at {image_size}x{image_size}",
+                                             "classifier": FD_METRIC_NAMES[dataset]})
+
+
 def fd_classifier(images, *, dataset: str = "fashion-mnist", reference: FeatureStats | torch.Tensor | None = None,
                   batch_size: int = 500) -> float:
     """Fréchet distance of classifier features (metric name ``FD_METRIC_NAMES[dataset]``), images in [-1, 1].
@@ -508,8 +522,8 @@ def frechet_metric(images: torch.Tensor, dataset: str, *, metric: str | None = N
 
     ``metric``: "fd-clf" (the pinned classifier; the default for fashion-mnist and digits) or "fid" (Inception-v3
     from local weights: ``inception_weights``, ``$VITDIFF_INCEPTION_WEIGHTS`` or torch.hub's cache; the default
-    otherwise). ``reference``: a ``FeatureStats``, a .npz of them, or real images; default the training split
-    (committed statistics for fd-clf; for FID read with ``root`` at the samples' resolution). ``device`` runs
+    otherwise). ``reference``: a ``FeatureStats``, a .npz of them, or real images; default the training split at
+    the samples' resolution (for fd-clf at 32x32 the committed statistics; for FID read with ``root``). ``device`` runs
     Inception; the small classifier always runs on the CPU, so its number is the same on every machine."""
     name = check_frechet_metric(dataset, metric=metric, inception_weights=inception_weights)
     if isinstance(reference, (str, os.PathLike)):
@@ -524,7 +538,8 @@ def frechet_metric(images: torch.Tensor, dataset: str, *, metric: str | None = N
         train_set = make_dataset(dataset, root=root, image_size=images.shape[-1], train=True, flip=False)
         reference, described = DataLoader(train_set, batch_size=250), f"{dataset}:train (all {len(train_set)})"
     else:
-        reference, described = classifier_reference_stats(dataset), f"{dataset}:train"
+        reference = classifier_reference_stats_at(dataset, images.shape[-1])
+        described = reference.meta["reference"]
     if name == "FID":
         value = compute_fid(images, reference, weights_path=inception_weights, batch_size=batch_size, device=device)
         return FrechetResult(name, value, described)

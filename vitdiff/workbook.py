@@ -230,19 +230,24 @@ def sigma_losses(model, loss_fn, config: Config, n: int, *, sigmas=LOSS_SIGMAS, 
 
 
 def evaluate_run(trainer, profile: Profile) -> dict[str, float]:
-    """The loss by noise level and the classifier Fréchet distance of the EMA model of a finished run."""
+    """The loss by noise level and the Fréchet metric (FD-clf on the embedded sets, Inception FID elsewhere) of the
+    EMA model of a finished run, against the training split at the run's resolution."""
     from .generate import generate
-    from .metrics import fd_classifier
+    from .metrics import frechet_metric
 
     ema = trainer.ema.module
     losses = sigma_losses(ema, trainer.loss_fn, trainer.config, profile.val_n)
-    images = generate(ema, trainer.process, trainer.config, n=profile.eval_n, seed=10_000, device=trainer.device)
-    return {**losses, "fd": fd_classifier(images, dataset=profile.dataset)}
+    images = generate(ema, trainer.process, trainer.config, n=profile.eval_n, seed=10_000, device=trainer.device,
+                      batch_size=500)
+    return {**losses, "fd": frechet_metric(images, profile.dataset, root=trainer.config.data.root,
+                                           device=trainer.device).value}
 
 
 def fd_label(profile: Profile) -> str:
-    short = {"fashion-mnist": "fmnist"}.get(profile.dataset, profile.dataset)
-    return f"FD-{short}-clf@{profile.eval_n}"
+    """The Fréchet metric's name with its sample count, e.g. ``FD-fmnist-clf[729629]@500`` or ``FID@10k``."""
+    from .metrics import FD_METRIC_NAMES, count_label
+
+    return f"{FD_METRIC_NAMES.get(profile.dataset, 'FID')}@{count_label(profile.eval_n)}"
 
 
 def protocol(profile: Profile, metric: str | None = None) -> str:
@@ -333,6 +338,9 @@ def run_ablation(variants: list[Variant], profile: Profile, out_dir: Path, *, no
     import pandas as pd
     from tqdm.auto import tqdm
 
+    from .metrics import check_frechet_metric
+
+    check_frechet_metric(profile.dataset)  # before any training: the final evaluation must be able to run
     jobs = [(variant, profile, seed, out_dir / "runs", diffusion) for variant in variants for seed in profile.seeds]
     workers = workers or min(len(jobs), os.cpu_count() or 1)
     if workers > 1:
