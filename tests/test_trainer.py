@@ -209,7 +209,8 @@ def test_cli_run_shows_progress_logs_and_saves_on_sigint(tmp_path):
     records = read_metrics(run_dir)
     assert 3 <= saved["step"] < 100000
     assert [r["step"] for r in records] == list(range(1, saved["step"] + 1))  # stopped at a step boundary
-    assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "img_per_s", "skipped_steps"}
+    assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "img_per_s", "skipped_steps",
+                               "precision"}
     assert (run_dir / "samples" / "step_0000002.png").is_file()
 
     resumed = Trainer(load_config(config_path, [*overrides, f"steps={saved['step'] + 1}", "progress=false"]))
