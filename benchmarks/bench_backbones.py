@@ -178,7 +178,7 @@ def run_row(spec: dict, precision: str, args) -> dict:
     flops_per_image = 3 * 2 * count_gflops(ours_model) * 1e9
     ours = Runner(f"vitdiff {spec['model']}", ours_model, ours_call, spec["batch"], precision, args)
     runners = [ours]
-    if spec["peer"]:
+    if spec["peer"] and not args.no_peers:
         runners.append(Runner(spec["peer"], spec["build_peer"](), spec["peer_call"], spec["batch"], precision, args))
     for runner in runners:
         for _ in range(args.warmup):
@@ -193,7 +193,7 @@ def run_row(spec: dict, precision: str, args) -> dict:
     peer = runners[1] if len(runners) > 1 else None
     peak = statistics.median(peak_meter.throughputs)
     gflops_per_s = ours.img_per_s * flops_per_image / 1e9
-    row = {"model": spec["model"], "peer": spec["peer"], "precision": precision, "ours_img_s": ours.img_per_s,
+    row = {"model": spec["model"], "peer": peer.label if peer else None, "precision": precision, "ours_img_s": ours.img_per_s,
            "peer_img_s": peer.img_per_s if peer else None,
            "ratio": ours.img_per_s / peer.img_per_s if peer else None,
            "gflops_per_s": gflops_per_s, "peak_gflops_per_s": peak, "mfu": gflops_per_s / peak}
@@ -223,6 +223,7 @@ def main() -> None:
                         help="AdamW implementation, both sides")
     parser.add_argument("--compile", action="store_true", help="torch.compile both forwards (inductor)")
     parser.add_argument("--channels-last", action="store_true", help="channels-last weights, both sides")
+    parser.add_argument("--no-peers", action="store_true", help="ours alone (MFU only; no diffusers needed)")
     parser.add_argument("--memory", action="store_true", help="also measure each model's peak memory of a step")
     parser.add_argument("--peak-size", type=int, default=2048, help="matmul size for the peak GFLOP/s")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0: torch's default)")
