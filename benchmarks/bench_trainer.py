@@ -27,6 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from vitdiff.config import load_config  # noqa: E402
+from vitdiff.precision import autocast  # noqa: E402
 from vitdiff.trainer import Trainer, split_weight_decay  # noqa: E402
 
 
@@ -56,11 +57,10 @@ def main() -> None:
         images, labels = next(iter(trainer.data.loader))
         x0 = images.to(device)
         cond = labels.to(device) if trainer.use_labels else None
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=config.train.bf16 and device.type == "cuda")
 
         def bare_step() -> None:
             sigma = trainer.process.sample_sigma(x0.shape[0], device=device)
-            with autocast:
+            with autocast(trainer.precision, device):
                 loss = trainer.loss_fn.loss_at(model, x0, sigma, torch.randn_like(x0), cond).float().mean()
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -78,8 +78,8 @@ def main() -> None:
             synchronize(device)
             return (clock() - start) / args.steps
 
-        for step in (bare_step, trainer.train_step):  # warm-up: allocator, lazy init, caches
-            timed(step)
+        for step in (trainer.train_step, bare_step):  # warm-up: allocator, lazy init, caches; the trainer's first
+            timed(step)                                 # step resolves train.precision, which both loops then use
         bare, full = [], []
         for _ in range(args.rounds):
             bare.append(timed(bare_step))
@@ -88,7 +88,8 @@ def main() -> None:
     bare_ms, full_ms = 1e3 * statistics.median(bare), 1e3 * statistics.median(full)
     batch = config.data.batch_size
     print(f"model {config.model.preset} {config.model.overrides or ''}, batch {batch}, "
-          f"{config.data.image_size or 'native'} px, device {device}, threads {torch.get_num_threads()}, "
+          f"{config.data.image_size or 'native'} px, device {device}, precision {trainer.precision}, "
+          f"threads {torch.get_num_threads()}, "
           f"{args.rounds} rounds x {args.steps} steps, clock: {'wall' if device.type == 'cuda' else 'process CPU'} time")
     print(f"bare loop : {bare_ms:8.2f} ms/step  {batch / bare_ms * 1e3:8.1f} img/s")
     print(f"trainer   : {full_ms:8.2f} ms/step  {batch / full_ms * 1e3:8.1f} img/s")

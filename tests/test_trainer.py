@@ -28,7 +28,9 @@ TINY = {
     "diffusion": {"process": "vp-sde"},
     "data": {"dataset": "digits", "image_size": 8, "batch_size": 8, "num_workers": 0},
     "train": {"steps": 6, "lr": 1.0e-3, "warmup_steps": 2, "ema_decay": 0.999, "grad_clip": 1.0,
-              "log_every": 1, "ckpt_every": 1000, "sample_every": 0, "progress": False},
+              "log_every": 1, "ckpt_every": 1000, "sample_every": 0, "progress": False,
+              # Runs compared bit for bit must not leave the precision to auto's timing probe.
+              "precision": "fp32"},
 }
 
 
@@ -210,7 +212,8 @@ def test_cli_run_shows_progress_logs_and_saves_on_sigint(tmp_path):
     records = read_metrics(run_dir)
     assert 3 <= saved["step"] < 100000
     assert [r["step"] for r in records] == list(range(1, saved["step"] + 1))  # stopped at a step boundary
-    assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "img_per_s", "skipped_steps"}
+    assert set(records[0]) == {"step", "loss", "lr", "grad_norm", "img_per_s", "skipped_steps",
+                               "precision"}
     assert (run_dir / "samples" / "step_0000002.png").is_file()
 
     resumed = Trainer(load_config(config_path, [*overrides, f"steps={saved['step'] + 1}", "progress=false"]))

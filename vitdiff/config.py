@@ -98,7 +98,9 @@ class TrainConfig:
     ema_decay: float = 0.9999
     ema_warmup: bool = True            # decay_t = min(ema_decay, (1 + n) / (10 + n)) after n updates
     accumulate: int = 1                # micro-batches per optimizer step
-    bf16: bool = True                  # bf16 autocast on CUDA (ignored on CPU); the loss stays fp32
+    # fp32 | bf16 (autocast of the forward; loss, EMA and optimizer state stay fp32) | auto: bf16 where the device
+    # has it natively and it is faster for this model, else fp32 (vitdiff.precision; each metrics record says which)
+    precision: str = "auto"
     compile: bool = False              # torch.compile the backbone
     grad_checkpointing: bool = False   # recompute block activations in backward
     seed: int = 0
@@ -132,6 +134,7 @@ class SampleConfig:
 
 
 METRICS = ("fd-clf", "fid", "nll")  # what a config's eval.metric and `vitdiff eval --metric` take
+PRECISIONS = ("fp32", "bf16", "auto")  # train.precision (vitdiff.precision)
 
 
 @dataclass
@@ -175,8 +178,9 @@ class Config:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "Config":
+        """The config a checkpoint stored (``to_dict``); older checkpoints' ``train.bf16`` reads as its precision."""
         config = cls()
-        _apply(config, raw, where="config")
+        _apply(config, _upgrade_legacy(raw), where="config")
         _validate(config)
         return config
 
@@ -231,6 +235,17 @@ def load_config(path: str | Path | None = None, overrides: list[str | tuple[str,
 
 
 # -- parsing -------------------------------------------------------------------
+def _upgrade_legacy(raw: dict) -> dict:
+    """``train.bf16`` (bf16 autocast on CUDA only) became ``train.precision``: true meant bf16 where it runs well,
+    which is what ``auto`` does, false meant fp32."""
+    train = raw.get("train")
+    if not isinstance(train, dict) or "bf16" not in train:
+        return raw
+    train = {key: value for key, value in train.items() if key != "bf16"}
+    train.setdefault("precision", "auto" if raw["train"]["bf16"] else "fp32")
+    return {**raw, "train": train}
+
+
 def _profile_from(key: str, value: Any) -> str:
     if key == "tiny":
         if not isinstance(value, bool):
@@ -320,6 +335,9 @@ def _set(config: Config, dotted: str, value: Any, where: str = "override") -> No
         return
     if section_name == "model" and key == "preset" and not isinstance(value, str):
         raise ConfigError(f"{where}: model.preset must be a preset name, got {value!r}")
+    if section_name == "train" and key == "bf16":
+        raise ConfigError(f"{where}: train.bf16 was replaced by train.precision: fp32 | bf16 | auto "
+                          "(auto: bf16 where the device has it and it is faster for the model)")
     if "." in key or key not in _field_names(type(section)):
         near = difflib.get_close_matches(key, _field_names(type(section)), n=1)
         hint = f" (did you mean {section_name}.{near[0]}?)" if near else ""
@@ -368,6 +386,7 @@ def _validate(config: Config) -> None:
         (train.grad_clip is None or train.grad_clip > 0, "train.grad_clip must be > 0 or null (no clipping)"),
         (0 <= train.ema_decay < 1, "train.ema_decay must lie in [0, 1)"),
         (train.accumulate >= 1, "train.accumulate must be >= 1"),
+        (train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}"),
         (min(train.log_every, train.ckpt_every) >= 1, "train.log_every and train.ckpt_every must be >= 1"),
         (train.sample_every >= 0, "train.sample_every must be >= 0 (0: never)"),
         (config.data.batch_size >= 1, "data.batch_size must be >= 1"),

@@ -186,6 +186,7 @@ class Trainer:
         self.data = self._make_stream(self.dataset)
         self.step = 0
         self.skipped_steps = 0
+        self.precision: str | None = None  # fp32 or bf16, resolved from train.precision at the first step
         self._stop_signal: int | None = None
         self._resume()
 
@@ -235,6 +236,7 @@ class Trainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.data.load_state_dict(state["data"][self.rank])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
+        self.precision = state.get("precision")  # a resumed run keeps the precision `auto` chose (None: choose now)
         ckpt.restore_rng_state(state["rng"][self.rank])
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
@@ -272,11 +274,19 @@ class Trainer:
     def _micro_loss(self, x0: torch.Tensor, cond: torch.Tensor | None, sigma: torch.Tensor,
                     noise: torch.Tensor, drop: torch.Tensor) -> torch.Tensor:
         """Mean loss of one micro-batch at given noise; the loss itself stays fp32 under bf16 autocast."""
+        from .precision import autocast, resolve_precision
+
         if self.config.diffusion.cond_drop_prob > 0:
             cond = self.model.drop_cond(cond, drop)
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16,
-                                  enabled=self.config.train.bf16 and self.device.type == "cuda")
-        with autocast:
+        if self.precision is None:  # resolved once, on the first micro-batch: `auto` times this very batch
+
+            def probe(precision: str) -> None:
+                with autocast(precision, self.device):
+                    per_example = self.loss_fn.loss_at(self.model, x0, sigma, noise, cond)
+                per_example.float().mean().backward()
+
+            self.precision = resolve_precision(self.config.train.precision, self.device, self.model, probe)
+        with autocast(self.precision, self.device):
             per_example = self.loss_fn.loss_at(self.forward_model, x0, sigma, noise, cond)
         return per_example.float().mean()
 
@@ -345,7 +355,7 @@ class Trainer:
                     record = {"step": self.step, "loss": window_loss / window_steps,
                               "lr": self.scheduler.get_last_lr()[0], "grad_norm": window_norm / window_steps,
                               "img_per_s": images_per_step * window_steps / max(elapsed, 1e-9),
-                              "skipped_steps": self.skipped_steps}
+                              "skipped_steps": self.skipped_steps, "precision": self.precision}
                     self._log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
                     window_loss, window_norm, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
@@ -391,7 +401,8 @@ class Trainer:
         return {"step": self.step, "skipped_steps": self.skipped_steps, "model": self.model.state_dict(),
                 "ema": self.ema.state_dict(), "optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict(), "rng": rng, "data": data,
-                "config": self.config.to_dict(), "world_size": self.world_size, "text": text}
+                "config": self.config.to_dict(), "world_size": self.world_size, "text": text,
+                "precision": self.precision}
 
     def save(self) -> Path | None:
         state = self.state_dict()  # collective in DDP: every rank takes part

@@ -86,7 +86,10 @@ _NOTEBOOK_RUN = (("train.sample_every", 0), ("train.progress", False))
 # quarter of the pixels and, at patch 4, a quarter of the tokens of 32x32, so four times the steps per CPU hour.
 _CPU_RECIPE = (("diffusion.process", "edm"), ("diffusion.process_kwargs", {}), ("diffusion.prediction", "v"),
                ("diffusion.weighting", "edm"), ("sample.grid", "karras"), ("train.betas", (0.99, 0.999)),
-               ("data.image_size", 16))
+               ("data.image_size", 16),
+               # fp32 always: "auto" decides by a timing probe, which would make a run's numbers depend on the
+               # machine's load; bf16 does not pay at these widths on CPU (benchmarks/bench_notebook.py).
+               ("train.precision", "fp32"))
 PROFILES: dict[str, Profile] = {
     # Proves the plumbing in seconds; its numbers mean nothing.
     "smoke": Profile("smoke", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("data.dataset", "digits"),
