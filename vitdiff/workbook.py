@@ -74,6 +74,7 @@ class Profile:
     process = property(lambda self: self.recipe.diffusion.process)
     process_kwargs = property(lambda self: self.recipe.diffusion.process_kwargs)
     prediction = property(lambda self: self.recipe.diffusion.prediction)
+    weighting = property(lambda self: self.recipe.diffusion.weighting)
     sampler = property(lambda self: self.recipe.sample.sampler)
     sample_steps = property(lambda self: self.recipe.sample.steps)
     grid = property(lambda self: self.recipe.sample.grid)
