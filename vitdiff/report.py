@@ -60,6 +60,8 @@ def render(results: Path) -> str:
             if table.stem.endswith("_curves"):
                 continue
             frame = pd.read_csv(table)
+            if not {"variant", "seed", "params_M", "gflops"} <= set(frame.columns):
+                continue  # not a notebook's per-run rows (e.g. a record of probes): not a results table
             lines += ["", f"### {folder.name} — profile `{table.stem}`", ""]
             protocol = table.with_suffix(".json")
             if protocol.is_file():
