@@ -58,13 +58,10 @@ from typing import Callable
 import torch
 from torch import nn
 
+from .nn import check_choice
+
 PREDICTIONS = ("eps", "x0", "v")
 WEIGHTINGS = ("uniform", "min_snr", "edm")
-
-
-def _check_choice(kind: str, value: str, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {kind} {value!r}; choose one of {', '.join(map(repr, choices))}")
 
 
 def _bc(sigma: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -146,7 +143,7 @@ class DiscreteVP(NoiseProcess):
                  beta_end: float = 0.02,     # linear schedule: beta_T
                  cosine_s: float = 0.008,    # cosine schedule: offset s that keeps beta_1 from being tiny
                  max_beta: float = 0.999):   # cosine schedule: clip for the betas near t = T
-        _check_choice("beta schedule", schedule, ("linear", "cosine"))
+        check_choice("beta schedule", schedule, ("linear", "cosine"))
         if num_steps < 2:
             raise ValueError(f"num_steps must be >= 2, got {num_steps}")
         self.num_steps = num_steps
@@ -298,7 +295,7 @@ PROCESSES: dict[str, Callable[..., NoiseProcess]] = {
 
 def make_process(name: str, **kw) -> NoiseProcess:
     """Build a process by name: "ddpm-linear", "ddpm-cosine", "vp-sde" or "edm"."""
-    _check_choice("process", name, PROCESSES)
+    check_choice("process", name, PROCESSES)
     return PROCESSES[name](**kw)
 
 
@@ -312,7 +309,7 @@ def _v_coefficients(sigma: torch.Tensor, sigma_data: float):
 def prediction_target(x0: torch.Tensor, noise: torch.Tensor, sigma, prediction: str,
                       sigma_data: float = 1.0) -> torch.Tensor:
     """What a network of the given prediction type should output for x = x0 + sigma * noise."""
-    _check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("prediction", prediction, PREDICTIONS)
     if prediction == "eps":
         return noise
     if prediction == "x0":
@@ -324,7 +321,7 @@ def prediction_target(x0: torch.Tensor, noise: torch.Tensor, sigma, prediction: 
 def denoised_from_prediction(output: torch.Tensor, x: torch.Tensor, sigma, prediction: str,
                              sigma_data: float = 1.0) -> torch.Tensor:
     """x0_hat from a network output of the given prediction type at x (VE coordinates)."""
-    _check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("prediction", prediction, PREDICTIONS)
     if prediction == "x0":
         return output
     sigma = _bc(sigma, x)
@@ -349,8 +346,8 @@ def loss_weight(sigma: torch.Tensor, prediction: str, weighting: str, *, sigma_d
     x0: 1 and 1/sigma^2; v: c_out^2 and sigma_d^2/(sigma^2+sigma_d^2)), so every finite limit at
     sigma = 0 stays finite.
     """
-    _check_choice("prediction", prediction, PREDICTIONS)
-    _check_choice("weighting", weighting, WEIGHTINGS)
+    check_choice("prediction", prediction, PREDICTIONS)
+    check_choice("weighting", weighting, WEIGHTINGS)
     if weighting == "uniform":
         return torch.ones_like(sigma)
     if prediction == "eps":
@@ -424,6 +421,12 @@ class BaseDenoiser:
         return self.denoise(x, sigma, cond)[0]
 
 
+def preconditioned_output(model: nn.Module, process: NoiseProcess, x: torch.Tensor, sigma: torch.Tensor, cond=None):
+    """The backbone's raw output at noisy ``x``: the input scaled by c_in(sigma), the noise level given as the
+    process's model time (EDM's c_in and c_noise); what the denoiser and the loss both read."""
+    return model(x * _bc(process.input_scale(sigma), x), process.model_time(sigma), cond)
+
+
 class Denoiser(BaseDenoiser):
     """D(x, sigma, cond) -> x0_hat: a backbone wrapped with a process and a prediction type."""
 
@@ -431,13 +434,12 @@ class Denoiser(BaseDenoiser):
                  model: nn.Module,          # backbone: model(x_in, t, cond) -> output (see models/base.py)
                  process: NoiseProcess,     # supplies c_in, model_time and sigma_data
                  prediction: str = "eps"):  # how to read the backbone output: "eps", "x0" or "v"
-        _check_choice("prediction", prediction, PREDICTIONS)
+        check_choice("prediction", prediction, PREDICTIONS)
         self.model, self.process, self.prediction = model, process, prediction
 
     def denoise(self, x: torch.Tensor, sigma, cond=None):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
-        x_in = x * _bc(self.process.input_scale(sigma), x)
-        output = self.model(x_in, self.process.model_time(sigma), cond).to(x.dtype)
+        output = preconditioned_output(self.model, self.process, x, sigma, cond).to(x.dtype)
         output, variance_output = _split_output(self.model, output, x.shape[1])
         return denoised_from_prediction(output, x, sigma, self.prediction, self.process.sigma_data), variance_output
 
@@ -464,8 +466,8 @@ class DiffusionLoss:
                  cond_drop_prob: float = 0.0,  # chance of replacing cond by the null condition (trains CFG)
                  vlb_weight: float = 0.001):   # lambda of the hybrid loss for learn_sigma models (iDDPM, DiT: 0.001);
                                                # 0 trains the mean only and leaves the variance channels untrained
-        _check_choice("prediction", prediction, PREDICTIONS)
-        _check_choice("weighting", weighting, WEIGHTINGS)
+        check_choice("prediction", prediction, PREDICTIONS)
+        check_choice("weighting", weighting, WEIGHTINGS)
         if min_snr_gamma <= 0:
             raise ValueError(f"min_snr_gamma must be > 0, got {min_snr_gamma}")
         if not 0 <= cond_drop_prob < 1:
@@ -475,26 +477,31 @@ class DiffusionLoss:
         self.process, self.prediction, self.weighting = process, prediction, weighting
         self.min_snr_gamma, self.cond_drop_prob, self.vlb_weight = min_snr_gamma, cond_drop_prob, vlb_weight
 
+    def draw(self, batch: int, shape, *, generator: torch.Generator | None = None, device=None,
+             dtype=torch.float32) -> dict[str, torch.Tensor]:
+        """A batch's training randomness, always in this order: noise levels, noise of ``shape`` per example,
+        condition-drop flags (drawn even when nothing is dropped, so the order never depends on the config)."""
+        return {"sigma": self.process.sample_sigma(batch, generator=generator, device=device),
+                "noise": randn((batch, *shape), generator=generator, device=device, dtype=dtype),
+                "drop": rand((batch,), generator=generator, device=device) < self.cond_drop_prob}
+
     def __call__(self, model: nn.Module, x0: torch.Tensor, cond=None,
                  generator: torch.Generator | None = None) -> torch.Tensor:
-        batch = x0.shape[0]
-        sigma = self.process.sample_sigma(batch, generator=generator, device=x0.device)
-        noise = randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        draws = self.draw(x0.shape[0], x0.shape[1:], generator=generator, device=x0.device, dtype=x0.dtype)
         if self.cond_drop_prob > 0:
             if cond is None:
                 raise ValueError("cond_drop_prob > 0 but cond is None: condition dropout needs conditions; "
                                  "set cond_drop_prob=0 for unconditional training")
-            drop = rand((batch,), generator=generator, device=x0.device) < self.cond_drop_prob
-            cond = model.drop_cond(cond, drop)
-        return self.loss_at(model, x0, sigma, noise, cond)
+            cond = model.drop_cond(cond, draws["drop"])
+        return self.loss_at(model, x0, draws["sigma"], draws["noise"], cond)
 
     def loss_at(self, model: nn.Module, x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor,
                 cond=None) -> torch.Tensor:
         """The loss at given noise levels and noise (deterministic; what __call__ averages over)."""
         sigma_data = self.process.sigma_data
         x = x0 + _bc(sigma, x0) * noise
-        x_in = x * _bc(self.process.input_scale(sigma), x)
-        output, variance_output = _split_output(model, model(x_in, self.process.model_time(sigma), cond), x0.shape[1])
+        output = preconditioned_output(model, self.process, x, sigma, cond)
+        output, variance_output = _split_output(model, output, x0.shape[1])
         target = prediction_target(x0, noise, sigma, self.prediction, sigma_data)
         mse = (output.float() - target.float()).pow(2).flatten(1).mean(1)
         weight = loss_weight(sigma.float(), self.prediction, self.weighting, sigma_data=sigma_data,

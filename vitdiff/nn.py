@@ -15,6 +15,12 @@ from einops import rearrange
 from torch import nn
 
 
+def check_choice(name: str, value, choices) -> None:
+    """A named option must be one of its choices; the error lists them."""
+    if value not in choices:
+        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
+
+
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
     """Sinusoidal embedding of a (B,) float tensor, ``[cos | sin]`` halves (U-ViT and DiT order)."""
     half = dim // 2

@@ -36,8 +36,8 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from ..nn import Attention, Mlp, modulate, timestep_embedding
-from .vit import NORM_EPS, TokenBackbone, check_choice
+from ..nn import Attention, Mlp, check_choice, modulate, timestep_embedding
+from .vit import NORM_EPS, TokenBackbone
 
 SKIP_WIRINGS = ("last", "every_k", "none")
 DECODER_BLOCKS = ("window", "conv")

@@ -9,6 +9,18 @@ from __future__ import annotations
 import torch
 
 
+def _add_null_label_row(state: dict[str, torch.Tensor], key: str, num_classes: int | None) -> None:
+    """Append the null label's row (zeros: read only when guidance asks for it) to a label table that has
+    ``num_classes`` rows; one that already has ``num_classes + 1`` is kept."""
+    table = state.get(key)
+    if table is None or num_classes is None or table.shape[0] == num_classes + 1:
+        return
+    if table.shape[0] != num_classes:
+        raise ValueError(f"label table has {table.shape[0]} rows, expected {num_classes} or {num_classes + 1} "
+                         f"for num_classes={num_classes}")
+    state[key] = torch.cat([table, table.new_zeros(1, table.shape[1])])
+
+
 def convert_dit_state_dict(sd: dict[str, torch.Tensor], num_classes: int | None = None) -> dict[str, torch.Tensor]:
     """facebookresearch/DiT (``DiT-XL-2-256x256.pt`` etc.) -> :class:`vitdiff.models.dit.DiT`.
 
@@ -41,12 +53,7 @@ def convert_dit_state_dict(sd: dict[str, torch.Tensor], num_classes: int | None 
         if not torch.allclose(pos_embed, expected, atol=1e-5):
             raise ValueError("the checkpoint's pos_embed is not DiT's fixed 2-D sin-cos table, which vitdiff "
                              "recomputes; this checkpoint needs a model with a learned position embedding")
-    table = out.get("y_embedder.embedding_table.weight")
-    if table is not None and num_classes is not None and table.shape[0] != num_classes + 1:
-        if table.shape[0] != num_classes:
-            raise ValueError(f"label table has {table.shape[0]} rows, expected {num_classes} or {num_classes + 1} "
-                             f"for num_classes={num_classes}")
-        out["y_embedder.embedding_table.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])])
+    _add_null_label_row(out, "y_embedder.embedding_table.weight", num_classes)
     return out
 
 
@@ -77,12 +84,7 @@ def convert_uvit_state_dict(sd: dict[str, torch.Tensor], num_classes: int | None
     if "context_embed.weight" in out:
         pos = out["pos_embed"]
         out["pos_embed"] = torch.cat([pos[:, 1:1 + context_len], pos[:, :1], pos[:, 1 + context_len:]], dim=1)
-    table = out.get("label_emb.weight")
-    if table is not None and num_classes is not None and table.shape[0] != num_classes + 1:
-        if table.shape[0] != num_classes:
-            raise ValueError(f"label table has {table.shape[0]} rows, expected {num_classes} or {num_classes + 1} "
-                             f"for num_classes={num_classes}")
-        out["label_emb.weight"] = torch.cat([table, table.new_zeros(1, table.shape[1])])
+    _add_null_label_row(out, "label_emb.weight", num_classes)
     return out
 
 

@@ -31,7 +31,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..nn import Attention, CrossAttention, Mlp, make_norm, modulate, sincos_pos_embed_2d, timestep_embedding, unpatchify
+from ..nn import (Attention, CrossAttention, Mlp, check_choice, make_norm, modulate, sincos_pos_embed_2d,
+                  timestep_embedding, unpatchify)
 from .base import DiffusionBackbone
 
 CONDITIONINGS = ("token", "adaln", "adaln_zero")
@@ -41,11 +42,6 @@ HEADS = ("linear", "linear_conv")
 NORMS = ("layernorm", "rmsnorm")
 TEXT_MODES = ("tokens", "cross_attn")
 NORM_EPS = 1e-5  # torch's LayerNorm default, which U-ViT uses
-
-
-def check_choice(name: str, value, choices: Sequence) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not one of {', '.join(map(repr, choices))}")
 
 
 class PatchEmbed(nn.Module):
