@@ -263,10 +263,7 @@ class Trainer:
         """
         generator = step_generator(self.config.train.seed, self.step, self.device)
         total = self.config.data.batch_size
-        drop_prob = self.config.diffusion.cond_drop_prob
-        draws = {"sigma": self.process.sample_sigma(total, generator=generator, device=self.device),
-                 "noise": torch.randn((total, *x_shape[1:]), generator=generator, device=self.device),
-                 "drop": torch.rand(total, generator=generator, device=self.device) < drop_prob}
+        draws = self.loss_fn.draw(total, x_shape[1:], generator=generator, device=self.device)
         rows = torch.arange(total, device=self.device).view(self.config.train.accumulate, -1)
         rows = rows[:, self.rank::self.world_size]
         return {name: value[rows] for name, value in draws.items()}
