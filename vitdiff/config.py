@@ -397,7 +397,7 @@ def _validate(config: Config) -> None:
     non_finite = [f"{name}.{key}" for name in SECTIONS for key, value in vars(getattr(config, name)).items()
                   if isinstance(value, float) and not math.isfinite(value)]
     if non_finite:
-        raise ConfigError(f"{', '.join(non_finite)} must be finite numbers (inf and nan train nothing)")
+        raise ConfigError(f"{', '.join(non_finite)} must be finite (inf or nan given)")
     train, sample, evaluation = config.train, config.sample, config.eval
     checks = [
         (train.steps >= 0, "train.steps must be >= 0"),
