@@ -289,7 +289,9 @@ class Trainer:
     def _check_compatible(self, saved: dict) -> dict[str, tuple[Any, Any]]:
         """The changed keys ({key: (saved, now)}) if all are in RESUMABLE_CHANGES; else a ConfigError listing the rest.
         Keys a checkpoint predates count with their defaults."""
-        before = {**_flatten(Config().to_dict()), **_flatten(saved)}
+        defaults = Config().to_dict()
+        before = _flatten({**defaults, **{key: {**defaults[key], **value} if isinstance(defaults.get(key), dict) else value
+                                          for key, value in saved.items()}})
         now = _flatten(self.config.to_dict())
         changed = {key: (before.get(key, "<unset>"), now.get(key, "<unset>")) for key in sorted({*before, *now})
                    if before.get(key, "<unset>") != now.get(key, "<unset>")}
