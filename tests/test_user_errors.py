@@ -153,3 +153,16 @@ def test_a_real_process_prints_one_line(argv, workspace):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr, result.stderr
+
+
+def test_ddp_launch_reports_a_user_error_in_one_line(workspace):
+    """`vitdiff train --nproc-per-node 2`: each rank stops on the bad config, rank 0 says why, and torchrun's
+    ChildFailedError report is not added."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    env.pop(DEBUG_ENV, None)
+    result = subprocess.run([sys.executable, "-m", "vitdiff.cli", "train", "--nproc-per-node", "2",
+                             str(workspace / "tiny.yaml"), "lr=.inf", f"out_dir={workspace / 'new-run'}"],
+                            env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines() == ["vitdiff train: train.lr must be finite (inf or nan given)"], \
+        result.stderr[-3000:]

@@ -62,8 +62,35 @@ def run_command(prog: str, command: Callable[[], int | None]) -> int:
         message = user_error_message(error)
         if message is None or os.environ.get(DEBUG_ENV, "") not in ("", "0"):
             raise
-        print(f"{prog}: {message}", file=sys.stderr)
+        if not in_worker_rank():
+            print(f"{prog}: {message}", file=sys.stderr)
         return getattr(error, "exit_status", 2)
+
+
+def launch_ranks(module: str, argv: list[str], nproc_per_node: int) -> int:
+    """``torchrun --standalone --nproc-per-node=N -m module argv`` in this process, without torchrun's multi-screen
+    failure report: a rank that stops on a user error has printed its line (exit status 2 or 3), so nothing is added;
+    another failure adds one line naming the rank (its traceback is above)."""
+    import logging
+
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    logging.getLogger("torch.distributed.elastic").setLevel(logging.CRITICAL)
+    try:
+        run(get_args_parser().parse_args(["--standalone", f"--nproc-per-node={nproc_per_node}", "-m", module, *argv]))
+    except ChildFailedError as error:
+        rank, failure = error.get_first_failure()
+        if failure.exitcode in (2, 3):
+            return failure.exitcode
+        print(f"{module}: rank {rank} failed with exit status {failure.exitcode} (see above)", file=sys.stderr)
+        return failure.exitcode if failure.exitcode > 0 else 1
+    return 0
+
+
+def in_worker_rank() -> bool:
+    """A rank other than 0 of a torchrun job: it leaves the report of a user error every rank shares to rank 0."""
+    return os.environ.get("RANK", "0") != "0"
 
 
 def usage() -> str:

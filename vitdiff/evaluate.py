@@ -74,7 +74,7 @@ def evaluate(args: argparse.Namespace) -> int:
     prompts = test_captions(config) if getattr(model, "takes_token_ids", False) else None
 
     if metric == "nll":
-        name, value, reference = "NLL-bpd", nll_on_test_split(model, process, config, n, args), f"{dataset}:test"
+        name, value, reference = "NLL-bpd", nll_on_test_split(model, process, config, n, args, device), f"{dataset}:test"
         protocol = dict(sampler="probability-flow ODE, RK4, Hutchinson trace", steps=args.nll_steps, guidance=None,
                         guidance_convention=None)
     else:
@@ -138,7 +138,7 @@ def fid(images: torch.Tensor, config, reference_file: Path | None, weights: Path
     return "FID", compute_fid(images, real, weights_path=weights, device=device), reference
 
 
-def nll_on_test_split(model, process, config, n: int, args) -> float:
+def nll_on_test_split(model, process, config, n: int, args, device) -> float:
     from .data import make_dataset
     from .likelihood import nll_bits_per_dim
 
@@ -150,7 +150,6 @@ def nll_on_test_split(model, process, config, n: int, args) -> float:
 
     from .build import batch_condition
 
-    device = resolve_device(args.device)
     generator = torch.Generator(device).manual_seed(args.seed)
     total = 0.0
     for start in range(0, n, args.batch_size):

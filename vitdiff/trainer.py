@@ -545,10 +545,17 @@ def main(argv: list[str] | None = None) -> int:
         prog="vitdiff train", description="Train a backbone from an experiments/*.yaml config.",
         epilog="Overrides are key=value with YAML values, e.g. steps=2000 train.lr=1e-4 data.batch_size=64 "
                "tiny=true (CPU-sized run of the same experiment) resume=true. "
-               "DDP: torchrun --nproc_per_node=N -m vitdiff.trainer CONFIG ...")
+               "DDP: vitdiff train --nproc-per-node=N CONFIG ... (one machine), or torchrun --nproc_per_node=N "
+               "-m vitdiff.trainer CONFIG ...")
     parser.add_argument("config", help="experiment YAML (experiments/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="DDP on this machine: launch this many ranks (torchrun --standalone)")
     args = parser.parse_args(argv)
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:
+        from .cli import launch_ranks
+
+        return launch_ranks("vitdiff.trainer", [args.config, *args.overrides], args.nproc_per_node)
 
     def train() -> int:
         try:
