@@ -136,7 +136,7 @@ def test_guidance_ranges_per_convention():
 
 
 def test_debug_shows_the_traceback(workspace, monkeypatch):
-    monkeypatch.delenv(DEBUG_ENV, raising=False)
+    monkeypatch.setenv(DEBUG_ENV, "0")  # off, and restored after the test (--debug sets it for child processes)
     with pytest.raises(FileNotFoundError):
         vitdiff(["--debug", "sample", str(workspace / "missing.pt")])
     monkeypatch.setenv(DEBUG_ENV, "1")

@@ -108,6 +108,24 @@ def check_image_path(path: Path, what: str) -> None:
                           "(or .jpg, .webp)")
 
 
+def check_grid_arguments(args: argparse.Namespace) -> None:
+    """`vitdiff sample`'s own options, checked before anything is loaded."""
+    if not 1 <= args.n <= MAX_GRID_IMAGES:
+        raise ConfigError(f"--n must lie in 1..{MAX_GRID_IMAGES} (one grid image), got {args.n}: for many samples, "
+                          "run `vitdiff eval`, or call vitdiff.generate.generate in batches")
+    check_sampling_arguments(args)
+    if args.out is not None:
+        check_image_path(args.out, "--out")
+
+
+def check_against_checkpoint(args: argparse.Namespace, model, config, checkpoint: Path) -> None:
+    """What depends on the loaded checkpoint: the guidance its model can take, where the grid goes by default."""
+    if args.guidance is not None:
+        check_guidance_for(model, config, args.guidance)
+    if args.out is None:
+        check_writable(checkpoint.parent, "the checkpoint's directory (the grid's place without --out)", directory=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vitdiff sample", description=DESCRIPTION, formatter_class=HelpFormatter)
     add_sampling_arguments(parser)
@@ -122,29 +140,24 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def sample_grid(args: argparse.Namespace) -> int:
-    if not 1 <= args.n <= MAX_GRID_IMAGES:
-        raise ConfigError(f"--n must lie in 1..{MAX_GRID_IMAGES} (one grid image), got {args.n}: for many samples, "
-                          "run `vitdiff eval`, or call vitdiff.generate.generate in batches")
-    check_sampling_arguments(args)
-    device = resolve_device(args.device)
+    check_grid_arguments(args)
 
     from torchvision.utils import save_image
 
     from .generate import generate, load_for_inference
 
+    device = resolve_device(args.device)
     model, process, config, state, checkpoint = load_for_inference(args.checkpoint, ema=args.ema, device=device)
+    check_against_checkpoint(args, model, config, checkpoint)
     prompts = checkpoint_prompts(model, state, args.prompts)
     if prompts is None and args.prompts:
         raise ConfigError(f"--prompt: this checkpoint's model ({config.model.preset} on {config.data.dataset}) "
                           "takes no text")
-    if args.guidance is not None:
-        check_guidance_for(model, config, args.guidance)
     sampler = args.sampler or config.sample.sampler
     steps = args.steps or config.sample.steps
-    out = args.out or checkpoint.parent / f"grid_{sampler}{steps}_seed{args.seed}.png"
-    check_image_path(out, "--out" if args.out else "the default output")
     images = generate(model, process, config, n=args.n, batch_size=args.batch_size, seed=args.seed, device=device,
                       sampler=sampler, steps=steps, guidance=args.guidance, prompts=prompts, progress=True)
+    out = args.out or checkpoint.parent / f"grid_{sampler}{steps}_seed{args.seed}.png"
     out.parent.mkdir(parents=True, exist_ok=True)
     save_image((images + 1) / 2, out, nrow=math.ceil(math.sqrt(args.n)))
     about = f", prompts {prompts[:3]}{' ...' if len(prompts) > 3 else ''}" if prompts else ""
