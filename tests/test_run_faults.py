@@ -154,3 +154,31 @@ def test_full_disk_during_training_is_one_line_and_keeps_the_checkpoint(tmp_path
     monkeypatch.undo()
     assert steps_of(tmp_path / "run") == (2, 1)
     assert sorted(p.name for p in (tmp_path / "run").iterdir() if p.name.startswith(".last")) == []
+
+
+def test_kill_9_mid_run_then_resume(tmp_path):
+    """A real SIGKILL while training and saving every step: the lock dies with the process, the next run cleans up,
+    resumes from a whole checkpoint and keeps one metrics record per step."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    run = tmp_path / "run"
+    process = subprocess.Popen([sys.executable, "-m", "vitdiff.trainer", str(config_file(tmp_path)), f"out_dir={run}",
+                                "steps=100000"], stderr=subprocess.DEVNULL,
+                               env={**os.environ, "OMP_NUM_THREADS": "1",
+                                    "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    deadline = time.monotonic() + 120
+    while not ((run / "metrics.jsonl").exists() and len((run / "metrics.jsonl").read_text().splitlines()) >= 5):
+        assert process.poll() is None and time.monotonic() < deadline, "the training run did not start"
+        time.sleep(0.05)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    resumed = trainer(tmp_path, "steps=100000")
+    assert resumed.step >= 4 and not list(run.glob(".*.tmp-*"))
+    resumed.config.train.steps = resumed.step + 2
+    resumed.fit()
+    steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert steps == list(range(1, resumed.step + 1))

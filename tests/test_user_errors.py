@@ -36,6 +36,8 @@ def workspace(tmp_path_factory):
     (root / "afile").write_text("not a directory")
     (root / "empty").mkdir()
     Trainer(load_config(root / "tiny.yaml", [f"out_dir={root / 'run'}"])).fit()
+    Trainer(load_config(root / "tiny.yaml", [f"out_dir={root / 'conditional'}", "model.num_classes=10",
+                                             "diffusion.cond_drop_prob=0.1"])).fit()
     return root
 
 
@@ -78,6 +80,8 @@ BAD_INPUTS = {
     "sample-guidance-negative": ([*SAMPLE, "--guidance", "-1"], "not a guidance scale"),
     "sample-guidance-nan": ([*SAMPLE, "--guidance", "nan"], "--guidance must be a finite number"),
     "sample-guidance-unconditional": ([*SAMPLE, "--guidance", "3"], "model is unconditional"),
+    "sample-guidance-negative-conditional": (["sample", "{root}/conditional", "--n", "2", "--guidance", "-1"],
+                                             "not a guidance scale"),
     "sample-device-nonsense": ([*SAMPLE, "--device", "nonsense"], "is not a torch device"),
     "sample-n-0": ([*SAMPLE[:2], "--n", "0"], r"--n must lie in 1\.\.4096"),
     "sample-n-huge": ([*SAMPLE[:2], "--n", "1000000000"], r"--n must lie in 1\.\.4096"),
@@ -166,3 +170,9 @@ def test_ddp_launch_reports_a_user_error_in_one_line(workspace):
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == ["vitdiff train: train.lr must be finite (inf or nan given)"], \
         result.stderr[-3000:]
+
+
+def test_guidance_on_a_conditional_model_still_works(workspace, tmp_path):
+    assert vitdiff(["sample", str(workspace / "conditional"), "--n", "2", "--steps", "1", "--guidance", "2",
+                    "--out", str(tmp_path / "guided.png")]) == 0
+    assert (tmp_path / "guided.png").is_file()
