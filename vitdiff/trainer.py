@@ -24,7 +24,8 @@ Design:
   ``fit``; a second trainer on the same directory stops with the holder's pid.
 * **Resume refuses a changed recipe.** Only the keys in :data:`RESUMABLE_CHANGES`
   may differ from the checkpoint's config (``train.lr`` is applied to the
-  restored optimizer); any other difference is listed and the run stops.
+  restored optimizer, ``train.grad_clip`` at the next step); any other
+  difference is listed and the run stops.
 * **EMA warm-up.** The EMA decay after n updates is min(decay, (1+n)/(10+n)),
   so the EMA of a 300-step notebook run is already a usable model.
 * **Stopping is safe.** SIGINT / SIGTERM set a flag; the loop saves a checkpoint
@@ -75,10 +76,11 @@ from .config import Config, ConfigError, UserError
 from .generate import generate
 
 # Config keys a resumed run may change: bookkeeping, numerics-preserving switches, where the data lies, the lr (set
-# on the restored optimizer), and the sample/eval sections (prefixes), which do not touch training. Every other key
-# must equal the checkpoint's.
-RESUMABLE_CHANGES = ("name", "out_dir", "resume", "profile", "train.steps", "train.lr", "train.log_every",
-                     "train.ckpt_every", "train.sample_every", "train.progress", "train.max_consecutive_skips",
+# on the restored optimizer) and gradient clipping (the ways out of a divergence), and the sample/eval sections
+# (prefixes), which do not touch training. Every other key must equal the checkpoint's.
+RESUMABLE_CHANGES = ("name", "out_dir", "resume", "profile", "train.steps", "train.lr", "train.grad_clip",
+                     "train.log_every", "train.ckpt_every", "train.sample_every", "train.progress",
+                     "train.max_consecutive_skips",
                      "train.compile", "train.grad_checkpointing", "data.root", "data.num_workers", "sample.", "eval.")
 
 
@@ -476,8 +478,8 @@ class Trainer:
     def _diverged(self, reason: str) -> TrainingDiverged:
         found = ckpt.latest_path(self.out_dir)
         kept = f"the last good checkpoint {found} is kept" if found else "no checkpoint was saved"
-        return TrainingDiverged(f"training diverged at step {self.step}: {reason}; {kept}. Lower train.lr (it may "
-                                "change on resume) or set train.grad_clip, then run again")
+        return TrainingDiverged(f"training diverged at step {self.step}: {reason}; {kept}. Run again with a lower "
+                                "train.lr or a train.grad_clip (both may change on resume)")
 
     def save_samples(self) -> Path | None:
         """A grid from the EMA model; seeded and RNG-neutral, so it does not perturb training."""
