@@ -182,3 +182,33 @@ def test_kill_9_mid_run_then_resume(tmp_path):
     resumed.fit()
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, resumed.step + 1))
+
+
+def test_a_run_directory_that_turns_unwritable_is_one_line(tmp_path, monkeypatch, capsys):
+    import errno
+
+    import vitdiff.trainer as trainer_module
+
+    def denied(path, *args, **kwargs):
+        raise PermissionError(errno.EACCES, "Permission denied", str(path))
+
+    monkeypatch.setattr(trainer_module, "open", denied, raising=False)  # the metrics log, after training started
+    code = vitdiff(["train", str(config_file(tmp_path)), f"out_dir={tmp_path / 'run'}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert err[0] == (f"vitdiff train: Permission denied: {tmp_path / 'run' / 'metrics.jsonl'} "
+                      "(fix its permissions or choose another location)")
+
+
+def test_os_errors_name_the_path_and_the_cause():
+    import errno
+    import os
+
+    from vitdiff.cli import user_error_message
+
+    full = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/runs/x/metrics.jsonl")
+    assert user_error_message(full) == ("No space left on device: /runs/x/metrics.jsonl (free space on that disk or "
+                                        "write elsewhere)")
+    read_only = OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/grid.png")
+    assert "Read-only file system: /mnt/ro/grid.png" in user_error_message(read_only)
+    assert user_error_message(RuntimeError("a bug")) is None  # not a user error: keeps its traceback
