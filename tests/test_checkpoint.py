@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import pickle
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -35,10 +36,49 @@ def test_crash_while_writing_keeps_the_last_good_checkpoint(tmp_path, monkeypatc
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", save_half_then_die)
-    with pytest.raises(OSError, match="disk full"):
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write checkpoint .*last\.pt \(disk full; \d+ MiB free"):
         ckpt.save_checkpoint(state(2), tmp_path)
     assert ckpt.load_latest(tmp_path)[0]["step"] == 1
     assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def test_torch_write_error_of_a_full_disk_names_the_cause(tmp_path, monkeypatch):
+    """torch reports ENOSPC as "[enforce fail at inline_container.cc] . unexpected pos": the message says disk."""
+    ckpt.save_checkpoint(state(1), tmp_path)
+
+    def disk_full(obj, handle, *args, **kwargs):
+        handle.write(b"partial")
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4096 vs 4000")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda path: type("Usage", (), {"free": 0})())
+    with pytest.raises(ckpt.CheckpointError, match=r"unexpected pos .*a full disk is the usual cause; 0 MiB free"):
+        ckpt.save_checkpoint(state(2), tmp_path)
+    assert ckpt.load_latest(tmp_path)[0]["step"] == 1
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def test_non_finite_weights_are_never_saved(tmp_path):
+    ckpt.save_checkpoint(state(1), tmp_path)
+    ckpt.save_checkpoint(state(2), tmp_path)
+    for bad in (float("nan"), float("inf")):
+        diverged = state(3)
+        diverged["ema"] = {"module.weight": torch.tensor([1.0, bad])}
+        with pytest.raises(ckpt.NonFiniteStateError, match=r"ema\.module\.weight.*last good checkpoint stays"):
+            ckpt.save_checkpoint(diverged, tmp_path)
+    assert ckpt.load_checkpoint(tmp_path / "last.pt")["step"] == 2
+    assert ckpt.load_checkpoint(tmp_path / "last.prev.pt")["step"] == 1
+
+
+def test_zero_length_last_falls_back_to_the_previous_checkpoint(tmp_path):
+    ckpt.save_checkpoint(state(1), tmp_path)
+    ckpt.save_checkpoint(state(2), tmp_path)
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(ckpt.CorruptCheckpointError, match="corrupt or truncated"):
+        ckpt.load_checkpoint(tmp_path / "last.pt")
+    with pytest.warns(UserWarning, match="using the previous checkpoint"):
+        loaded, path = ckpt.load_latest(tmp_path)
+    assert loaded["step"] == 1 and path.name == "last.prev.pt"
 
 
 def test_crash_between_the_renames_falls_back_to_the_previous_checkpoint(tmp_path, monkeypatch):
@@ -126,3 +166,33 @@ def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
     ckpt.restore_rng_state(ckpt.load_checkpoint(tmp_path / "last.pt")["rng"])
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
+
+
+def test_run_directory_lock_names_its_holder_and_dies_with_it(tmp_path):
+    held = ckpt.lock_run_directory(tmp_path / "run")
+    with pytest.raises(ckpt.RunLockedError, match=rf"in use by another training run \(pid {os.getpid()} on "):
+        ckpt.lock_run_directory(tmp_path / "run")
+    held.close()
+    ckpt.lock_run_directory(tmp_path / "run").close()
+
+    # A holder killed with SIGKILL cannot clean up: the kernel releases the lock.
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", "import sys, time; from vitdiff import checkpoint as c; "
+                               f"h = c.lock_run_directory({str(tmp_path / 'run')!r}); print('held', flush=True); "
+                               "time.sleep(60)"], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    assert holder.stdout.readline().strip() == "held"
+    with pytest.raises(ckpt.RunLockedError, match=rf"pid {holder.pid} "):
+        ckpt.lock_run_directory(tmp_path / "run")
+    holder.kill()
+    holder.wait()
+    ckpt.lock_run_directory(tmp_path / "run").close()
+
+
+def test_stale_temporaries_are_removed(tmp_path):
+    ckpt.save_checkpoint(state(1), tmp_path)
+    (tmp_path / ".last.pt.tmp-999999").write_bytes(b"x" * 1000)  # what kill -9 during a save leaves
+    assert [p.name for p in ckpt.remove_stale_temporaries(tmp_path)] == [".last.pt.tmp-999999"]
+    assert sorted(os.listdir(tmp_path)) == ["last.pt"]

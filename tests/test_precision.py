@@ -1,6 +1,7 @@
 """train.precision: bf16 training on CPU agrees with fp32 within seed noise; `auto` chooses by device and speed."""
 from __future__ import annotations
 
+import gc
 import json
 import math
 import time
@@ -48,13 +49,24 @@ def test_bf16_loss_curve_agrees_with_fp32_within_seed_noise(tmp_path):
     assert precision_gap < seed_gap, f"bf16 vs fp32 {precision_gap:.4f}, seed 1 vs seed 0 {seed_gap:.4f}"
 
 
-def test_resume_keeps_the_chosen_precision(tmp_path):
+def test_resume_keeps_the_chosen_precision(tmp_path, monkeypatch):
+    """auto decides once, at the first step; a resumed run keeps that choice whatever a new probe would say
+    (resume stays bit-exact), and a changed train.precision is refused like any other recipe change."""
     raw = {**AGREEMENT_RUN, "out_dir": str(tmp_path / "run"),
-           "train": {**AGREEMENT_RUN["train"], "steps": 2, "precision": "bf16"}}
-    Trainer(Config.from_dict(raw), progress=False).fit()
-    raw["train"] = {**raw["train"], "steps": 3, "precision": "auto"}
+           "train": {**AGREEMENT_RUN["train"], "steps": 2, "precision": "auto"}}
+    monkeypatch.setattr(precision_module, "resolve_precision", lambda *args: "bf16")
+    first = Trainer(Config.from_dict(raw), progress=False)
+    first.fit()
+    assert first.precision == "bf16"
+    monkeypatch.setattr(precision_module, "resolve_precision", lambda *args: "fp32")
+    raw["train"] = {**raw["train"], "steps": 3}
     resumed = Trainer(Config.from_dict(raw), progress=False)
     assert resumed.step == 2 and resumed.precision == "bf16"
+    del resumed  # a trainer holds its run directory's lock until it is gone
+    gc.collect()
+    raw["train"] = {**raw["train"], "precision": "fp32"}
+    with pytest.raises(ConfigError, match="train.precision saved 'auto', now 'fp32'"):
+        Trainer(Config.from_dict(raw), progress=False)
 
 
 def test_precision_setting_and_the_old_bf16_key(tmp_path):

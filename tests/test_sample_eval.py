@@ -60,7 +60,7 @@ def test_eval_saves_the_number_with_its_protocol(run_dir, tmp_path):
     assert nll["metric"] == "NLL-bpd" and nll["label"] == "NLL-bpd@4" and nll["value"] > 0
     assert nll["reference"] == "digits:test" and nll["steps"] == 2
     assert fd["metric"] == FD_METRIC_NAMES["digits"] and fd["label"] == f"{FD_METRIC_NAMES['digits']}@16"
-    assert fd["value"] > 0 and fd["reference"] == "digits:train"
+    assert fd["value"] > 0 and fd["reference"] == "digits:train at 8x8"  # the reference at the samples' size
     assert (fd["sampler"], fd["steps"], fd["guidance"], fd["guidance_convention"], fd["seed"]) == ("dpmpp_2m", 2, 1.0,
                                                                                                   "dit", 3)
     assert fd["checkpoint"] == str((run_dir / "last.pt").resolve())

@@ -27,6 +27,8 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -106,6 +108,7 @@ class TrainConfig:
     seed: int = 0
     log_every: int = 100
     ckpt_every: int = 5000
+    max_consecutive_skips: int = 10    # this many non-finite steps in a row stop the run as diverged
     sample_every: int = 10_000         # 0: never
     progress: bool = True              # tqdm bar (rank 0)
 
@@ -185,8 +188,40 @@ class Config:
         return config
 
 
-class ConfigError(ValueError):
-    pass
+class UserError(Exception):
+    """Something the user can fix: the ``vitdiff`` commands print its message (no traceback) and exit with
+    ``exit_status`` (:func:`vitdiff.cli.run_command`)."""
+    exit_status = 2
+
+
+class ConfigError(UserError, ValueError):
+    """A config value, command-line argument or path that cannot work."""
+
+
+def check_writable(path: str | Path, what: str, *, directory: bool) -> None:
+    """Raise :class:`ConfigError` unless ``path`` can be written as a ``directory`` (else a file), before any work."""
+    path = Path(path).expanduser()
+    kind = "a directory" if directory else "a file"
+    if path.exists() and path.is_dir() != directory:
+        raise ConfigError(f"{what} {path} exists and is not {kind}: pass {kind} path")
+    existing = path
+    while not existing.exists():  # the part that exists decides: the rest is created
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise ConfigError(f"{what} {path} lies under {existing}, which is a file: choose another location")
+    if not os.access(existing, os.W_OK | (os.X_OK if existing.is_dir() else 0)):
+        raise ConfigError(f"{what} {path}: {existing} is not writable (read-only file system or no permission): "
+                          "choose another location")
+
+
+def check_guidance(guidance: float, convention: str, what: str) -> None:
+    """A guidance scale must be finite and at least 'unconditional' (w >= 0 in the dit convention, s >= -1 in uvit);
+    anything lower pushes samples away from their condition."""
+    lowest = {"dit": 0.0, "uvit": -1.0}.get(convention, 0.0)
+    if not (math.isfinite(guidance) and guidance >= lowest):
+        raise ConfigError(f"{what}={guidance} is not a guidance scale: in the {convention!r} convention it must be a "
+                          f"finite number >= {lowest:g} ({lowest:g}: unconditional, "
+                          f"{1.0 + lowest:g}: conditional without guidance)")
 
 
 def load_config(path: str | Path | None = None, overrides: list[str | tuple[str, Any]] | None = None, *,
@@ -231,7 +266,17 @@ def load_config(path: str | Path | None = None, overrides: list[str | tuple[str,
     _validate(config)
     if config.out_dir is None:
         config.out_dir = str(Path("runs") / (config.name + ("-tiny" if config.profile == "tiny" else "")))
+    _check_paths(config)
     return config
+
+
+def _check_paths(config: Config) -> None:
+    """What training will read and write exists and is writable, so a run fails before it starts, not at its first
+    save. (Only here: a checkpoint's config names the paths of the machine it was trained on.)"""
+    check_writable(config.out_dir, "out_dir", directory=True)
+    if config.data.root is not None and not Path(config.data.root).expanduser().exists():
+        raise ConfigError(f"data.root={config.data.root} does not exist: point it at the data set's folder, or "
+                          "set data.root=null for the default location")
 
 
 # -- parsing -------------------------------------------------------------------
@@ -377,7 +422,11 @@ def _coerce(cls: type, key: str, value: Any, dotted: str) -> Any:
 
 
 def _validate(config: Config) -> None:
-    train = config.train
+    non_finite = [f"{name}.{key}" for name in SECTIONS for key, value in vars(getattr(config, name)).items()
+                  if isinstance(value, float) and not math.isfinite(value)]
+    if non_finite:
+        raise ConfigError(f"{', '.join(non_finite)} must be finite (inf or nan given)")
+    train, sample, evaluation = config.train, config.sample, config.eval
     checks = [
         (train.steps >= 0, "train.steps must be >= 0"),
         (train.lr > 0, "train.lr must be > 0"),
@@ -388,6 +437,10 @@ def _validate(config: Config) -> None:
         (train.accumulate >= 1, "train.accumulate must be >= 1"),
         (train.precision in PRECISIONS, f"train.precision must be one of {', '.join(PRECISIONS)}"),
         (min(train.log_every, train.ckpt_every) >= 1, "train.log_every and train.ckpt_every must be >= 1"),
+        (train.max_consecutive_skips >= 1, "train.max_consecutive_skips must be >= 1"),
+        (min(sample.steps, sample.n) >= 1, "sample.steps and sample.n must be >= 1"),
+        (evaluation.n >= 1 and (evaluation.steps is None or evaluation.steps >= 1),
+         "eval.n must be >= 1 and eval.steps >= 1 or null"),
         (train.sample_every >= 0, "train.sample_every must be >= 0 (0: never)"),
         (config.data.batch_size >= 1, "data.batch_size must be >= 1"),
         (0 <= config.diffusion.cond_drop_prob < 1, "diffusion.cond_drop_prob must lie in [0, 1)"),
@@ -413,3 +466,6 @@ def _validate(config: Config) -> None:
     for ok, message in checks:
         if not ok:
             raise ConfigError(message)
+    check_guidance(sample.guidance, sample.guidance_convention, "sample.guidance")
+    if evaluation.guidance is not None:
+        check_guidance(evaluation.guidance, sample.guidance_convention, "eval.guidance")

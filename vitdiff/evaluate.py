@@ -5,7 +5,10 @@ import argparse
 import sys
 from pathlib import Path
 
-from .config import METRICS
+from .cli import run_command
+from .config import METRICS, ConfigError, check_writable
+
+MAX_SAMPLES = 50_000  # FID-50K, the largest standard protocol; the samples are held in memory
 
 DESCRIPTION = """One number for a checkpoint, saved with the protocol that produced it.
 
@@ -21,7 +24,7 @@ step) is appended to --results."""
 
 
 def main(argv: list[str] | None = None) -> int:
-    from .sample_cli import HelpFormatter, add_sampling_arguments, resolve_device
+    from .sample_cli import HelpFormatter, add_sampling_arguments
 
     parser = argparse.ArgumentParser(prog="vitdiff eval", description=DESCRIPTION, formatter_class=HelpFormatter)
     add_sampling_arguments(parser)
@@ -34,19 +37,35 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inception-weights", type=Path, help="FID: the local Inception-v3 weights file")
     parser.add_argument("--nll-steps", type=int, default=100, help="nll: RK4 steps of the probability-flow ODE")
     args = parser.parse_args(argv)
+    return run_command("vitdiff eval", lambda: evaluate(args))
 
+
+def evaluate(args: argparse.Namespace) -> int:
     from .generate import generate, load_for_inference
-    from .metrics import InceptionWeightsNotFound, MetricResult, save_result
+    from .metrics import MetricResult, save_result
+    from .sample_cli import check_guidance_for, check_sampling_arguments, resolve_device
 
+    if args.n is not None and not 1 <= args.n <= MAX_SAMPLES:
+        raise ConfigError(f"--n must lie in 1..{MAX_SAMPLES} (the samples are held in memory), got {args.n}")
+    if args.nll_steps < 1:
+        raise ConfigError(f"--nll-steps must be >= 1, got {args.nll_steps}")
+    check_sampling_arguments(args)
+    if args.results is not None:
+        check_writable(args.results, "--results", directory=False)
     device = resolve_device(args.device)
     model, process, config, state, checkpoint = load_for_inference(args.checkpoint, ema=args.ema, device=device)
     metric = args.metric or config.eval.metric
     if metric not in METRICS:
-        parser.error(f"the config's eval.metric {metric!r} is not one of {METRICS}: pass --metric")
-    n = args.n or config.eval.n
+        raise ConfigError(f"the config's eval.metric {metric!r} is not one of {METRICS}: pass --metric")
+    n = args.n if args.n is not None else config.eval.n
+    if n > MAX_SAMPLES:
+        raise ConfigError(f"the config's eval.n={n} is above {MAX_SAMPLES} (the samples are held in memory): pass --n")
     sampler = args.sampler or config.eval.sampler or config.sample.sampler
     steps = args.steps or config.eval.steps or config.sample.steps
     guidance = next(g for g in (args.guidance, config.eval.guidance, config.sample.guidance) if g is not None)
+    check_guidance_for(model, config, guidance)
+    results = args.results or checkpoint.parent / "results.jsonl"
+    check_writable(results, "--results", directory=False)
     dataset = config.data.dataset
     reference_file = args.reference or (Path(config.eval.reference) if config.eval.reference else None)
     protocol = dict(sampler=sampler, steps=steps, guidance=guidance,
@@ -64,18 +83,13 @@ def main(argv: list[str] | None = None) -> int:
         if metric == "fd-clf":
             name, value, reference = fd_clf(images, config, reference_file)
         else:
-            try:
-                name, value, reference = fid(images, config, reference_file, args.inception_weights, device)
-            except InceptionWeightsNotFound as error:
-                print(f"vitdiff eval: {error}", file=sys.stderr)
-                return 2
+            name, value, reference = fid(images, config, reference_file, args.inception_weights, device)
 
     result = MetricResult(metric=name, value=float(value), num_samples=n, dataset=dataset, reference=reference,
                           checkpoint=str(checkpoint.resolve()), seed=args.seed,
                           extra={"ema": args.ema, "step": state["step"], "config": config.name,
                                  "batch_size": args.batch_size, "grid": config.sample.grid,
                                  "clip_denoised": config.sample.clip_denoised}, **protocol)
-    results = args.results or checkpoint.parent / "results.jsonl"
     save_result(results, result)
     print(f"{result.label} = {result.value:.4f}  ({dataset}, reference {reference}, {protocol['sampler']} "
           f"{protocol['steps']} steps, seed {args.seed}; saved to {results})")
@@ -98,7 +112,7 @@ def fd_clf(images: torch.Tensor, config, reference_file: Path | None) -> tuple[s
     if dataset not in FD_METRIC_NAMES:
         hint = (" (for shapes, vitdiff.workbook.text_alignment scores FD-shapes-clf and text alignment)"
                 if dataset == "shapes" else "")
-        raise SystemExit(f"vitdiff eval: fd-clf has a classifier for {sorted(FD_METRIC_NAMES)} only, and this model "
+        raise ConfigError(f"fd-clf has a classifier for {sorted(FD_METRIC_NAMES)} only, and this model "
                          f"was trained on {dataset!r}: use --metric fid (with Inception weights) instead{hint}")
     return frechet_metric(images, dataset, metric="fd-clf", reference=reference_file, root=config.data.root)
 
@@ -121,7 +135,7 @@ def nll_on_test_split(model, process, config, n: int, args, device) -> float:
     section = config.data
     test_set = make_dataset(section.dataset, root=section.root, image_size=section.image_size, train=False, flip=False)
     if n > len(test_set):
-        raise SystemExit(f"vitdiff eval: --n {n} exceeds the {len(test_set)} test images of {section.dataset}")
+        raise ConfigError(f"--n {n} exceeds the {len(test_set)} test images of {section.dataset}: pass a smaller --n")
     generator = torch.Generator(device).manual_seed(args.seed)
     total = 0.0
     for start in range(0, n, args.batch_size):

@@ -10,6 +10,11 @@ import math
 import sys
 from pathlib import Path
 
+from .cli import run_command
+from .config import ConfigError, check_guidance, check_writable
+
+MAX_GRID_IMAGES = 4096  # one PNG of a 64 x 64 grid; past that the grid is no longer a picture to look at
+
 DESCRIPTION = """An image grid from a training checkpoint (or its run directory). Model, diffusion process and sampler
 settings come from the config saved in the checkpoint; every option below overrides one of them. Samples come from the
 EMA weights unless --no-ema. The same --seed and --batch-size give the same images. A text-to-image checkpoint takes
@@ -31,7 +36,7 @@ def checkpoint_prompts(model, state: dict, prompts: list[str] | None) -> list[st
         return None
     prompts = prompts or (state.get("text") or {}).get("sample_prompts")
     if not prompts:
-        raise SystemExit("vitdiff: this text-to-image checkpoint saved no sample prompts: pass --prompt \"...\"")
+        raise ConfigError("this text-to-image checkpoint saved no sample prompts: pass --prompt \"...\"")
     return list(prompts)
 
 
@@ -51,9 +56,74 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str):
+    """The torch device of --device (auto: cuda if available); an unknown or absent device is a ConfigError."""
     import torch
 
-    return torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ConfigError(f"--device {name!r} is not a torch device: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
+        raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices: use --device "
+                          "cpu (or auto)")
+    return device
+
+
+def check_sampling_arguments(args: argparse.Namespace) -> None:
+    """The options of add_sampling_arguments, checked before the checkpoint is loaded."""
+    from .sampling import SAMPLERS
+
+    if args.sampler is not None and args.sampler not in SAMPLERS:
+        raise ConfigError(f"--sampler {args.sampler!r} is not one of: {', '.join(SAMPLERS)}")
+    if args.steps is not None and args.steps < 1:
+        raise ConfigError(f"--steps must be >= 1, got {args.steps}")
+    if args.batch_size < 1:
+        raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.guidance is not None and not math.isfinite(args.guidance):
+        raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
+
+
+def check_guidance_for(model, config, guidance: float) -> None:
+    """A guidance scale the loaded model can use: in range for the config's convention, and none at all for an
+    unconditional model."""
+    from .sampling import NO_GUIDANCE
+
+    convention = config.sample.guidance_convention
+    check_guidance(guidance, convention, "--guidance")
+    if guidance != NO_GUIDANCE[convention] and not getattr(model, "is_conditional", False):
+        raise ConfigError(f"--guidance {guidance}: this checkpoint's model is unconditional, there is nothing to "
+                          f"guide towards: drop --guidance (or pass {NO_GUIDANCE[convention]:g}, no guidance in the "
+                          f"{convention!r} convention)")
+
+
+def check_image_path(path: Path, what: str) -> None:
+    """``path`` can be written as an image: a format PIL saves, in a writable place."""
+    from PIL import Image
+
+    check_writable(path, what, directory=False)
+    if Image.registered_extensions().get(path.suffix.lower()) not in Image.SAVE:
+        raise ConfigError(f"{what} {path}: {path.suffix or 'no extension'} is not an image format: end it in .png "
+                          "(or .jpg, .webp)")
+
+
+def check_grid_arguments(args: argparse.Namespace) -> None:
+    """`vitdiff sample`'s own options, checked before anything is loaded."""
+    if not 1 <= args.n <= MAX_GRID_IMAGES:
+        raise ConfigError(f"--n must lie in 1..{MAX_GRID_IMAGES} (one grid image), got {args.n}: for many samples, "
+                          "run `vitdiff eval`, or call vitdiff.generate.generate in batches")
+    check_sampling_arguments(args)
+    if args.out is not None:
+        check_image_path(args.out, "--out")
+
+
+def check_against_checkpoint(args: argparse.Namespace, model, config, checkpoint: Path) -> None:
+    """What depends on the loaded checkpoint: the guidance its model can take, where the grid goes by default."""
+    if args.guidance is not None:
+        check_guidance_for(model, config, args.guidance)
+    if args.out is None:
+        check_writable(checkpoint.parent, "the checkpoint's directory (the grid's place without --out)", directory=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -70,8 +140,11 @@ def main(argv: list[str] | None = None) -> int:
                         help="text models: a caption (repeat for several; they cycle over the images); default: the "
                              "sample prompts saved with the checkpoint")
     args = parser.parse_args(argv)
-    if args.n < 1 or args.batch_size < 1:
-        parser.error("--n and --batch-size must be >= 1")
+    return run_command("vitdiff sample", lambda: sample_grid(args))
+
+
+def sample_grid(args: argparse.Namespace) -> int:
+    check_grid_arguments(args)
 
     from torchvision.utils import save_image
 
@@ -80,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
 
     device = resolve_device(args.device)
     model, process, config, state, checkpoint = load_for_inference(args.checkpoint, ema=args.ema, device=device)
+    check_against_checkpoint(args, model, config, checkpoint)
     prompts = checkpoint_prompts(model, state, args.prompts)
     if prompts is None and args.prompts:
-        parser.error(f"--prompt: this checkpoint's model ({config.model.preset} on {config.data.dataset}) takes no text")
+        raise ConfigError(f"--prompt: this checkpoint's model ({config.model.preset} on {config.data.dataset}) "
+                          "takes no text")
     sampler = args.sampler or config.sample.sampler
     steps = args.steps or config.sample.steps
     if args.spacing:

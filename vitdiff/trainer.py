@@ -16,6 +16,16 @@ Design:
   runs ``batch_size / (world_size * accumulate)`` examples per micro-batch.
 * **Failures skip, not spoil.** A non-finite loss or gradient norm skips the
   optimizer and EMA update, and the count is logged (bf16 / fp16 NaNs).
+  ``train.max_consecutive_skips`` skips in a row, or non-finite weights at a
+  save, stop the run as diverged (:class:`TrainingDiverged`, exit status 3);
+  nothing non-finite is ever saved, so the last good checkpoint stays.
+* **One writer per run directory.** Rank 0 holds an OS lock on ``out_dir``
+  (``fcntl.flock``, gone when the process dies) from resume to the end of
+  ``fit``; a second trainer on the same directory stops with the holder's pid.
+* **Resume refuses a changed recipe.** Only the keys in :data:`RESUMABLE_CHANGES`
+  may differ from the checkpoint's config (``train.lr`` is applied to the
+  restored optimizer, ``train.grad_clip`` at the next step); any other
+  difference is listed and the run stops.
 * **EMA warm-up.** The EMA decay after n updates is min(decay, (1+n)/(10+n)),
   so the EMA of a 300-step notebook run is already a usable model.
 * **Stopping is safe.** SIGINT / SIGTERM set a flag; the loop saves a checkpoint
@@ -48,6 +58,7 @@ import signal
 import sys
 import threading
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +71,22 @@ from torch.optim.swa_utils import AveragedModel
 from . import checkpoint as ckpt
 from .build import (batch_condition, build_diffusion, build_model, build_tokenizer, caption_corpus, check_names,
                     dataset_labels, load_experiment, takes_text, tokenizer_to_json)
-from .config import Config, ConfigError
+from .cli import run_command
+from .config import Config, ConfigError, UserError
 from .generate import generate
 
-# Config sections a resumed run must share with its checkpoint (the rest may change, e.g. train.steps).
-_RESUME_MUST_MATCH = ("model", "diffusion", "text")
-_RESUME_DATA_KEYS = ("dataset", "image_size", "batch_size", "flip")
+# Config keys a resumed run may change: bookkeeping, numerics-preserving switches, where the data lies, the lr (set
+# on the restored optimizer) and gradient clipping (the ways out of a divergence), and the sample/eval sections
+# (prefixes), which do not touch training. Every other key must equal the checkpoint's.
+RESUMABLE_CHANGES = ("name", "out_dir", "resume", "profile", "train.steps", "train.lr", "train.grad_clip",
+                     "train.log_every", "train.ckpt_every", "train.sample_every", "train.progress",
+                     "train.max_consecutive_skips",
+                     "train.compile", "train.grad_checkpointing", "data.root", "data.num_workers", "sample.", "eval.")
+
+
+class TrainingDiverged(UserError):
+    """Non-finite steps or weights: the run stops without saving them (exit status 3)."""
+    exit_status = 3
 
 
 def ema_decay_at(updates: int, decay: float, warmup: bool) -> float:
@@ -187,7 +208,10 @@ class Trainer:
         self.step = 0
         self.skipped_steps = 0
         self.precision: str | None = None  # fp32 or bf16, resolved from train.precision at the first step
+        self.consecutive_skips = 0
         self._stop_signal: int | None = None
+        self._lock = None
+        self._hold_run_directory()
         self._resume()
 
     # -- setup ------------------------------------------------------------------------------------
@@ -209,6 +233,19 @@ class Trainer:
                              num_workers=self.config.data.num_workers, rank=self.rank, world_size=self.world_size)
         return DataStream(loader)
 
+    def _hold_run_directory(self) -> None:
+        """Rank 0 locks out_dir (until fit ends or the process dies) and removes what interrupted saves left."""
+        if not self.is_main or self._lock is not None:
+            return
+        self._lock = ckpt.lock_run_directory(self.out_dir)
+        for path in ckpt.remove_stale_temporaries(self.out_dir):
+            print(f"removed {path}, left by an interrupted save", file=sys.stderr)
+
+    def _release_run_directory(self) -> None:
+        if self._lock is not None:
+            self._lock.close()
+            self._lock = None
+
     def _resume(self) -> None:
         resume = self.config.resume
         found = ckpt.latest_path(self.out_dir)
@@ -220,7 +257,11 @@ class Trainer:
                 raise FileNotFoundError(f"resume=true but {self.out_dir} has no checkpoint (last.pt)")
             return
         state, path = ckpt.load_latest(self.out_dir, map_location=self.device)
-        self._check_compatible(state["config"])
+        if path.name == ckpt.PREVIOUS and (self.out_dir / ckpt.LAST).exists() and self.is_main:
+            # Out of the way, so the next save does not rotate it over the good checkpoint; kept for inspection.
+            os.replace(self.out_dir / ckpt.LAST, self.out_dir / "last.unusable.pt")
+            print(f"moved the unusable {ckpt.LAST} to last.unusable.pt", file=sys.stderr)
+        changed = self._check_compatible(state["config"])
         saved_tokenizer = state.get("text", {}).get("tokenizer")
         if saved_tokenizer != tokenizer_to_json(getattr(self.model, "tokenizer", None)):
             raise ConfigError(f"the checkpoint in {self.out_dir} was trained with another vocabulary than the "
@@ -234,24 +275,39 @@ class Trainer:
         self.ema_fn.updates = max(1, int(self.ema.n_averaged))  # AveragedModel's first update is a copy
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if "train.lr" in changed:  # the restored schedule continues from the new base lr
+            self.scheduler.base_lrs = [self.config.train.lr] * len(self.optimizer.param_groups)
+            factor = self.scheduler.lr_lambdas[0](self.scheduler.last_epoch)
+            for group in self.optimizer.param_groups:
+                group["initial_lr"], group["lr"] = self.config.train.lr, self.config.train.lr * factor
         self.data.load_state_dict(state["data"][self.rank])
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.precision = state.get("precision")  # a resumed run keeps the precision `auto` chose (None: choose now)
         ckpt.restore_rng_state(state["rng"][self.rank])
         if self.is_main:
             print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+            if changed:
+                print("changed on resume: " + "; ".join(f"{key} {old!r} -> {new!r}"
+                                                        for key, (old, new) in changed.items()), file=sys.stderr)
 
-    def _check_compatible(self, saved: dict) -> None:
-        current, defaults = self.config.to_dict(), Config().to_dict()
-        differences = [f"{section}: saved {saved.get(section, defaults[section])} != now {current[section]}"
-                       for section in _RESUME_MUST_MATCH if saved.get(section, defaults[section]) != current[section]]
-        differences += [f"data.{key}: saved {saved['data'][key]!r} != now {current['data'][key]!r}"
-                        for key in _RESUME_DATA_KEYS if saved["data"][key] != current["data"][key]]
-        if saved["train"]["seed"] != current["train"]["seed"]:
-            differences.append(f"train.seed: saved {saved['train']['seed']} != now {current['train']['seed']}")
-        if differences:
-            raise ConfigError(f"the checkpoint in {self.out_dir} was trained with another config:\n  "
-                              + "\n  ".join(differences) + "\nuse the original config, or another out_dir")
+    def _check_compatible(self, saved: dict) -> dict[str, tuple[Any, Any]]:
+        """The changed keys ({key: (saved, now)}) if all are in RESUMABLE_CHANGES; else a ConfigError listing the rest.
+        Keys a checkpoint predates count with their defaults."""
+        defaults = Config().to_dict()
+        before = _flatten({**defaults, **{key: {**defaults[key], **value} if isinstance(defaults.get(key), dict) else value
+                                          for key, value in saved.items()}})
+        now = _flatten(self.config.to_dict())
+        changed = {key: (before.get(key, "<unset>"), now.get(key, "<unset>")) for key in sorted({*before, *now})
+                   if before.get(key, "<unset>") != now.get(key, "<unset>")}
+        refused = [key for key in changed if not any(key == safe or (safe.endswith(".") and key.startswith(safe))
+                                                     for safe in RESUMABLE_CHANGES)]
+        if refused:
+            raise ConfigError(f"the checkpoint in {self.out_dir} was trained with another config: "
+                              + "; ".join(f"{key} saved {changed[key][0]!r}, now {changed[key][1]!r}" for key in refused)
+                              + ". Resume with the saved values, or train in another out_dir. (These may change on "
+                              "resume: " + ", ".join(f"{key}*" if key.endswith(".") else key for key in RESUMABLE_CHANGES)
+                              + ")")
+        return {key: value for key, value in changed.items() if key not in ("out_dir", "resume")}
 
     # -- one step ---------------------------------------------------------------------------------
     def _step_randomness(self, x_shape: torch.Size) -> dict[str, torch.Tensor]:
@@ -319,15 +375,27 @@ class Trainer:
         if math.isfinite(loss_value) and math.isfinite(norm_value):
             self.optimizer.step()
             self.ema.update_parameters(self.model)
+            self.consecutive_skips = 0
         else:
             self.skipped_steps += 1
+            self.consecutive_skips += 1
         self.scheduler.step()
         self.step += 1
         return loss_value, norm_value, stop_votes > 0
 
     # -- the loop ---------------------------------------------------------------------------------
     def fit(self) -> dict[str, Any]:
-        """Train to ``train.steps``; returns the last logged record plus ``stopped_by_signal``."""
+        """Train to ``train.steps``; returns the last logged record plus ``stopped_by_signal``.
+
+        Raises :class:`TrainingDiverged` after ``train.max_consecutive_skips`` non-finite steps in a row, or when
+        the weights to save are not finite; the checkpoint on disk is then the last good one."""
+        self._hold_run_directory()
+        try:
+            return self._fit()
+        finally:
+            self._release_run_directory()
+
+    def _fit(self) -> dict[str, Any]:
         from tqdm.auto import tqdm
 
         train = self.config.train
@@ -347,7 +415,8 @@ class Trainer:
                 loss, grad_norm, stop_requested = self.train_step()
                 window_loss, window_norm, window_steps = window_loss + loss, window_norm + grad_norm, window_steps + 1
                 bar.update(1)
-                if self.step % train.log_every == 0 or self.step == train.steps or stop_requested:
+                diverged = self.consecutive_skips >= train.max_consecutive_skips
+                if self.step % train.log_every == 0 or self.step == train.steps or stop_requested or diverged:
                     elapsed = time.perf_counter() - window_start
                     record = {"step": self.step, "loss": window_loss / window_steps,
                               "lr": self.scheduler.get_last_lr()[0], "grad_norm": window_norm / window_steps,
@@ -356,6 +425,9 @@ class Trainer:
                     self._log(record)
                     bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{record['img_per_s']:.0f}")
                     window_loss, window_norm, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
+                if diverged:
+                    raise self._diverged(f"{self.consecutive_skips} steps in a row had a non-finite loss or gradient "
+                                         "norm (train.max_consecutive_skips)")
                 if train.sample_every and self.step % train.sample_every == 0:
                     self.save_samples()
                 if self.step % train.ckpt_every == 0 or self.step == train.steps or stop_requested:
@@ -403,9 +475,19 @@ class Trainer:
 
     def save(self) -> Path | None:
         state = self.state_dict()  # collective in DDP: every rank takes part
+        try:
+            ckpt.check_finite(state)  # on every rank (the weights are the same), so all ranks stop together
+        except ckpt.NonFiniteStateError as error:
+            raise self._diverged(str(error)) from None
         if not self.is_main:
             return None
         return ckpt.save_checkpoint(state, self.out_dir)
+
+    def _diverged(self, reason: str) -> TrainingDiverged:
+        found = ckpt.latest_path(self.out_dir)
+        kept = f"the last good checkpoint {found} is kept" if found else "no checkpoint was saved"
+        return TrainingDiverged(f"training diverged at step {self.step}: {reason}; {kept}. Run again with a lower "
+                                "train.lr or a train.grad_clip (both may change on resume)")
 
     def save_samples(self) -> Path | None:
         """A grid from the EMA model; seeded and RNG-neutral, so it does not perturb training."""
@@ -432,7 +514,15 @@ class Trainer:
         if not log.exists():
             return
         lines = [line for line in log.read_text().splitlines() if line.strip()]
-        kept = [line for line in lines if json.loads(line).get("step", 0) <= self.step]
+        kept = []
+        for line in lines:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:  # a process killed while appending leaves a torn last line
+                warnings.warn(f"{log}: dropped an unreadable line (a run killed while logging?): {line[:80]!r}")
+                continue
+            if record.get("step", 0) <= self.step:
+                kept.append(line)
         if len(kept) != len(lines):
             log.write_text("".join(line + "\n" for line in kept))
 
@@ -441,6 +531,17 @@ def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict[str, Any]:
+    """{"train": {"lr": 1}} -> {"train.lr": 1}; an empty mapping stays a value."""
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def _to_yaml(data: dict) -> str:
@@ -454,22 +555,30 @@ def main(argv: list[str] | None = None) -> int:
         prog="vitdiff train", description="Train a backbone from an experiments/*.yaml config.",
         epilog="Overrides are key=value with YAML values, e.g. steps=2000 train.lr=1e-4 data.batch_size=64 "
                "tiny=true (CPU-sized run of the same experiment) resume=true. "
-               "DDP: torchrun --nproc_per_node=N -m vitdiff.trainer CONFIG ...")
+               "DDP: vitdiff train --nproc-per-node=N CONFIG ... (one machine), or torchrun --nproc_per_node=N "
+               "-m vitdiff.trainer CONFIG ...")
     parser.add_argument("config", help="experiment YAML (experiments/*.yaml)")
     parser.add_argument("overrides", nargs="*", help="key=value overrides")
+    parser.add_argument("--nproc-per-node", type=int, default=1,
+                        help="DDP on this machine: launch this many ranks (torchrun --standalone)")
     args = parser.parse_args(argv)
-    try:
-        trainer = Trainer(load_experiment(args.config, args.overrides))
-        result = trainer.fit()
-    except (ConfigError, FileNotFoundError, ckpt.CheckpointError) as error:
-        print(f"vitdiff train: {error}", file=sys.stderr)
-        return 2
-    finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
-    if trainer.is_main:
-        print(f"step {trainer.step}: checkpoint {trainer.out_dir / ckpt.LAST}", file=sys.stderr)
-    return 128 + result["stopped_by_signal"] if result["stopped_by_signal"] else 0
+    if args.nproc_per_node > 1 and "RANK" not in os.environ:
+        from .cli import launch_ranks
+
+        return launch_ranks("vitdiff.trainer", [args.config, *args.overrides], args.nproc_per_node)
+
+    def train() -> int:
+        try:
+            trainer = Trainer(load_experiment(args.config, args.overrides))
+            result = trainer.fit()
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+        if trainer.is_main:
+            print(f"step {trainer.step}: checkpoint {trainer.out_dir / ckpt.LAST}", file=sys.stderr)
+        return 128 + result["stopped_by_signal"] if result["stopped_by_signal"] else 0
+
+    return run_command("vitdiff train", train)
 
 
 if __name__ == "__main__":
