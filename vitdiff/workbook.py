@@ -97,12 +97,12 @@ PROFILES: dict[str, Profile] = {
                                                    ("train.steps", 4), ("data.batch_size", 8),
                                                    ("train.warmup_steps", 1), ("sample.steps", 4)),
                      size="tiny", seeds=(0,), eval_n=32, val_n=32),
-    # Paired comparisons on real data within ~20 minutes a notebook on 2 cores (two runs at a time).
-    "cpu": Profile("cpu", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("train.steps", 1200),
-                                               ("train.warmup_steps", 50)),
+    # Paired comparisons on real data, 4 seeds, two runs at a time (one thread each) on 2 cores.
+    "cpu": Profile("cpu", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("train.steps", 400),
+                                               ("train.warmup_steps", 40)),
                    size="tiny", seeds=(0, 1, 2, 3), eval_n=500, val_n=500),
-    # The headline tables: 4x the steps and twice the seeds of cpu, <= 2 hours a notebook on 2 cores.
-    "cpu-long": Profile("cpu-long", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("train.steps", 4800),
+    # The headline tables: 6x the steps and twice the seeds of cpu.
+    "cpu-long": Profile("cpu-long", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("train.steps", 2400),
                                                          ("train.warmup_steps", 100)),
                         size="tiny", seeds=tuple(range(8)), eval_n=1000, val_n=1000),
     # GPU scale on the same data at 32x32: the tiny families trained 25x longer with a larger batch, 8 seeds.
