@@ -12,6 +12,10 @@ FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
 # `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu)
 TORCH_PINS := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
+ifneq ($(TORCH_INDEX),)
+INSTALL_TORCH = $(BIN)/pip install --retries 1 --timeout 20 --index-url $(TORCH_INDEX) $(TORCH_PINS) \
+  || echo "setup: $(TORCH_INDEX) is unreachable: installing PyPI's torch (the CUDA build; it runs on CPU too)"
+endif
 DEMO_OUT := outputs/01_quickstart/$(PROFILE)
 
 .PHONY: setup data demo test test-fast notebooks bench clean
@@ -21,9 +25,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	@if [ -n "$(TORCH_INDEX)" ]; then \
-	  $(BIN)/pip install --retries 1 --timeout 20 --index-url $(TORCH_INDEX) $(TORCH_PINS) \
-	  || echo "setup: $(TORCH_INDEX) is unreachable: installing PyPI's torch (the CUDA build; it runs on CPU too)"; fi
+	$(INSTALL_TORCH)
 	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install --no-deps -e .
 	touch $@

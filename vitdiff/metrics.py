@@ -360,7 +360,6 @@ def fd_classifier(images, *, dataset: str = "fashion-mnist", reference: FeatureS
     return feature_stats(model.features, images, batch_size=batch_size).frechet_distance(reference)
 
 
-@torch.no_grad()
 def classifier_accuracy(images: torch.Tensor, labels: torch.Tensor, *, dataset: str = "fashion-mnist",
                         root=None) -> float:
     """Fraction of class-conditional samples that the classifier assigns to their conditioning label."""
