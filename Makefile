@@ -6,8 +6,8 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROFILE ?= cpu
 FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
-# PyPI's torch for Linux x86_64 is the CUDA build (~5 GB installed with its nvidia-* and triton wheels). Without an
-# NVIDIA driver, setup first asks PyTorch's CPU-only index (~1 GB installed); if that index is unreachable it says
+# PyPI's torch for Linux x86_64 is the CUDA build (5.3 GB installed with its nvidia-* and triton wheels). Without an
+# NVIDIA driver, setup first asks PyTorch's CPU-only index (no CUDA libraries); if that index is unreachable it says
 # so and PyPI's build is used (it runs on CPU too). Force either way: `make setup TORCH_INDEX=` (PyPI only) or
 # `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
 TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu)
