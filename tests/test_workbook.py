@@ -143,3 +143,14 @@ def test_class_rows_put_one_class_per_row_with_the_classifiers_count(tmp_path, m
     assert texts[:2] == ["0", texts[1]] and texts[1].endswith("/3") and len(texts) == 20
     with pytest.raises(ValueError, match="class_labels"):
         wb.show_class_rows(torch.zeros(30, 1, 32, 32), torch.arange(30) % 10, dataset="digits", title="t")
+
+
+def test_validation_loss_reads_the_test_split_at_the_runs_resolution():
+    from vitdiff.diffusion import DiffusionLoss, make_process
+    from vitdiff.models import create_model
+
+    model = create_model("IU-ViT-tiny", in_channels=1, image_size=16)
+    loss_fn = DiffusionLoss(make_process("edm"), prediction="v", weighting="edm")
+    assert torch.isfinite(torch.tensor(wb.validation_loss(model, loss_fn, "digits", 8, image_size=16)))
+    with pytest.raises(ValueError, match="16x16"):
+        wb.validation_loss(model, loss_fn, "digits", 8)  # the set's own 32x32 does not fit a 16x16 model

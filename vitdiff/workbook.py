@@ -407,7 +407,8 @@ def sample_explorer(model, process, config: Config, *, n: int = 20, max_steps: i
         images = generate(model, process, config, n=n, seed=seed, device=next(model.parameters()).device,
                           sampler=sampler, steps=steps, guidance=guidance if num_classes else 1.0)
         conditioning = f", guidance {guidance:g}" if num_classes else ""
-        show_grid(images, nrow=num_classes or int(n ** 0.5), title=f"{sampler}, {steps} steps{conditioning}, seed {seed}")
+        title = f"{sampler}, {steps} steps{conditioning}, seed {seed}"
+        show_grid(images, nrow=num_classes or int(n ** 0.5), title=title)
         plt.show()
 
     return explorer(draw, {
