@@ -1,9 +1,22 @@
 # vitdiff: `make demo` sets everything up and runs the quick-start notebook; `make test` runs the test suite.
+# Every target uses the virtual environment's own binaries, so nothing needs activating; for `vitdiff ...` in a
+# shell afterwards: `source .venv/bin/activate` (or call .venv/bin/vitdiff).
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
 PROFILE ?= cpu
 FMNIST_DEB_DIR := /usr/share/datasets/fashion-mnist
+# PyPI's torch for Linux x86_64 is the CUDA build (5.3 GB installed with its nvidia-* and triton wheels). Without an
+# NVIDIA driver, setup first asks PyTorch's CPU-only index (no CUDA libraries); if that index is unreachable it says
+# so and PyPI's build is used (it runs on CPU too). Force either way: `make setup TORCH_INDEX=` (PyPI only) or
+# `make setup TORCH_INDEX=https://download.pytorch.org/whl/cpu`.
+TORCH_INDEX ?= $(if $(shell command -v nvidia-smi),,https://download.pytorch.org/whl/cpu)
+TORCH_PINS := $(shell grep -E '^(torch|torchvision)==' requirements.txt)
+ifneq ($(TORCH_INDEX),)
+INSTALL_TORCH = $(BIN)/pip install --retries 1 --timeout 20 --index-url $(TORCH_INDEX) $(TORCH_PINS) \
+  || echo "setup: $(TORCH_INDEX) is unreachable: installing PyPI's torch (the CUDA build; it runs on CPU too)"
+endif
+DEMO_OUT := outputs/01_quickstart/$(PROFILE)
 
 .PHONY: setup data demo test test-fast notebooks bench clean
 
@@ -12,6 +25,7 @@ setup: $(VENV)/.installed
 $(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
+	$(INSTALL_TORCH)
 	$(BIN)/pip install -r requirements.txt
 	$(BIN)/pip install --no-deps -e .
 	touch $@
@@ -26,10 +40,14 @@ data: setup
 	  sudo apt-get update -qq && sudo apt-get install -y -qq dataset-fashion-mnist; \
 	else $(BIN)/python -c "from vitdiff.data import make_dataset as m; m('fashion-mnist', download=True); m('fashion-mnist', train=False, download=True)"; fi
 
+# --log-output streams the notebook's printed output (the training progress among it) to this terminal.
+# Each profile has its own folder, so `make demo PROFILE=smoke` and `make demo` never share a checkpoint.
 demo: data
-	mkdir -p outputs
-	$(BIN)/papermill notebooks/01_quickstart.ipynb outputs/01_quickstart.ipynb -p profile $(PROFILE) -p out_dir outputs/01_quickstart
-	@echo "figures: outputs/01_quickstart/"
+	mkdir -p $(DEMO_OUT)
+	$(BIN)/papermill --log-output notebooks/01_quickstart.ipynb $(DEMO_OUT)/01_quickstart.ipynb \
+	  -p profile $(PROFILE) -p out_dir $(DEMO_OUT)
+	@echo "notebook and figures: $(DEMO_OUT)/"
+	@echo "the command line: source $(VENV)/bin/activate, then vitdiff --help (see README.md)"
 
 # The whole suite: unit tests, then every notebook through nbval in the smoke profile.
 test: setup
@@ -43,7 +61,7 @@ test-fast: setup
 # Re-run every notebook in place with PROFILE (cpu by default) so the committed outputs are real.
 notebooks: setup
 	for nb in notebooks/0*.ipynb; do \
-	  $(BIN)/papermill $$nb $$nb -p profile $(PROFILE) || exit 1; done
+	  $(BIN)/papermill --log-output $$nb $$nb -p profile $(PROFILE) || exit 1; done
 
 bench: setup
 	$(BIN)/python benchmarks/bench_backbones.py

@@ -1,5 +1,6 @@
 """The notebooks' shared layer: profiles, configs, run reuse, tables and output checks."""
 import json
+from pathlib import Path
 
 import pandas as pd
 import pytest
@@ -134,3 +135,65 @@ def test_every_profile_builds_and_its_evaluation_can_run_or_says_why_not(tmp_pat
     with pytest.raises(InceptionWeightsNotFound, match="VITDIFF_INCEPTION_WEIGHTS|inception"):
         wb.run_ablation([wb.Variant("U-ViT", "U-ViT")], wb.PROFILES["paper"], tmp_path / "paper")
     assert not (tmp_path / "paper" / "runs").exists()  # nothing was trained
+
+
+def test_quickstart_profile_applies_its_changes_before_the_notebooks_overrides():
+    cpu = wb.quickstart_profile("cpu")
+    assert (cpu.recipe.data.image_size, cpu.seeds, cpu.steps) == (16, (0,), 3000)
+    assert wb.quickstart_profile("cpu", steps=7, seeds=[3]).steps == 7
+    assert wb.quickstart_profile("cpu", seeds=[3]).seeds == (3,)
+    assert wb.get_profile("cpu").steps != 3000 and wb.get_profile("cpu").seeds == (0, 1, 2, 3)  # others unchanged
+    config = wb.make_config(wb.Variant("x", "IU-ViT"), cpu, 0, Path("unused"))
+    assert config.data.image_size == 16
+
+
+def test_labels_name_the_seeds_and_quote_the_sampler_only_for_samples():
+    one, two = wb.get_profile("cpu", seeds=[0]), wb.get_profile("cpu")
+    assert "seed 0," in wb.training_protocol(one) and "seeds 0, 1, 2, 3," in wb.training_protocol(two)
+    assert "seed(s)" not in wb.protocol(two)
+    assert two.sampler not in wb.training_protocol(two) and two.sampler in wb.protocol(two)
+    assert "fashion-mnist 16x16," in wb.training_protocol(wb.quickstart_profile("cpu"))
+
+
+def test_explorer_draws_a_plain_figure_then_redraws_only_on_request():
+    import ipywidgets as widgets
+
+    calls = []
+    panel = wb.explorer(lambda **values: calls.append(values),
+                        {"steps": widgets.IntSlider(value=5), "seed": widgets.IntText(value=2)})
+    assert calls == [{"steps": 5, "seed": 2}]  # drawn once, outside the widget: a static viewer sees it
+    panel.children[0].value = 9
+    assert len(calls) == 1  # moving a control alone does not redraw ...
+    panel.manual_button.click()
+    assert calls[-1] == {"steps": 9, "seed": 2}  # ... "draw" does
+
+
+def test_sample_explorer_shows_a_figure_without_a_front_end(tmp_path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vitdiff.models import create_model
+    from vitdiff.build import build_diffusion
+
+    config = wb.make_config(wb.Variant("x", "IU-ViT", {"num_classes": 10}), wb.get_profile("smoke"), 0, tmp_path)
+    model = create_model("IU-ViT-tiny", in_channels=1, image_size=16, num_classes=10).eval()  # the smoke size
+
+    before = len(plt.get_fignums())
+    wb.sample_explorer(model, build_diffusion(config)[0], config, n=10, guidance=2.0)
+    assert len(plt.get_fignums()) == before + 1
+    assert "guidance 2" in plt.gcf().axes[0].get_title()
+
+
+def test_class_rows_put_one_class_per_row_with_the_classifiers_count(tmp_path, monkeypatch):
+    import matplotlib
+    matplotlib.use("Agg")
+
+    monkeypatch.setenv("VITDIFF_CACHE", str(tmp_path / "cache"))
+    labels = wb.class_labels(10, 3)
+    assert labels.tolist()[:7] == [0, 0, 0, 1, 1, 1, 2]
+    fig = wb.show_class_rows(torch.rand(30, 1, 32, 32) * 2 - 1, labels, dataset="digits", title="t")
+    texts = [text.get_text() for text in fig.axes[0].texts]
+    assert texts[:2] == ["0", texts[1]] and texts[1].endswith("/3") and len(texts) == 20
+    with pytest.raises(ValueError, match="class_labels"):
+        wb.show_class_rows(torch.zeros(30, 1, 32, 32), torch.arange(30) % 10, dataset="digits", title="t")

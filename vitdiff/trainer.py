@@ -396,7 +396,7 @@ class Trainer:
             self._release_run_directory()
 
     def _fit(self) -> dict[str, Any]:
-        from tqdm.auto import tqdm
+        from tqdm import tqdm
 
         train = self.config.train
         if self.is_main:
@@ -407,8 +407,10 @@ class Trainer:
         record: dict[str, Any] = {"step": self.step}
         window_loss, window_norm, window_steps, window_start = 0.0, 0.0, 0, time.perf_counter()
         images_per_step = self.config.data.batch_size
+        # A text bar on stderr, not a notebook widget: a terminal, a notebook, a saved notebook and
+        # `papermill --log-output` all show it. Off a terminal it redraws every 10 s, so logs stay short.
         bar = tqdm(total=train.steps, initial=self.step, disable=not self.show_progress, dynamic_ncols=True,
-                   desc=self.config.name, unit="step")
+                   desc=self.config.name, unit="step", mininterval=0.1 if sys.stderr.isatty() else 10.0)
         stop_requested = False
         with self._signal_handlers(), bar:
             while self.step < train.steps and not stop_requested:

@@ -117,15 +117,23 @@ PROFILES: dict[str, Profile] = {
 }
 
 
+# A notebook's changes to a profile: config overrides (dotted keys) and notebook-level sizes (seeds, eval_n, val_n).
+ProfileChanges = dict[str, tuple[dict[str, Any], dict[str, Any]]]
+
+
 def get_profile(name: str | None = None, *, dataset: str | None = None, steps: int | None = None,
-                seeds=None) -> Profile:
-    """The named profile with a notebook's overrides (None keeps the profile's value).
+                seeds=None, changes: ProfileChanges | None = None) -> Profile:
+    """The named profile, changed by a notebook's table (``changes[name]``: config overrides, then sizes), then the
+    notebook's parameters (None keeps the profile's value).
 
     ``name=None`` reads ``VITDIFF_PROFILE`` (how the test suite selects ``smoke``), else ``cpu``."""
     name = name or os.environ.get("VITDIFF_PROFILE", "cpu")
     if name not in PROFILES:
         raise ValueError(f"unknown profile {name!r}: use one of {', '.join(PROFILES)}")
-    profile = PROFILES[name]
+    if changes is not None and name not in changes:
+        raise ValueError(f"this notebook has no {name!r} profile: use one of {', '.join(changes)}")
+    overrides, sizes = (changes or {}).get(name, ({}, {}))
+    profile = replace(PROFILES[name].with_overrides(**overrides), **sizes)
     if dataset is not None:
         profile = profile.with_overrides(**{"data.dataset": dataset})
     if steps is not None:
@@ -144,6 +152,22 @@ def output_dir(notebook: str, profile: Profile, out_dir: str | None = None) -> P
         path = base / notebook / profile.name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# The quick start (notebook 01) trains one class-conditional model and shows it off: its own sizes per profile.
+# cpu: IU-ViT-tiny at 16x16 (patch 4: 16 tokens), 3000 steps; beta1 0.9, not the profiles' 0.99, which left visible
+# noise in the samples of the same run (the probes in experiments/results/01_quickstart/).
+QUICKSTART_PROFILE_CHANGES: ProfileChanges = {
+    "smoke": ({}, {"seeds": (0,)}),
+    "cpu": ({"train.steps": 3000, "train.warmup_steps": 100, "train.betas": (0.9, 0.999)}, {"seeds": (0,)}),
+    "gpu": ({}, {"seeds": (0,)}),
+}
+
+
+def quickstart_profile(name: str | None = None, **overrides) -> Profile:
+    """The named profile (``VITDIFF_PROFILE``, else cpu) sized for the quick start; the notebook's overrides
+    (``dataset``, ``steps``, ``seeds``; None: keep) apply last."""
+    return get_profile(name, changes=QUICKSTART_PROFILE_CHANGES, **overrides)
 
 
 # -- variants -------------------------------------------------------------------------------------
@@ -254,17 +278,27 @@ def fd_label(profile: Profile) -> str:
     return f"{FD_METRIC_NAMES.get(profile.dataset, 'FID')}@{count_label(profile.eval_n)}"
 
 
-def protocol(profile: Profile, metric: str | None = None) -> str:
-    """One line that travels with every figure and table: what was trained and how it was measured."""
-    metric = metric or fd_label(profile)
+def training_protocol(profile: Profile) -> str:
+    """What was trained: data, diffusion recipe, steps x batch and the seeds by name (for loss curves)."""
     settings = ", ".join(f"{k}={v:g}" for k, v in profile.process_kwargs.items())
     process = f"{profile.process}({settings})" if settings else profile.process
     size = profile.recipe.data.image_size
+    seeds = f"seed{'s' if len(profile.seeds) > 1 else ''} {', '.join(map(str, profile.seeds))}"
     return (f"{profile.dataset}{f' {size}x{size}' if size else ''}, {process}/{profile.prediction}, {profile.steps} "
-            f"steps x batch {profile.batch_size}, {len(profile.seeds)} seed(s), one thread a run; loss = mean held-out "
-            f"loss at sigma in {list(LOSS_SIGMAS)} ({profile.val_n} test images, fixed noise); "
-            f"{metric} vs train split, {profile.sampler} {profile.sample_steps} steps ({profile.grid} grid); "
-            f"profile={profile.name}")
+            f"steps x batch {profile.batch_size}, {seeds}, one thread a run; profile={profile.name}")
+
+
+def sampling_protocol(profile: Profile) -> str:
+    """How samples were drawn (for sample grids)."""
+    return f"{profile.sampler} {profile.sample_steps} steps ({profile.grid} grid)"
+
+
+def protocol(profile: Profile, metric: str | None = None) -> str:
+    """One line that travels with every figure and table of measured runs: what was trained and how it was
+    measured."""
+    return (f"{training_protocol(profile)}; loss = mean held-out loss at sigma in {list(LOSS_SIGMAS)} "
+            f"({profile.val_n} test images, fixed noise); {metric or fd_label(profile)} vs train split, "
+            f"{sampling_protocol(profile)}")
 
 
 # -- ablations ------------------------------------------------------------------------------------
@@ -552,35 +586,72 @@ def show_grid(images: torch.Tensor, *, nrow: int, title: str, ax=None):
     return ax.figure
 
 
-def sample_explorer(model, process, config: Config, *, n: int = 16, max_steps: int = 100):
-    """An ipywidgets panel (sampler, steps, guidance, seed) that redraws a sample grid.
+def class_labels(num_classes: int, per_class: int) -> torch.Tensor:
+    """Labels 0, 0, ..., 1, 1, ...: ``per_class`` of each class in a row, for :func:`show_class_rows`."""
+    return torch.arange(num_classes).repeat_interleave(per_class)
 
-    Headless (papermill, nbval) there is no front end to move the sliders: the panel still renders
-    once with its defaults, so the notebook shows a grid either way.
-    """
+
+def show_class_rows(images: torch.Tensor, labels: torch.Tensor, *, dataset: str, title: str):
+    """One row per class (samples drawn with :func:`class_labels`): the class name on the left, on the right how
+    many of the row the data set's classifier (:mod:`vitdiff.metrics`) labels as that class."""
+    from torchvision.datasets import FashionMNIST
+
+    from .metrics import classifier_accuracy
+
+    names = {"fashion-mnist": FashionMNIST.classes}.get(dataset)  # else the label number
+    classes = labels.unique(sorted=True)
+    per_class = len(labels) // len(classes)
+    if not torch.equal(labels, class_labels(len(classes), per_class)):
+        raise ValueError("show_class_rows needs labels from class_labels(num_classes, per_class)")
+    fig = show_grid(images, nrow=per_class, title=title)
+    ax = fig.axes[0]
+    size, width = images.shape[-1], per_class * (images.shape[-1] + 1) + 1
+    for row, label in enumerate(classes.tolist()):
+        rows = labels == label
+        correct = round(classifier_accuracy(images[rows], labels[rows], dataset=dataset) * per_class)
+        y = 1 + row * (size + 1) + size / 2
+        ax.text(-1, y, names[label] if names else str(label), ha="right", va="center", fontsize=8)
+        ax.text(width + 1, y, f"{correct}/{per_class}", ha="left", va="center", fontsize=8)
+    return fig
+
+
+def explorer(draw, controls: dict):
+    """``draw(**values)`` once with the controls' values as a plain figure, then a panel that redraws on "draw".
+
+    The plain figure is what every viewer shows (GitHub, nbconvert, a headless papermill run: none of them
+    runs widgets); in JupyterLab, set the controls and press "draw" for a new grid below them."""
+    import ipywidgets as widgets
+
+    draw(**{name: control.value for name, control in controls.items()})
+    return widgets.interactive(draw, {"manual": True, "manual_name": "draw"}, **controls)
+
+
+def sample_explorer(model, process, config: Config, *, n: int = 20, max_steps: int = 100, guidance: float = 1.0):
+    """Sample grids by sampler, steps, guidance and seed (:func:`explorer`); for a class-conditional model the
+    labels cycle 0, 1, 2, ..., one column per class."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
     from .sampling import SAMPLERS
     from .generate import generate
 
-    conditional = bool(getattr(model, "num_classes", 0))
+    num_classes = getattr(model, "num_classes", 0)
 
     def draw(sampler: str, steps: int, guidance: float, seed: int):
         images = generate(model, process, config, n=n, seed=seed, device=next(model.parameters()).device,
-                          sampler=sampler, steps=steps, guidance=guidance if conditional else 1.0)
-        fig = show_grid(images, nrow=int(n ** 0.5), title=f"{sampler}, {steps} steps, guidance {guidance}, seed {seed}")
+                          sampler=sampler, steps=steps, guidance=guidance if num_classes else 1.0)
+        conditioning = f", guidance {guidance:g}" if num_classes else ""
+        title = f"{sampler}, {steps} steps{conditioning}, seed {seed}"
+        show_grid(images, nrow=num_classes or int(n ** 0.5), title=title)
         plt.show()
-        return fig
 
-    return widgets.interactive(
-        draw,
-        sampler=widgets.Dropdown(options=list(SAMPLERS), value=config.sample.sampler, description="sampler"),
-        steps=widgets.IntSlider(value=config.sample.steps, min=1, max=max_steps, description="steps"),
-        guidance=widgets.FloatSlider(value=1.0, min=1.0, max=5.0, step=0.25, description="guidance",
-                                     disabled=not conditional),
-        seed=widgets.IntText(value=0, description="seed"),
-    )
+    return explorer(draw, {
+        "sampler": widgets.Dropdown(options=list(SAMPLERS), value=config.sample.sampler, description="sampler"),
+        "steps": widgets.IntSlider(value=config.sample.steps, min=1, max=max_steps, description="steps"),
+        "guidance": widgets.FloatSlider(value=guidance, min=1.0, max=8.0, step=0.25, description="guidance",
+                                        disabled=not num_classes),
+        "seed": widgets.IntText(value=0, description="seed"),
+    })
 
 
 # -- text-to-image on the shapes set (notebook 07) ------------------------------------------------
@@ -596,7 +667,7 @@ class TextSetup:
 
 
 # What text-to-image changes in each profile: config overrides, then the notebook-level sizes.
-TEXT_PROFILE_CHANGES: dict[str, tuple[dict[str, Any], dict[str, int]]] = {
+TEXT_PROFILE_CHANGES: ProfileChanges = {
     "smoke": ({"data.dataset": "shapes", "train.steps": 3, "data.batch_size": 4, "sample.steps": 3},
               {"eval_n": 16, "val_n": 16}),
     # EDM with training noise shifted up (ln sigma ~ N(0.4, 1.0) instead of N(-1.2, 1.2)): the caption decides
@@ -636,16 +707,7 @@ def text_profile(name: str | None = None, *, dataset: str | None = None, steps: 
     if dataset not in (None, "shapes"):
         raise ValueError(f"text alignment is judged on the shapes set only, got dataset={dataset!r}: "
                          "train other captioned sets with `vitdiff train experiments/cub*_t2i_*.yaml`")
-    profile = get_profile(name)
-    if profile.name not in TEXT_PROFILE_CHANGES:
-        raise ValueError(f"text-to-image has no {profile.name!r} profile: use one of {', '.join(TEXT_PROFILE_CHANGES)}")
-    overrides, sizes = TEXT_PROFILE_CHANGES[profile.name]
-    profile = replace(profile.with_overrides(**overrides), **sizes)
-    if steps is not None:
-        profile = profile.with_overrides(**{"train.steps": int(steps)})
-    if seeds is not None:
-        profile = replace(profile, seeds=tuple(int(seed) for seed in seeds))
-    return profile
+    return get_profile(name, steps=steps, seeds=seeds, changes=TEXT_PROFILE_CHANGES)
 
 
 def make_text_config(profile: Profile, seed: int, out_dir: Path, *, cond_drop_prob: float = 0.1) -> Config:
@@ -782,9 +844,7 @@ def show_captioned(images: torch.Tensor, captions: list[str], *, per_row: int, t
 
 def prompt_explorer(model, process, config: Config, *, prompt: str = "a large red circle left of a small blue square",
                     n: int = 4, guidance: float = 3.0):
-    """An ipywidgets panel: type a prompt, set guidance and seed, see n samples and what the shapes judge reads.
-
-    Headless (papermill, nbval) the panel renders once with its defaults, so the notebook shows a grid either way."""
+    """Type a prompt, set guidance and seed, see n samples and what the shapes judge reads (:func:`explorer`)."""
     import ipywidgets as widgets
     import matplotlib.pyplot as plt
 
@@ -802,13 +862,11 @@ def prompt_explorer(model, process, config: Config, *, prompt: str = "a large re
                        title="")
         plt.show()
 
-    return widgets.interactive(
-        draw,
-        prompt=widgets.Text(value=prompt, description="prompt", continuous_update=False,
-                            layout=widgets.Layout(width="60%")),
-        guidance=widgets.FloatSlider(value=guidance, min=1.0, max=8.0, step=0.5, description="guidance"),
-        seed=widgets.IntText(value=0, description="seed"),
-    )
+    return explorer(draw, {
+        "prompt": widgets.Text(value=prompt, description="prompt", layout=widgets.Layout(width="60%")),
+        "guidance": widgets.FloatSlider(value=guidance, min=1.0, max=8.0, step=0.5, description="guidance"),
+        "seed": widgets.IntText(value=0, description="seed"),
+    })
 
 
 def show_examples(images: torch.Tensor, captions: list[str], *, ncols: int, title: str):
