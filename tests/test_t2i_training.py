@@ -18,6 +18,7 @@ from vitdiff.text import TextToImage
 from vitdiff.build import tokenizer_from_json
 from vitdiff.generate import generate, load_for_inference
 from vitdiff.trainer import Trainer
+from vitdiff import text_workbook as tw
 from vitdiff import workbook as wb
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -108,13 +109,13 @@ def test_shapes_fd_and_chance_levels():
     judge = AttributeClassifier().eval()  # untrained: the distance is a property of the features, whatever they are
     real = ShapesDataset("val", image_size=32, num_samples=40, seed=1).images()
     other = ShapesDataset("val", image_size=32, num_samples=40, seed=2).images()
-    assert wb.shapes_features(real, judge).shape == (40, 256)
-    assert wb.fd_shapes(real, real, judge) == pytest.approx(0.0, abs=1e-6)
-    assert wb.fd_shapes(torch.zeros_like(real), real, judge) > wb.fd_shapes(other, real, judge) > 0
+    assert tw.shapes_features(real, judge).shape == (40, 256)
+    assert tw.fd_shapes(real, real, judge) == pytest.approx(0.0, abs=1e-6)
+    assert tw.fd_shapes(torch.zeros_like(real), real, judge) > tw.fd_shapes(other, real, judge) > 0
 
     one = torch.tensor([[[0, 0, 0, 0], [ABSENT] * 4]])
     two = torch.tensor([[[0, 0, 0, 0], [1, 1, 1, 1]]])
     single = 1 / (3 * 6 * 2 * 4)
-    assert wb.alignment_chance(one)["all_correct"] == pytest.approx(0.5 * single)
-    assert wb.alignment_chance(torch.cat([one, two]))["all_correct"] == pytest.approx(0.25 * (single + single ** 2))
-    assert wb.alignment_chance(one)["colour"] == pytest.approx(1 / 6)
+    assert tw.alignment_chance(one)["all_correct"] == pytest.approx(0.5 * single)
+    assert tw.alignment_chance(torch.cat([one, two]))["all_correct"] == pytest.approx(0.25 * (single + single ** 2))
+    assert tw.alignment_chance(one)["colour"] == pytest.approx(1 / 6)

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 import torch
 
+from vitdiff import text_workbook as tw
 from vitdiff import workbook as wb
 
 
@@ -37,12 +38,12 @@ def test_make_config_carries_switches_and_protocol(tmp_path):
 
 
 def test_text_config_takes_the_profiles_diffusion_recipe(tmp_path):
-    profile = wb.text_profile("cpu")
-    config = wb.make_text_config(profile, 0, tmp_path)
+    profile = tw.text_profile("cpu")
+    config = tw.make_text_config(profile, 0, tmp_path)
     assert (config.diffusion.process, config.diffusion.prediction) == (profile.process, profile.prediction)
     assert config.diffusion.process_kwargs == {"p_mean": 0.4, "p_std": 1.0} and config.diffusion.cond_drop_prob == 0.1
     assert "edm(p_mean=0.4, p_std=1)/v" in wb.protocol(profile)
-    assert wb.make_text_config(wb.text_profile("gpu"), 0, tmp_path).diffusion.prediction == "v"
+    assert tw.make_text_config(tw.text_profile("gpu"), 0, tmp_path).diffusion.prediction == "v"
 
 
 def test_run_variant_trains_evaluates_and_reuses(tmp_path, monkeypatch):

@@ -4,9 +4,13 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .cli import run_command
 from .config import METRICS, ConfigError, check_writable
+
+if TYPE_CHECKING:  # annotations only: `vitdiff eval --help` does not import torch
+    import torch
 
 MAX_SAMPLES = 50_000  # FID-50K, the largest standard protocol; the samples are held in memory
 
