@@ -51,7 +51,7 @@ class Profile:
     size: str                 # preset size suffix: "tiny", or "S/2"-style at paper scale
     seeds: tuple[int, ...]
     eval_n: int               # samples for the Fréchet distance
-    val_n: int                # held-out images for val_loss
+    val_n: int                # held-out test images for the loss at fixed noise levels
 
     def config(self, extra: tuple = ()) -> Config:
         """The recipe as a config, with ``extra`` (dotted key, value) pairs applied last."""
