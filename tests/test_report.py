@@ -16,6 +16,8 @@ def write_results(results: Path) -> None:
                   for v, losses in {"a": [1.0, 1.2], "b": [2.0, 2.1]}.items() for s, loss in enumerate(losses)]
                  ).to_csv(folder / "cpu.csv", index=False)
     (folder / "cpu.json").write_text(json.dumps({"protocol": "digits, 3 steps"}))
+    (results / "benchmarks").mkdir()
+    (results / "benchmarks" / "speed.json").write_text(json.dumps([{"model": "m", "peer": None, "ratio": 1.23456}]))
     pd.DataFrame([{"notebook": "02_x", "profile": "cpu", "question": "q?", "paper_claim": "", "comparison": "a - b",
                    "metric": "loss", "n_seeds": 2, "mean_diff": -0.95, "ci_low": -1.5, "ci_high": -0.3, "mde": 0.4,
                    "verdict": "supported", "signs": "--"}]).to_csv(results / "verdicts.csv", index=False)
@@ -32,6 +34,7 @@ def test_generate_then_check(tmp_path):
     assert text.startswith("intro\n") and text.endswith("outro\n")
     assert "| a | 0.500 | 0.0100 | 2 | 1.1 ± 0.14 | 9 ± 0 | 1.1 |" in text
     assert "**supported** (--)" in text and "Protocol: digits, 3 steps" in text
+    assert "| model | peer | ratio |" in text and "| m | — | 1.23 |" in text  # benchmark rows, as measured
     assert report.main([*args, "--check"]) == 0
     readme.write_text(text.replace("1.1 ± 0.14", "1.0 ± 0.14"))  # a hand edit
     assert report.main([*args, "--check"]) == 1
