@@ -42,9 +42,9 @@ from vitdiff.precision import autocast  # noqa: E402
 from vitdiff.workbook import PROFILES  # noqa: E402
 
 CPU = torch.device("cpu")
-# The cpu profile's diffusion recipe and geometry (vitdiff.workbook.PROFILES["cpu"]; fashion-mnist is 1x32x32).
+# The cpu profile's diffusion recipe and geometry (vitdiff.workbook.PROFILES["cpu"]: fashion-mnist at 16x16).
 PROFILE = PROFILES["cpu"]
-CHANNELS, SIZE = 1, 32
+CHANNELS, SIZE, LR = 1, PROFILE.recipe.data.image_size, PROFILE.recipe.train.lr
 
 
 def loss_fn() -> DiffusionLoss:
@@ -78,7 +78,7 @@ class SeparateRuns:
 
     def __init__(self, name: str, seeds: int, precision: str):
         self.models = [build(name, seed) for seed in range(seeds)]
-        self.optimizers = [torch.optim.AdamW(m.parameters(), lr=PROFILE.lr) for m in self.models]
+        self.optimizers = [torch.optim.AdamW(m.parameters(), lr=LR) for m in self.models]
         self.loss, self.precision, self.batch = loss_fn(), precision, fake_batch(seeds)
 
     def step(self) -> None:
@@ -97,7 +97,7 @@ class StackedSeeds:
         models = [build(name, seed) for seed in range(seeds)]
         params, self.buffers = stack_module_state(models)
         self.params = {k: v.detach().requires_grad_(False) for k, v in params.items()}
-        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=PROFILE.lr)
+        self.optimizer = torch.optim.AdamW(list(self.params.values()), lr=LR)
         skeleton = copy.deepcopy(models[0]).to("meta")
         loss, self.batch = loss_fn(), fake_batch(seeds)
 
