@@ -519,8 +519,7 @@ def plot_findings(results, curves, table, profile: Profile, out_dir: Path, name:
     axes[2].set_yticks(range(len(rows)), [f"{r.comparison} ({r.metric})" for r in rows], fontsize=7)
     axes[2].invert_yaxis()
     axes[2].set(xlabel="paired difference (arm - reference)", title="comparisons: mean, 95% CI, seeds")
-    for ax in axes[:1]:
-        ax.legend(fontsize=6)
+    axes[0].legend(fontsize=6)
     fig.suptitle(protocol(profile), fontsize=7)
     fig.tight_layout()
     save_figure(fig, out_dir, name)
