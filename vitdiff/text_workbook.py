@@ -75,14 +75,11 @@ def make_text_config(profile: Profile, seed: int, out_dir: Path, *, cond_drop_pr
     """A trainer config for text-to-image on the shapes set: the profile's backbone and diffusion recipe, a
     jointly-trained text encoder, caption dropout for classifier-free guidance."""
     setup = TEXT_SETUPS[profile.name]
-    run = [("name", f"t2i-{setup.preset}"), ("out_dir", str(out_dir)), ("model.preset", setup.preset),
-           *((f"model.{key}", value) for key, value in setup.model.items()),
-           ("diffusion.cond_drop_prob", cond_drop_prob), ("data.image_size", setup.image_size),
-           ("data.num_workers", 0), ("text.encoder", "jointly-trained"),
-           *((f"text.{key}", value) for key, value in setup.text.items()),
-           ("train.seed", seed), ("train.log_every", max(1, profile.steps // 50)), ("train.ckpt_every", profile.steps),
-           ("eval.metric", "fd-clf"), ("eval.n", profile.eval_n)]
-    return profile.config(tuple(run))
+    return profile.run_config(f"t2i-{setup.preset}", out_dir, seed, (
+        ("model.preset", setup.preset), *((f"model.{key}", value) for key, value in setup.model.items()),
+        ("diffusion.cond_drop_prob", cond_drop_prob), ("data.image_size", setup.image_size),
+        ("data.num_workers", 0), ("text.encoder", "jointly-trained"),
+        *((f"text.{key}", value) for key, value in setup.text.items())))
 
 
 def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: bool = True):

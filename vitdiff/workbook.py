@@ -9,8 +9,9 @@ uses, one thread a run, then measured with the same protocol:
   same held-out images with the same noise at fixed noise levels
   (:data:`LOSS_SIGMAS`), and their mean: the primary, low-noise metric, also
   measured during training (the learning curves);
-* ``fd``: ``FD-<data>-clf@n``, Fréchet distance of n EMA samples on the features
-  of the small classifier of :mod:`vitdiff.metrics`, at the end only. It is *not* FID.
+* ``fd``: the Fréchet distance of n EMA samples at the end only: ``FD-<data>-clf@n`` on
+  the features of a pinned small classifier for the embedded sets (it is *not* FID),
+  Inception FID from local weights for the others (:func:`vitdiff.metrics.frechet_metric`).
 
 Seed s gives every arm the same data order, noise draws and (where shapes allow)
 initialisation, so arms are compared by paired differences (:mod:`vitdiff.findings`).
@@ -58,6 +59,13 @@ class Profile:
         from .build import load_experiment
 
         return load_experiment(REPO_ROOT / "experiments" / self.experiment, [*self.overrides, *extra], quiet=True)
+
+    def run_config(self, name: str, out_dir: Path, seed: int, switches) -> Config:
+        """One run's config: the recipe, the run's ``switches`` ((dotted key, value) pairs), its seed, ~50 logged
+        points and one checkpoint at the end, and the profile's evaluation size (its metric is the recipe's)."""
+        return self.config((("name", name), ("out_dir", str(out_dir)), *switches, ("train.seed", seed),
+                            ("train.log_every", max(1, self.steps // 50)), ("train.ckpt_every", self.steps),
+                            ("eval.n", self.eval_n)))
 
     def with_overrides(self, **dotted: Any) -> "Profile":
         """This profile with more config overrides, given as ``**{"train.steps": 10}``."""
@@ -189,12 +197,10 @@ class Variant:
 
 def make_config(variant: Variant, profile: Profile, seed: int, out_dir: Path, **diffusion: Any) -> Config:
     """A full trainer config for one (variant, seed) under a profile; ``diffusion`` overrides that section."""
-    run = [("name", variant.name), ("out_dir", str(out_dir)), ("model.preset", variant.preset_for(profile)),
-           *((f"model.{key}", value) for key, value in variant.overrides.items()),
-           *((f"diffusion.{key}", value) for key, value in diffusion.items()),
-           ("train.seed", seed), ("train.log_every", max(1, profile.steps // 50)), ("train.ckpt_every", profile.steps),
-           ("eval.metric", "fd-clf"), ("eval.n", profile.eval_n)]
-    return profile.config(tuple(run))
+    return profile.run_config(variant.name, out_dir, seed, (
+        ("model.preset", variant.preset_for(profile)),
+        *((f"model.{key}", value) for key, value in variant.overrides.items()),
+        *((f"diffusion.{key}", value) for key, value in diffusion.items())))
 
 
 def config_key(config: Config, sections: tuple[str, ...] | None = None, length: int = 12) -> str:
@@ -367,8 +373,8 @@ def run_ablation(variants: list[Variant], profile: Profile, out_dir: Path, *, no
     """Every variant x every seed of the profile -> (results, curves): DataFrames with one row per run and one per
     (run, learning-curve point), saved with :func:`save_results`.
 
-    Runs go to ``workers`` processes of one thread each (default: one per core, at most 2 on this kind of
-    laptop); any worker count gives the same numbers. ``notebook`` (its file stem) also files the rows under
+    Runs go to ``workers`` processes of one thread each (default: one per core); any worker count gives the
+    same numbers. ``notebook`` (its file stem) also files the rows under
     ``experiments/results/<notebook>/<profile>.csv`` (see :func:`results_dir`)."""
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor
