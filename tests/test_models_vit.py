@@ -282,6 +282,11 @@ def test_skip_wiring_indices():
     assert skip_wiring_indices("every_k", 4, 8) == ([0, 1, 2, 3], [0, 2, 4, 6])
     assert skip_wiring_indices("last", 4, 8) == ([0, 1, 2, 3], [0, 1, 2, 3])
     assert skip_wiring_indices("none", 8, 4) == ([], [])
+    # A cap on the number of skips: the symmetric split compared with asymmetric ones at one skip each.
+    assert skip_wiring_indices("last", 3, 3, max_skips=1) == ([2], [0])
+    assert skip_wiring_indices("every_k", 8, 4, max_skips=2) == ([3, 7], [0, 2])
+    with pytest.raises(ValueError, match="max_skips must be >= 0"):
+        skip_wiring_indices("last", 3, 3, max_skips=-1)
     for wiring in ("last", "every_k"):
         assert skip_wiring_indices(wiring, 6, 6) == (list(range(6)), list(range(6)))
 

@@ -13,7 +13,7 @@ from vitdiff.cli import main as vitdiff
 from vitdiff.build import load_experiment
 from vitdiff.config import ConfigError, load_config
 from vitdiff.sampling import sample
-from vitdiff.shapes import ABSENT, AttributeClassifier, ShapesDataset
+from vitdiff.shapes import AttributeClassifier, ShapesDataset
 from vitdiff.text import TextToImage
 from vitdiff.build import tokenizer_from_json
 from vitdiff.generate import generate, load_for_inference
@@ -105,7 +105,7 @@ def test_text_config_errors_name_the_fix(tmp_path):
     assert tiny_cub.sample.prompts is None and tiny_cub.model.preset == "ASCEND-H-tiny"
 
 
-def test_shapes_fd_and_chance_levels():
+def test_shapes_fd():
     judge = AttributeClassifier().eval()  # untrained: the distance is a property of the features, whatever they are
     real = ShapesDataset("val", image_size=32, num_samples=40, seed=1).images()
     other = ShapesDataset("val", image_size=32, num_samples=40, seed=2).images()
@@ -113,9 +113,18 @@ def test_shapes_fd_and_chance_levels():
     assert tw.fd_shapes(real, real, judge) == pytest.approx(0.0, abs=1e-6)
     assert tw.fd_shapes(torch.zeros_like(real), real, judge) > tw.fd_shapes(other, real, judge) > 0
 
-    one = torch.tensor([[[0, 0, 0, 0], [ABSENT] * 4]])
-    two = torch.tensor([[[0, 0, 0, 0], [1, 1, 1, 1]]])
-    single = 1 / (3 * 6 * 2 * 4)
-    assert tw.alignment_chance(one)["all_correct"] == pytest.approx(0.5 * single)
-    assert tw.alignment_chance(torch.cat([one, two]))["all_correct"] == pytest.approx(0.25 * (single + single ** 2))
-    assert tw.alignment_chance(one)["colour"] == pytest.approx(1 / 6)
+
+def test_alignment_rows_hold_accuracy_beside_its_measured_baselines(tmp_path):
+    config = small_config(tmp_path / "run", "steps=1", "data.image_size=32", "sample.steps=2")
+    trainer = Trainer(config)
+    trainer.fit()
+    rows = tw.alignment_rows(trainer.ema.module, trainer.process, trainer.config, split="val", guidances=(1.0, 3.0),
+                             n=6, seed=1, batch_size=4)
+    assert [(row["guidance"], row["attribute"]) for row in rows] == [(g, a) for g in (1.0, 3.0)
+                                                                     for a in tw.ALIGNMENT_METRICS]
+    for row in rows:
+        assert {"accuracy", "shuffled_baseline", "empty_caption_baseline"} <= row.keys()
+        assert all(0.0 <= row[key] <= 1.0 for key in ("accuracy", "shuffled_baseline", "empty_caption_baseline"))
+        assert row["fd"] > 0 and row["fd_floor"] > 0
+    # The caption-free samples do not depend on guidance: one baseline per split.
+    assert len({row["empty_caption_baseline"] for row in rows if row["attribute"] == "colour"}) == 1

@@ -24,8 +24,8 @@ here and carry no machine-checkable truth, so this module draws one:
   in well under a minute on a CPU and pinned: ``vitdiff/assets/shapes-judge.pt``
   with its sha256 in the code (``vitdiff.metrics.ATTRIBUTE_JUDGE``).
   :func:`text_alignment_accuracy` scores samples against the attributes of the
-  captions they were drawn from; :data:`CHANCE_LEVELS` states what uniform
-  guessing would score.
+  captions they were drawn from; :func:`shuffled_caption_baseline` scores the
+  same samples against other captions of the set, the measured chance level.
 
 Attributes are a (2, 4) long tensor per scene: rows are object slots (slot 0 is
 the first-named object), columns ``ATTRIBUTES`` = shape, colour, size, position
@@ -66,15 +66,6 @@ BACKGROUND = (30, 30, 30)
 HALF_EXTENT = {"small": 0.11, "large": 0.19}  # fraction of the image side
 TWO_OBJECT_PROB = 0.5
 ABSENT = -1
-
-# Uniform guessing: 1/K per attribute; all-correct also needs the count, and a
-# two-object scene needs both objects right (P(two objects) = TWO_OBJECT_PROB).
-_ONE_OBJECT_CHANCE = float(np.prod([1 / len(VOCABULARIES[a]) for a in ATTRIBUTES]))
-CHANCE_LEVELS: dict[str, float] = {
-    "count": 0.5, **{a: 1 / len(VOCABULARIES[a]) for a in ATTRIBUTES},
-    "all_correct": 0.5 * ((1 - TWO_OBJECT_PROB) * _ONE_OBJECT_CHANCE + TWO_OBJECT_PROB * _ONE_OBJECT_CHANCE ** 2),
-}
-
 
 # --------------------------------------------------------------------------- scenes
 def _split_seed(seed: int, split: str) -> int:
@@ -385,15 +376,17 @@ def text_alignment_accuracy(images: torch.Tensor, attributes: torch.Tensor,
     or :func:`parse_caption`). Returns the accuracy of the object count, of each
     attribute over the objects the caption names, and ``all_correct``: the
     fraction of images whose count and every attribute of every object match.
-    Compare with :data:`CHANCE_LEVELS`.
+    Compare with :func:`shuffled_caption_baseline` of the same samples.
     """
-    if images.shape[0] != attributes.shape[0] or attributes.shape[1:] != (2, len(ATTRIBUTES)):
-        raise ValueError(f"need N images and (N, 2, {len(ATTRIBUTES)}) attributes, got {tuple(images.shape)} "
-                         f"and {tuple(attributes.shape)}")
-    pred = predict_attributes(images, classifier)
+    _check_pairs(images, attributes)
+    return score_predictions(predict_attributes(images, classifier), attributes)
+
+
+def score_predictions(predicted: torch.Tensor, attributes: torch.Tensor) -> dict[str, float]:
+    """:func:`text_alignment_accuracy` on attributes already predicted by :func:`predict_attributes`."""
     present = attributes[:, :, 0] != ABSENT
-    count_ok = (pred[:, 1, 0] != ABSENT) == present[:, 1]
-    matches = pred == attributes  # (N, 2, 4)
+    count_ok = (predicted[:, 1, 0] != ABSENT) == present[:, 1]
+    matches = predicted == attributes  # (N, 2, 4)
     result = {"count": count_ok.float().mean().item()}
     for column, name in enumerate(ATTRIBUTES):
         result[name] = matches[:, :, column][present].float().mean().item()
@@ -402,9 +395,35 @@ def text_alignment_accuracy(images: torch.Tensor, attributes: torch.Tensor,
     return result
 
 
+def shuffled_caption_baseline(predicted: torch.Tensor, attributes: torch.Tensor, *, draws: int = 16,
+                              seed: int = 0) -> dict[str, float]:
+    """What the same samples score against *other* captions of the same set, averaged over ``draws`` random
+    derangements (no sample keeps its own caption).
+
+    This is the chance level measured on the captions' real layout, not computed: a model that draws plausible
+    scenes but ignores its caption scores it on average. (Uniform guessing is the wrong chance: a two-object
+    caption always names the left or upper object first, so position agreement is far above 1/4.)"""
+    generator = torch.Generator().manual_seed(seed)
+    totals: dict[str, float] = {}
+    for _ in range(draws):
+        order = torch.randperm(len(attributes), generator=generator)
+        shifted = torch.empty_like(order)
+        shifted[order] = order.roll(1)  # a cycle through a random order: a derangement
+        for name, value in score_predictions(predicted, attributes[shifted]).items():
+            totals[name] = totals.get(name, 0.0) + value / draws
+    return totals
+
+
+def _check_pairs(images: torch.Tensor, attributes: torch.Tensor) -> None:
+    if images.shape[0] != attributes.shape[0] or attributes.shape[1:] != (2, len(ATTRIBUTES)):
+        raise ValueError(f"need N images and (N, 2, {len(ATTRIBUTES)}) attributes, got {tuple(images.shape)} "
+                         f"and {tuple(attributes.shape)}")
+
+
 __all__ = [
-    "ATTRIBUTES", "CHANCE_LEVELS", "COLOURS", "HELD_OUT_PAIRS", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
+    "ATTRIBUTES", "COLOURS", "HELD_OUT_PAIRS", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
     "AttributeClassifier", "ShapesDataset", "build_shapes", "caption_of", "caption_vocabulary",
     "load_attribute_classifier", "make_judge_asset", "parse_caption", "predict_attributes", "render_scene",
-    "sample_scenes", "shapes_tokenizer", "text_alignment_accuracy", "train_attribute_classifier",
+    "sample_scenes", "score_predictions", "shapes_tokenizer", "shuffled_caption_baseline", "text_alignment_accuracy",
+    "train_attribute_classifier",
 ]

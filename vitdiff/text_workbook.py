@@ -5,6 +5,8 @@ samples with the pinned attribute judge (:mod:`vitdiff.shapes`); the shared laye
 """
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,7 +14,8 @@ from typing import Any
 import torch
 
 from .config import Config
-from .workbook import Profile, ProfileChanges, config_key, explorer, get_profile, show_grid, summarize
+from .workbook import (Profile, ProfileChanges, config_key, explorer, get_profile, map_runs, model_cost, one_thread,
+                       save_results, show_grid)
 
 
 # -- text-to-image on the shapes set (notebook 07) ------------------------------------------------
@@ -36,7 +39,7 @@ TEXT_PROFILE_CHANGES: ProfileChanges = {
     # recipe was found).
     "cpu": ({"data.dataset": "shapes", "train.steps": 3000, "data.batch_size": 32, "train.lr": 1e-3,
              "train.warmup_steps": 50, "sample.steps": 20, "diffusion.process_kwargs": {"p_mean": 0.4, "p_std": 1.0}},
-            {"eval_n": 96, "val_n": 96}),
+            {"eval_n": 96, "val_n": 96, "seeds": (0, 1, 2)}),
     # Paper scale at 64x64 (experiments/shapes64_t2i_ascend_h.yaml).
     # v-prediction: an eps-model's x0 estimate at high noise (x - sigma*eps, sigma up to 152 on vp-sde) is poor.
     "gpu": ({"data.dataset": "shapes", "train.steps": 100_000, "data.batch_size": 128, "train.lr": 2e-4,
@@ -68,7 +71,16 @@ def text_profile(name: str | None = None, *, dataset: str | None = None, steps: 
     if dataset not in (None, "shapes"):
         raise ValueError(f"text alignment is judged on the shapes set only, got dataset={dataset!r}: "
                          "train other captioned sets with `vitdiff train experiments/cub*_t2i_*.yaml`")
-    return get_profile(name, steps=steps, seeds=seeds, changes=TEXT_PROFILE_CHANGES)
+    profile = get_profile(name, steps=steps, seeds=seeds, changes=TEXT_PROFILE_CHANGES)
+    return profile.with_overrides(**{"data.image_size": TEXT_SETUPS[profile.name].image_size})
+
+
+def text_protocol(profile: Profile, what: str | None = None) -> str:
+    """The line that travels with notebook 07's figures and tables: what was trained and how samples were judged."""
+    from .workbook import sampling_protocol, training_protocol
+
+    what = what or f"text alignment (shapes judge, {profile.eval_n} captions per split) + {fd_shapes_label(profile.eval_n)}"
+    return f"{training_protocol(profile)}; {what}; {sampling_protocol(profile)}"
 
 
 def make_text_config(profile: Profile, seed: int, out_dir: Path, *, cond_drop_prob: float = 0.1) -> Config:
@@ -77,9 +89,17 @@ def make_text_config(profile: Profile, seed: int, out_dir: Path, *, cond_drop_pr
     setup = TEXT_SETUPS[profile.name]
     return profile.run_config(f"t2i-{setup.preset}", out_dir, seed, (
         ("model.preset", setup.preset), *((f"model.{key}", value) for key, value in setup.model.items()),
-        ("diffusion.cond_drop_prob", cond_drop_prob), ("data.image_size", setup.image_size),
-        ("data.num_workers", 0), ("text.encoder", "jointly-trained"),
+        ("diffusion.cond_drop_prob", cond_drop_prob), ("data.num_workers", 0), ("text.encoder", "jointly-trained"),
         *((f"text.{key}", value) for key, value in setup.text.items())))
+
+
+# What a checkpoint must share to be resumed: a run directory's name hashes these.
+_RUN_SECTIONS = ("model", "diffusion", "data", "text")
+
+
+def text_run_dir(config: Config, seed: int, runs_dir: Path) -> Path:
+    """``runs_dir/seed<seed>-<key>``: the key hashes what a checkpoint must share to be resumed."""
+    return runs_dir / f"seed{seed}-{config_key(config, sections=_RUN_SECTIONS, length=8)}"
 
 
 def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: bool = True):
@@ -89,8 +109,7 @@ def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: b
     from .trainer import Trainer
 
     config = make_text_config(profile, seed, runs_dir)
-    key = config_key(config, sections=("model", "diffusion", "data", "text"), length=8)
-    config.out_dir = str(runs_dir / f"seed{seed}-{key}")
+    config.out_dir = str(text_run_dir(config, seed, runs_dir))
     trainer = Trainer(config, progress=progress)
     trainer.fit()
     return trainer
@@ -125,58 +144,197 @@ def fd_shapes(fake: torch.Tensor, real: torch.Tensor, classifier=None) -> float:
     return fake_stats.frechet_distance(real_stats)
 
 
-def alignment_chance(attributes: torch.Tensor) -> dict[str, float]:
-    """Uniform guessing on these captions: 1/K per attribute, and for all-correct the count (1/2) times 1/K for every
-    attribute of every named object, averaged over the captions (two-object captions are harder)."""
-    from .shapes import ABSENT, ATTRIBUTES, CHANCE_LEVELS, VOCABULARIES
-
-    one_object = 1.0
-    for name in ATTRIBUTES:
-        one_object /= len(VOCABULARIES[name])
-    objects = (attributes[:, :, 0] != ABSENT).sum(1).double()
-    return {**{k: v for k, v in CHANCE_LEVELS.items() if k != "all_correct"},
-            "all_correct": float((0.5 * one_object ** objects).mean())}
+ALIGNMENT_METRICS = ("all_correct", "shape", "colour", "size", "position", "count")
 
 
-def text_alignment(model, process, config: Config, *, split: str = "test", guidance: float = 1.0, n: int = 128,
-                   seed: int = 0, batch_size: int = 64, classifier=None) -> dict[str, Any]:
-    """Sample n images for n captions of a shapes split and judge them.
+def alignment_rows(model, process, config: Config, *, split: str = "test", guidances=(1.0,), n: int = 128,
+                   seed: int = 0, batch_size: int = 64, classifier=None) -> list[dict[str, Any]]:
+    """Sample n images for n captions of a shapes split at each guidance scale and judge them; one row per
+    (guidance, attribute).
 
     ``split``: "test" (every caption names a held-out colour-shape pair, never seen in training) or "val" (new
-    scenes of seen pairs). Returns per-attribute accuracy, all-correct, their chance levels (``chance_*``), and
-    ``FD-shapes-clf@n`` between the samples and the real images of the same captions, with ``fd_floor``, the FD
-    between those real images and n other real scenes of the split (what a perfect generator scores at this n).
-    Samples are clipped to [-1, 1] first, as when they are saved as images."""
-    from .shapes import ShapesDataset, load_attribute_classifier, text_alignment_accuracy
+    scenes of seen pairs). Each row holds the attribute's ``accuracy`` against the true captions beside two
+    measured baselines: ``shuffled_baseline``, the same samples judged against other captions of the split
+    (:func:`vitdiff.shapes.shuffled_caption_baseline`), and ``empty_caption_baseline``, samples drawn from the
+    empty caption judged against the true captions. ``fd`` is FD-shapes-clf@n between the samples and the real
+    images of the same captions, ``fd_floor`` the FD between those real images and n other real scenes of the
+    split (what a perfect generator scores at this n). Samples are clipped to [-1, 1] first, as when saved."""
     from .build import data_geometry
     from .generate import generate
+    from .shapes import (ShapesDataset, load_attribute_classifier, predict_attributes, score_predictions,
+                         shuffled_caption_baseline)
 
     classifier = classifier or load_attribute_classifier()
     _, image_size = data_geometry(config)
     captions = ShapesDataset(split, image_size=image_size, num_samples=n, seed=10_000 + seed)
-    images = torch.cat([generate(model, process, config, n=len(chunk), seed=seed * 1000 + i, prompts=chunk,
-                                 guidance=guidance).cpu()
-                        for i, chunk in enumerate(_chunks(captions.captions, batch_size))]).clamp(-1, 1)
     real = captions.images()
     # Other real scenes of the split: the FD of a perfect generator at this n (the metric's small-n floor).
-    other_real = ShapesDataset(split, image_size=image_size, num_samples=n, seed=20_000 + seed).images()
-    accuracy = text_alignment_accuracy(images, captions.attributes, classifier)
-    chance = alignment_chance(captions.attributes)
-    return {"split": split, "guidance": guidance, "n": n, **accuracy,
-            **{f"chance_{name}": value for name, value in chance.items()},
-            fd_shapes_label(n): fd_shapes(images, real, classifier),
-            "fd_floor": fd_shapes(other_real, real, classifier)}
+    fd_floor = fd_shapes(ShapesDataset(split, image_size=image_size, num_samples=n, seed=20_000 + seed).images(),
+                         real, classifier)
+
+    def draw(prompts: list[str], guidance: float) -> torch.Tensor:
+        return generate(model, process, config, n=n, batch_size=batch_size, seed=seed, prompts=prompts,
+                        guidance=guidance).clamp(-1, 1)
+
+    # The caption-free samples (guidance changes nothing when the caption is empty), judged against the captions.
+    empty = score_predictions(predict_attributes(draw([""], 1.0), classifier), captions.attributes)
+    rows = []
+    for guidance in guidances:
+        images = draw(captions.captions, guidance)
+        predicted = predict_attributes(images, classifier)
+        accuracy = score_predictions(predicted, captions.attributes)
+        shuffled = shuffled_caption_baseline(predicted, captions.attributes, seed=seed)
+        fd = fd_shapes(images, real, classifier)
+        rows += [{"split": split, "guidance": guidance, "attribute": name, "accuracy": accuracy[name],
+                  "shuffled_baseline": shuffled[name], "empty_caption_baseline": empty[name], "n": n,
+                  "fd": fd, "fd_floor": fd_floor} for name in ALIGNMENT_METRICS]
+    return rows
 
 
-def _chunks(items: list, size: int) -> list[list]:
-    return [items[start:start + size] for start in range(0, len(items), size)]
+def alignment_summary(frame):
+    """Mean over seeds of accuracy and its baselines per (split, guidance, attribute), with the ratio of the
+    accuracy to its shuffled-caption baseline."""
+    table = (frame.groupby(["split", "guidance", "attribute"], sort=False)
+             [["accuracy", "shuffled_baseline", "empty_caption_baseline", "fd", "fd_floor"]].mean())
+    return table.assign(ratio=table["accuracy"] / table["shuffled_baseline"])
 
 
-def alignment_frame_summary(frame, metrics=("all_correct", "shape", "colour", "size", "position", "count")):
-    """Mean ± spread over seeds per (split, guidance), in sweep order (:func:`summarize` on those rows)."""
-    frame = frame.assign(condition=[f"{split}, w={guidance:g}" for split, guidance in zip(frame["split"],
-                                                                                           frame["guidance"])])
-    return summarize(frame, metrics=list(metrics), by="condition")
+def run_text_seed(job: tuple) -> dict[str, Any]:
+    """Train one seed (:func:`train_text_model`) on one thread and judge its EMA model on val and test captions at
+    every guidance scale of the profile (:func:`alignment_rows`). A seed already judged with the same config and
+    scales is read back from its run directory."""
+    profile, seed, runs_dir = job
+    setup = TEXT_SETUPS[profile.name]
+    config = make_text_config(profile, seed, runs_dir)
+    key = config_key(config)
+    result_file = text_run_dir(config, seed, runs_dir) / "alignment.json"
+    if result_file.is_file():
+        saved = json.loads(result_file.read_text())
+        if saved.get("config_key") == key and saved.get("guidance") == list(setup.guidance):
+            return saved
+    with one_thread():
+        start = time.perf_counter()
+        trainer = train_text_model(profile, seed, runs_dir, progress=False)
+        train_s = time.perf_counter() - start
+        params, gflops = model_cost(trainer.model.backbone)
+        rows = [{"seed": seed, **row} for split in ("val", "test")
+                for row in alignment_rows(trainer.ema.module, trainer.process, trainer.config, split=split,
+                                          guidances=setup.guidance, n=profile.eval_n, seed=seed)]
+    text_params = sum(p.numel() for p in trainer.model.text_encoder.parameters())
+    result = {"seed": seed, "config_key": key, "guidance": list(setup.guidance), "train_s": train_s,
+              "params_M": params / 1e6, "gflops": gflops, "text_params_M": text_params / 1e6, "rows": rows}
+    result_file.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def run_text_seeds(profile: Profile, out_dir: Path, *, notebook: str | None = None, workers: int | None = None,
+                   progress: bool = True):
+    """Every seed of the profile through :func:`run_text_seed` in ``workers`` one-thread processes -> the
+    alignment rows (one per seed, split, guidance and attribute) and the per-seed run facts, saved with
+    :func:`vitdiff.workbook.save_results` (``notebook`` also files ``experiments/results/<notebook>/<profile>.csv``)."""
+    import pandas as pd
+
+    results = map_runs(run_text_seed, [(profile, seed, out_dir / "runs") for seed in profile.seeds],
+                       workers=workers, progress=progress)
+    runs = pd.DataFrame([{k: v for k, v in result.items() if k not in ("rows", "config_key", "guidance")}
+                         for result in results])
+    rows = pd.DataFrame([row for result in results for row in result["rows"]])
+    rows = rows.merge(runs[["seed", "train_s", "params_M", "gflops"]], on="seed").assign(
+        profile=profile.name, steps=profile.steps)
+    return save_results(rows, profile, out_dir, notebook=notebook, protocol_line=text_protocol(profile)), runs
+
+
+# The samples follow the caption when they score higher against their own captions than against other captions
+# of the split: each attribute is an arm ("<split>, w=<g>: own captions") against its shuffled-caption baseline.
+OWN, SHUFFLED = "own captions", "shuffled captions"
+
+
+def alignment_arm(split: str, guidance: float, captions: str) -> str:
+    return f"{split}, w={guidance:g}: {captions}"
+
+
+def alignment_arms(frame):
+    """The alignment rows as arms for :mod:`vitdiff.findings`: per seed, one row per (split, guidance, captions)
+    variant with one column per attribute."""
+    import pandas as pd
+
+    arms = []
+    for (seed, split, guidance), group in frame.groupby(["seed", "split", "guidance"], sort=False):
+        for captions, column in ((OWN, "accuracy"), (SHUFFLED, "shuffled_baseline")):
+            arms.append({"seed": seed, "variant": alignment_arm(split, guidance, captions),
+                         **dict(zip(group["attribute"], group[column]))})
+    return pd.DataFrame(arms)
+
+
+def alignment_comparisons(guidance: float) -> list:
+    """The pre-registered comparisons at one guidance scale: every attribute on val (seen colour-shape pairs),
+    shape and all-correct on test (held-out pairs), each against its shuffled-caption baseline."""
+    from .findings import Comparison
+
+    claim = "one pixel-space diffusion model does text-to-image (Cao et al. 2022)"
+    questions = {"val": "do samples follow their captions (val: seen colour-shape pairs)?",
+                 "test": "do samples compose held-out colour-shape pairs (test)?"}
+    chosen = [("val", name) for name in ALIGNMENT_METRICS] + [("test", "shape"), ("test", "all_correct")]
+    return [Comparison(questions[split], claim, alignment_arm(split, guidance, OWN),
+                       alignment_arm(split, guidance, SHUFFLED), metric, direction="higher")
+            for split, metric in chosen]
+
+
+def plot_alignment(frame, profile: Profile):
+    """Accuracy by guidance per attribute (solid, mean over seeds, bars: sd), the same samples against shuffled
+    captions (dotted), and samples from the empty caption at w = 0 (crosses); one panel per split."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, axes = plt.subplots(1, 2, figsize=(9, 3.4), sharey=True)
+    colours = dict(zip(ALIGNMENT_METRICS, sns.color_palette(n_colors=len(ALIGNMENT_METRICS))))
+    titles = {"val": "val: new scenes, seen pairs", "test": "test: held-out colour-shape pairs"}
+    for ax, split in zip(axes, ("val", "test")):
+        rows = frame[frame["split"] == split]
+        for name in ALIGNMENT_METRICS:
+            by_guidance = rows[rows["attribute"] == name].groupby("guidance")
+            mean, sd = by_guidance.mean(numeric_only=True), by_guidance.std(numeric_only=True).fillna(0)
+            ax.errorbar(mean.index, mean["accuracy"], yerr=sd["accuracy"], color=colours[name], marker="o", ms=3,
+                        capsize=2, label=name)
+            ax.plot(mean.index, mean["shuffled_baseline"], color=colours[name], ls=":", lw=1)
+            ax.plot([0], [mean["empty_caption_baseline"].mean()], color=colours[name], marker="x", ls="none")
+        ax.set_title(titles[split])
+        ax.set_xlabel("guidance w (DiT convention); x at 0: empty caption")
+    axes[0].set_ylabel("judge accuracy")
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1, 0.5))
+    fig.suptitle("accuracy (solid) vs the same samples against shuffled captions (dotted)\n"
+                 + text_protocol(profile), fontsize=8, y=1.08)
+    return fig
+
+
+# Targets for the cpu profile: shape follows the caption at twice its shuffled baseline on val, all-correct at five
+# times, and shape on held-out pairs above its baseline (the verdict's interval above 0).
+TARGET_RATIOS = {"shape": 2.0, "all_correct": 5.0}
+
+
+def target_lines(frame, table, guidance: float) -> list[str]:
+    """Whether the targets above are met at ``guidance``, one sentence each, from the results and verdict rows."""
+    summary = alignment_summary(frame)
+    lines = []
+    for name, target in TARGET_RATIOS.items():
+        row = summary.loc[("val", guidance, name)]
+        met = "met" if row["ratio"] >= target else "not met"
+        lines.append(f"val {name}: {row['accuracy']:.3f} vs shuffled-caption baseline {row['shuffled_baseline']:.3f}, "
+                     f"ratio {row['ratio']:.2f} (target >= {target:g}): **{met}**")
+    comparison = f"{alignment_arm('test', guidance, OWN)} - {alignment_arm('test', guidance, SHUFFLED)}"
+    row = table[(table["comparison"] == comparison) & (table["metric"] == "shape")].iloc[0]
+    met = "met" if row["verdict"] == "supported" else "not met"
+    lines.append(f"test (held-out pairs) shape minus its baseline: {row['mean_diff']:+.3f} "
+                 f"[{row['ci_low']:+.3f}, {row['ci_high']:+.3f}] over {row['n_seeds']} seed(s) "
+                 f"(target: interval above 0): **{met}**")
+    return lines
+
+
+def show_targets(frame, table, guidance: float) -> None:
+    """Display :func:`target_lines` as the notebook's generated statement of what holds."""
+    from IPython.display import Markdown, display
+
+    display(Markdown("\n".join(f"* {line}" for line in target_lines(frame, table, guidance))))
 
 
 def prompt_grid(model, process, config: Config, prompts: list[str], *, per_prompt: int, guidance: float,

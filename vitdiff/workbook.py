@@ -368,6 +368,21 @@ def _run_job(job: tuple) -> dict[str, Any]:
     return run_variant(variant, profile, seed, runs_dir, **diffusion)
 
 
+def map_runs(run, jobs: list, *, workers: int | None = None, progress: bool = True) -> list:
+    """``[run(job) for job in jobs]`` in ``workers`` spawned processes (default: one per core, at most one per job),
+    in order. ``run`` must be a module-level function (spawned workers import it) that trains on one thread."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    from tqdm.auto import tqdm
+
+    workers = workers or min(len(jobs), os.cpu_count() or 1)
+    if workers <= 1:
+        return [run(job) for job in tqdm(jobs, desc="runs", disable=not progress)]
+    with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return list(tqdm(pool.map(run, jobs), total=len(jobs), desc="runs", disable=not progress))
+
+
 def run_ablation(variants: list[Variant], profile: Profile, out_dir: Path, *, notebook: str | None = None,
                  workers: int | None = None, progress: bool = True, **diffusion: Any):
     """Every variant x every seed of the profile -> (results, curves): DataFrames with one row per run and one per
@@ -376,22 +391,13 @@ def run_ablation(variants: list[Variant], profile: Profile, out_dir: Path, *, no
     Runs go to ``workers`` processes of one thread each (default: one per core); any worker count gives the
     same numbers. ``notebook`` (its file stem) also files the rows under
     ``experiments/results/<notebook>/<profile>.csv`` (see :func:`results_dir`)."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
     import pandas as pd
-    from tqdm.auto import tqdm
 
     from .metrics import check_frechet_metric
 
     check_frechet_metric(profile.dataset)  # before any training: the final evaluation must be able to run
     jobs = [(variant, profile, seed, out_dir / "runs", diffusion) for variant in variants for seed in profile.seeds]
-    workers = workers or min(len(jobs), os.cpu_count() or 1)
-    if workers > 1:
-        with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            rows = list(tqdm(pool.map(_run_job, jobs), total=len(jobs), desc="runs", disable=not progress))
-    else:
-        rows = [_run_job(job) for job in tqdm(jobs, desc="runs", disable=not progress)]
+    rows = map_runs(_run_job, jobs, workers=workers, progress=progress)
     frame = pd.DataFrame(rows).drop(columns=["config_key"])
     curves = pd.DataFrame([{"variant": row["variant"], "seed": row["seed"], **point}
                            for row in rows for point in row.get("curve", [])])
@@ -404,12 +410,13 @@ def results_dir(profile: Profile, out_dir: Path) -> Path:
     return out_dir / "results" if profile.name == "smoke" else REPO_ROOT / "experiments" / "results"
 
 
-def save_results(frame, profile: Profile, out_dir: Path, metric: str | None = None, *, notebook: str | None = None,
-                 curves=None):
-    """The raw rows as ``results.csv`` and, with the protocol, ``results.json`` in ``out_dir``; with ``notebook``
-    also ``<results_dir>/<notebook>/<profile>.csv`` (and ``<profile>_curves.csv``). Returns the frame."""
+def save_results(frame, profile: Profile, out_dir: Path, *, notebook: str | None = None, curves=None,
+                 protocol_line: str | None = None):
+    """The raw rows as ``results.csv`` and, with the protocol (default :func:`protocol`), ``results.json`` in
+    ``out_dir``; with ``notebook`` also ``<results_dir>/<notebook>/<profile>.csv`` (and ``<profile>_curves.csv``).
+    Returns the frame."""
     frame.to_csv(out_dir / "results.csv", index=False)
-    payload = {"protocol": protocol(profile, metric), "profile": asdict(profile),
+    payload = {"protocol": protocol_line or protocol(profile), "profile": asdict(profile),
                "runs": json.loads(frame.to_json(orient="records"))}
     (out_dir / "results.json").write_text(json.dumps(payload, indent=1))
     if notebook is not None:

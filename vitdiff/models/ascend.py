@@ -14,6 +14,8 @@ known to be the paper's.
      the last), into n decoder blocks evenly spaced over the decoder (starting at the first);
    * ``"none"``: no long skips; the decoder sees only the encoder output.
 
+   ``max_skips`` caps n, so splits of different depths can be compared at the same number of skips.
+
    Pairs are joined last-in-first-out, so with equal depths both "last" and "every_k" are U-ViT.
 
 2. ``HierarchicalASCEND``: a global-attention U-ViT encoder on coarse tokens (patch 8 at 64x64, 16 at
@@ -48,10 +50,13 @@ def evenly_spaced(n: int, total: int) -> list[int]:
     return [(i + 1) * total // n - 1 for i in range(n)]
 
 
-def skip_wiring_indices(wiring: str, encoder_depth: int, decoder_depth: int) -> tuple[list[int], list[int]]:
+def skip_wiring_indices(wiring: str, encoder_depth: int, decoder_depth: int,
+                        max_skips: int | None = None) -> tuple[list[int], list[int]]:
     """(encoder blocks that emit a skip, decoder blocks that take one), both in increasing order."""
     check_choice("skip_wiring", wiring, SKIP_WIRINGS)
-    n = min(encoder_depth, decoder_depth)
+    if max_skips is not None and max_skips < 0:
+        raise ValueError(f"max_skips must be >= 0 (or None: min(encoder_depth, decoder_depth)), got {max_skips}")
+    n = min(encoder_depth, decoder_depth, *(() if max_skips is None else (max_skips,)))
     if wiring == "none" or n == 0:
         return [], []
     if wiring == "last":
@@ -67,7 +72,8 @@ class ASCEND(TokenBackbone):
         encoder_depth, decoder_depth: in-blocks before the mid-block, out-blocks after it.
         encoder_dim, decoder_dim, encoder_heads, decoder_heads: width and heads of each half; the
             mid-block belongs to the encoder, then Linear(encoder_dim, decoder_dim) if they differ.
-        skip: skip fusion (see :class:`vitdiff.models.vit.Block`); skip_wiring: see the module docstring.
+        skip: skip fusion (see :class:`vitdiff.models.vit.Block`); skip_wiring, max_skips: see the module
+            docstring (max_skips None: min(encoder_depth, decoder_depth) long skips).
         head: "linear" or "linear_conv"; **options: shared switches of :class:`TokenBackbone`.
     """
 
@@ -76,10 +82,10 @@ class ASCEND(TokenBackbone):
     def __init__(self, *, image_size: int = 32, in_channels: int = 3, patch_size: int = 2,
                  encoder_depth: int = 8, decoder_depth: int = 4, encoder_dim: int = 512, decoder_dim: int = 512,
                  encoder_heads: int = 8, decoder_heads: int = 8, skip: str = "concat_linear",
-                 skip_wiring: str = "every_k", head: str = "linear_conv", **options):
+                 skip_wiring: str = "every_k", max_skips: int | None = None, head: str = "linear_conv", **options):
         super().__init__(image_size=image_size, in_channels=in_channels, patch_size=patch_size, dim=encoder_dim,
                          **options)
-        sources, receivers = skip_wiring_indices(skip_wiring, encoder_depth, decoder_depth)
+        sources, receivers = skip_wiring_indices(skip_wiring, encoder_depth, decoder_depth, max_skips)
         self.skip_wiring = skip_wiring
         self._init_trunk(encoder_depth=encoder_depth, decoder_depth=decoder_depth, encoder_dim=encoder_dim,
                          decoder_dim=decoder_dim, encoder_heads=encoder_heads, decoder_heads=decoder_heads,
