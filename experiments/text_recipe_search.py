@@ -1,0 +1,79 @@
+"""One step of the text-to-image recipe search (notebook 07, experiments/README.md): train the cpu text setup with
+some changes for one seed, judge it like the notebook does (val and test captions, w = 1 and 3, shuffled-caption and
+empty-caption baselines), and add its rows to experiments/results/07_text_to_image/recipe_search.csv.
+
+    python experiments/text_recipe_search.py "noise: ln sigma ~ N(-0.2, 1.4)" --steps 1500 \\
+        --set 'diffusion.process_kwargs={"p_mean": -0.2, "p_std": 1.4}'
+    python experiments/text_recipe_search.py "64x64, patch 8" --steps 1500 --image-size 64 \\
+        --model patch_size=8 --model 'decoder_channels=[64, 32, 16]' --model decoder_blocks=0
+
+A run that exists (same recipe) is read back, with the training time measured when it was trained."""
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import replace
+from pathlib import Path
+
+import pandas as pd
+import yaml
+
+from vitdiff import text_workbook as tw
+from vitdiff.workbook import REPO_ROOT, one_thread
+
+RESULTS = REPO_ROOT / "experiments" / "results" / "07_text_to_image" / "recipe_search.csv"
+
+
+def parse_pairs(pairs: list[str]) -> dict:
+    """key=value pairs, values read as YAML (numbers, lists, mappings)."""
+    return {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in pairs)}
+
+
+def record_training_time(run_dir: Path, steps: int, elapsed: float) -> float:
+    """Training seconds to reach ``steps``: this call's time plus that of the checkpoint it resumed from (runs are
+    extended in place when only the step count changes), kept in ``run_dir/train_time.json`` (steps -> seconds)."""
+    path = run_dir / "train_time.json"
+    times = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
+    if steps not in times:
+        earlier = [k for k in times if k < steps]
+        times[steps] = elapsed + (times[max(earlier)] if earlier else 0.0)
+        path.write_text(json.dumps(times))
+    return times[steps]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("recipe", help="what this step changes, in words (the table's row label)")
+    parser.add_argument("--steps", type=int, required=True)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="backbone switch")
+    parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "07_text_to_image" / "recipe_search")
+    args = parser.parse_args()
+
+    setup = tw.TEXT_SETUPS["cpu"]
+    tw.TEXT_SETUPS["cpu"] = replace(setup, image_size=args.image_size or setup.image_size,
+                                    model={**setup.model, **parse_pairs(args.model)})
+    profile = tw.text_profile("cpu", steps=args.steps, seeds=[args.seed]).with_overrides(**parse_pairs(args.set))
+    with one_thread():
+        start = time.perf_counter()
+        trainer = tw.train_text_model(profile, args.seed, args.runs_dir, progress=True)
+        train_s = record_training_time(trainer.out_dir, args.steps, time.perf_counter() - start)
+        rows = [row for split in ("val", "test")
+                for row in tw.alignment_rows(trainer.ema.module, trainer.process, trainer.config, split=split,
+                                             guidances=(1.0, 3.0), n=profile.eval_n, seed=args.seed)]
+    frame = pd.DataFrame(rows).assign(recipe=args.recipe, seed=args.seed, steps=args.steps, train_s=train_s,
+                                      image_size=tw.TEXT_SETUPS["cpu"].image_size,
+                                      changes=json.dumps({**parse_pairs(args.set), **parse_pairs(args.model)}))
+    if RESULTS.is_file():
+        old = pd.read_csv(RESULTS)
+        frame = pd.concat([old[old["recipe"] != args.recipe], frame], ignore_index=True)
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    frame.to_csv(RESULTS, index=False, float_format="%.6g")
+    print(tw.alignment_summary(frame[frame["recipe"] == args.recipe]).round(3).to_string())
+
+
+if __name__ == "__main__":
+    main()
