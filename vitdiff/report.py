@@ -46,7 +46,7 @@ def alignment_table(frame) -> list[str]:
     """Text alignment rows (one per seed, split, guidance and attribute; notebook 07): per (recipe if any, split,
     guidance) and attribute, the mean over seeds of the accuracy against the samples' own captions / against
     shuffled captions."""
-    keys = [key for key in ("recipe", "split", "guidance") if key in frame]
+    keys = [key for key in ("recipe", "steps", "split", "guidance") if key in frame]
     attributes = list(dict.fromkeys(frame["attribute"]))
     header = [*keys, "seeds", *attributes, "empty caption: all_correct", "FD (floor)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
