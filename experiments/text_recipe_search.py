@@ -66,6 +66,7 @@ def main() -> None:
                                              guidances=(1.0, 3.0), n=profile.eval_n, seed=args.seed)]
     frame = pd.DataFrame(rows).assign(recipe=args.recipe, seed=args.seed, steps=args.steps, train_s=train_s,
                                       image_size=tw.TEXT_SETUPS["cpu"].image_size,
+                                      noise=json.dumps(profile.process_kwargs),
                                       changes=json.dumps({**parse_pairs(args.set), **parse_pairs(args.model)}))
     if RESULTS.is_file():
         old = pd.read_csv(RESULTS)
