@@ -128,3 +128,26 @@ def test_alignment_rows_hold_accuracy_beside_its_measured_baselines(tmp_path):
         assert row["fd"] > 0 and row["fd_floor"] > 0
     # The caption-free samples do not depend on guidance: one baseline per split.
     assert len({row["empty_caption_baseline"] for row in rows if row["attribute"] == "colour"}) == 1
+
+
+def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_baseline():
+    import pandas as pd
+
+    from vitdiff.findings import verdict_table
+
+    # Three seeds: val shape at 3x its baseline, test shape level with it, val all-correct at 4x.
+    accuracy = {("val", "shape"): 0.6, ("test", "shape"): 0.3, ("val", "all_correct"): 0.04}
+    rows = [{"seed": seed, "split": split, "guidance": 3.0, "attribute": name, "n": 100,
+             "accuracy": accuracy.get((split, name), 0.5) + 0.01 * seed,
+             "shuffled_baseline": {"shape": 0.2 if split == "val" else 0.3 + 0.01 * seed,
+                                   "all_correct": 0.01}.get(name, 0.25) + 0.01 * (seed % 2),
+             "empty_caption_baseline": 0.2, "fd": 100.0, "fd_floor": 50.0}
+            for seed in range(3) for split in ("val", "test") for name in tw.ALIGNMENT_METRICS]
+    frame = pd.DataFrame(rows)
+    table = verdict_table(tw.alignment_arms(frame), tw.alignment_comparisons(3.0), notebook="07", profile="test")
+    verdicts = {(row.comparison.split(",")[0], row.metric): row.verdict for row in table.itertuples()}
+    assert verdicts[("val", "shape")] == "supported" and verdicts[("test", "shape")] == "unresolved"
+    lines = tw.target_lines(frame, table, 3.0)
+    assert "val shape" in lines[0] and lines[0].endswith("**met**")
+    assert "5.0 of 100 samples a seed" in lines[1] and lines[1].endswith("**not met**")  # 0.05 / 0.0133 < 5
+    assert lines[2].startswith("test (held-out pairs) shape") and lines[2].endswith("**not met**")

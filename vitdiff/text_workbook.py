@@ -322,12 +322,15 @@ TARGET_RATIOS = {"shape": 2.0, "all_correct": 5.0}
 def target_lines(frame, table, guidance: float) -> list[str]:
     """Whether the targets above are met at ``guidance``, one sentence each, from the results and verdict rows."""
     summary = alignment_summary(frame)
+    n = int(frame["n"].iloc[0])
     lines = []
     for name, target in TARGET_RATIOS.items():
         row = summary.loc[("val", guidance, name)]
         met = "met" if row["ratio"] >= target else "not met"
-        lines.append(f"val {name}: {row['accuracy']:.3f} vs shuffled-caption baseline {row['shuffled_baseline']:.3f}, "
-                     f"ratio {row['ratio']:.2f} (target >= {target:g}): **{met}**")
+        # all-correct is per sample, so a high ratio can rest on a handful of samples: say how many.
+        count = f" ({row['accuracy'] * n:.1f} of {n} samples a seed)" if name == "all_correct" else ""
+        lines.append(f"val {name}: {row['accuracy']:.3f}{count} vs shuffled-caption baseline "
+                     f"{row['shuffled_baseline']:.3f}, ratio {row['ratio']:.2f} (target >= {target:g}): **{met}**")
     comparison = f"{alignment_arm('test', guidance, OWN)} - {alignment_arm('test', guidance, SHUFFLED)}"
     row = table[(table["comparison"] == comparison) & (table["metric"] == "shape")].iloc[0]
     met = "met" if row["verdict"] == "supported" else "not met"
