@@ -41,8 +41,9 @@ def test_text_config_takes_the_profiles_diffusion_recipe(tmp_path):
     profile = tw.text_profile("cpu")
     config = tw.make_text_config(profile, 0, tmp_path)
     assert (config.diffusion.process, config.diffusion.prediction) == (profile.process, profile.prediction)
-    assert config.diffusion.process_kwargs == {"p_mean": 0.4, "p_std": 1.0} and config.diffusion.cond_drop_prob == 0.1
-    assert "edm(p_mean=0.4, p_std=1)/v" in wb.protocol(profile)
+    assert config.diffusion.process_kwargs == {"p_mean": -0.2, "p_std": 1.4} and config.diffusion.cond_drop_prob == 0.1
+    assert "shapes 32x32, edm(p_mean=-0.2, p_std=1.4)/v" in tw.text_protocol(profile)
+    assert config.data.image_size == tw.TEXT_SETUPS["cpu"].image_size == 32
     assert tw.make_text_config(tw.text_profile("gpu"), 0, tmp_path).diffusion.prediction == "v"
 
 
