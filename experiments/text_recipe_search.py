@@ -53,10 +53,11 @@ def main() -> None:
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "07_text_to_image" / "recipe_search")
     args = parser.parse_args()
 
+    config_changes, model_changes = parse_pairs(args.set), parse_pairs(args.model)
     setup = tw.TEXT_SETUPS["cpu"]
     tw.TEXT_SETUPS["cpu"] = replace(setup, image_size=args.image_size or setup.image_size,
-                                    model={**setup.model, **parse_pairs(args.model)})
-    profile = tw.text_profile("cpu", steps=args.steps, seeds=[args.seed]).with_overrides(**parse_pairs(args.set))
+                                    model={**setup.model, **model_changes})
+    profile = tw.text_profile("cpu", steps=args.steps, seeds=[args.seed]).with_overrides(**config_changes)
     with one_thread():
         start = time.perf_counter()
         trainer = tw.train_text_model(profile, args.seed, args.runs_dir, progress=True)
@@ -67,7 +68,7 @@ def main() -> None:
     frame = pd.DataFrame(rows).assign(recipe=args.recipe, seed=args.seed, steps=args.steps, train_s=train_s,
                                       image_size=tw.TEXT_SETUPS["cpu"].image_size,
                                       noise=json.dumps(profile.process_kwargs),
-                                      changes=json.dumps({**parse_pairs(args.set), **parse_pairs(args.model)}))
+                                      changes=json.dumps({**config_changes, **model_changes}))
     if RESULTS.is_file():
         old = pd.read_csv(RESULTS)
         frame = pd.concat([old[old["recipe"] != args.recipe], frame], ignore_index=True)

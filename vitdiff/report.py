@@ -57,7 +57,7 @@ def alignment_table(frame) -> list[str]:
         cells.append(str(rows["seed"].nunique()))
         cells += [f"{by_attribute.loc[name, 'accuracy']:.3f} / {by_attribute.loc[name, 'shuffled_baseline']:.3f}"
                   for name in attributes]
-        cells.append(f"{by_attribute.loc[attributes[0], 'empty_caption_baseline']:.3f}")
+        cells.append(f"{by_attribute.loc['all_correct', 'empty_caption_baseline']:.3f}")
         cells.append(f"{rows['fd'].mean():.4g} ({rows['fd_floor'].mean():.4g})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines

@@ -30,21 +30,19 @@ class TextSetup:
     grid_n: int                 # samples per prompt in the prompt -> image grid
 
 
+# EDM with wider, higher training noise (ln sigma ~ N(-0.2, 1.4) instead of N(-1.2, 1.2)): the caption decides
+# the scene at high noise, which a short run must reach, and a shape's edges at low noise (experiments/README.md:
+# the text recipe search). About 30 minutes of training a seed on one core.
+_CPU_TEXT_RECIPE = {"data.dataset": "shapes", "train.steps": 3600, "data.batch_size": 32, "train.lr": 1e-3,
+                    "train.warmup_steps": 50, "sample.steps": 20,
+                    "diffusion.process_kwargs": {"p_mean": -0.2, "p_std": 1.4}}
 # What text-to-image changes in each profile: config overrides, then the notebook-level sizes.
 TEXT_PROFILE_CHANGES: ProfileChanges = {
     "smoke": ({"data.dataset": "shapes", "train.steps": 3, "data.batch_size": 4, "sample.steps": 3},
               {"eval_n": 16, "val_n": 16}),
-    # EDM with wider, higher training noise (ln sigma ~ N(-0.2, 1.4) instead of N(-1.2, 1.2)): the caption decides
-    # the scene at high noise, which a short run must reach, and a shape's edges at low noise (experiments/README.md:
-    # the text recipe search). About 30 minutes of training a seed on one core.
-    "cpu": ({"data.dataset": "shapes", "train.steps": 3600, "data.batch_size": 32, "train.lr": 1e-3,
-             "train.warmup_steps": 50, "sample.steps": 20, "diffusion.process_kwargs": {"p_mean": -0.2, "p_std": 1.4}},
-            {"eval_n": 96, "val_n": 96, "seeds": (0, 1, 2)}),
+    "cpu": (_CPU_TEXT_RECIPE, {"eval_n": 96, "val_n": 96, "seeds": (0, 1, 2)}),
     # The cpu recipe at 64x64 (the paper's threshold), one seed: patch 8 keeps the encoder's 64 tokens.
-    "cpu-long": ({"data.dataset": "shapes", "train.steps": 3600, "data.batch_size": 32, "train.lr": 1e-3,
-                  "train.warmup_steps": 50, "sample.steps": 20,
-                  "diffusion.process_kwargs": {"p_mean": -0.2, "p_std": 1.4}},
-                 {"eval_n": 96, "val_n": 96, "seeds": (0,)}),
+    "cpu-long": (_CPU_TEXT_RECIPE, {"eval_n": 96, "val_n": 96, "seeds": (0,)}),
     # Paper scale at 64x64 (experiments/shapes64_t2i_ascend_h.yaml).
     # v-prediction: an eps-model's x0 estimate at high noise (x - sigma*eps, sigma up to 152 on vp-sde) is poor.
     "gpu": ({"data.dataset": "shapes", "train.steps": 100_000, "data.batch_size": 128, "train.lr": 2e-4,
@@ -86,7 +84,8 @@ def text_protocol(profile: Profile, what: str | None = None) -> str:
     """The line that travels with notebook 07's figures and tables: what was trained and how samples were judged."""
     from .workbook import sampling_protocol, training_protocol
 
-    what = what or f"text alignment (shapes judge, {profile.eval_n} captions per split) + {fd_shapes_label(profile.eval_n)}"
+    what = what or (f"text alignment (shapes judge, {profile.eval_n} captions per split) + "
+                    f"{fd_shapes_label(profile.eval_n)}")
     return f"{training_protocol(profile)}; {what}; {sampling_protocol(profile)}"
 
 
