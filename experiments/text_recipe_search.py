@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -20,14 +21,21 @@ import pandas as pd
 import yaml
 
 from vitdiff import text_workbook as tw
+from vitdiff.cli import run_command
 from vitdiff.workbook import REPO_ROOT, one_thread
 
 RESULTS = REPO_ROOT / "experiments" / "results" / "07_text_to_image" / "recipe_search.csv"
 
 
-def parse_pairs(pairs: list[str]) -> dict:
-    """key=value pairs, values read as YAML (numbers, lists, mappings)."""
-    return {key: yaml.safe_load(value) for key, value in (pair.split("=", 1) for pair in pairs)}
+def key_value(text: str) -> tuple[str, object]:
+    """One KEY=VALUE argument, the value read as YAML (numbers, lists, mappings)."""
+    key, sep, value = text.partition("=")
+    if not (key and sep):
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r} (e.g. train.lr=2e-3)")
+    try:
+        return key, yaml.safe_load(value)
+    except yaml.YAMLError as error:
+        raise argparse.ArgumentTypeError(f"the value of {key} is not valid YAML: {value!r}") from error
 
 
 def record_training_time(run_dir: Path, steps: int, elapsed: float) -> float:
@@ -42,18 +50,24 @@ def record_training_time(run_dir: Path, steps: int, elapsed: float) -> float:
     return times[steps]
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("recipe", help="what this step changes, in words (the table's row label)")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
-    parser.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="backbone switch")
+    parser.add_argument("--set", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                        help="config override")
+    parser.add_argument("--model", action="append", default=[], type=key_value, metavar="KEY=VALUE",
+                        help="backbone switch")
     parser.add_argument("--image-size", type=int, default=None)
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "07_text_to_image" / "recipe_search")
     args = parser.parse_args()
+    # A bad config key or value is one line on stderr (exit 2), as with `vitdiff train`.
+    return run_command(parser.prog, lambda: search_step(args))
 
-    config_changes, model_changes = parse_pairs(args.set), parse_pairs(args.model)
+
+def search_step(args: argparse.Namespace) -> None:
+    config_changes, model_changes = dict(args.set), dict(args.model)
     setup = tw.TEXT_SETUPS["cpu"]
     tw.TEXT_SETUPS["cpu"] = replace(setup, image_size=args.image_size or setup.image_size,
                                     model={**setup.model, **model_changes})
@@ -78,4 +92,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
