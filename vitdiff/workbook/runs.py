@@ -274,15 +274,22 @@ def setup(notebook: str, profile: str | None = None, *, dataset: str | None = No
 def match_flops(variant: Variant, profile: Profile, target: float, dims, *, tolerance: float = 0.10) -> Variant:
     """``variant`` with the width among ``dims`` (``dim`` of a Transformer, whose head count stays the preset's,
     or ``channels`` of a U-Net) whose GFLOPs come closest to ``target``; raises if none lies within ``tolerance``
-    (relative), so a "matched compute" arm is matched or absent."""
+    (relative), so a "matched compute" arm is matched or absent. Cost grows with width, so the search bisects."""
     def gflops_at(dim: int) -> tuple[float, Variant]:
         width = {"channels": dim} if variant.family == "UNet" else {"dim": dim}
         candidate = replace(variant, overrides={**variant.overrides, **width})
         return model_cost_of(candidate, profile)[1], candidate
 
-    measured = [gflops_at(dim) for dim in dims]
-    gflops, best = min(measured, key=lambda item: abs(item[0] - target))
+    dims = sorted(dims)
+    low, high = 0, len(dims) - 1
+    while high - low > 1:  # invariant: the closest width lies in dims[low..high]
+        middle = (low + high) // 2
+        if gflops_at(dims[middle])[0] < target:
+            low = middle
+        else:
+            high = middle
+    gflops, best = min((gflops_at(dims[index]) for index in {low, high}), key=lambda item: abs(item[0] - target))
     if abs(gflops - target) > tolerance * target:
-        raise ValueError(f"no width in {list(dims)} brings {variant.name} within {tolerance:.0%} of {target:.4f} "
-                         f"GFLOPs (closest: {gflops:.4f}); widen the search")
+        raise ValueError(f"no width in {dims[0]}..{dims[-1]} brings {variant.name} within {tolerance:.0%} of "
+                         f"{target:.4f} GFLOPs (closest: {gflops:.4f}); widen the search")
     return best
