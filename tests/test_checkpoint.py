@@ -15,7 +15,10 @@ from vitdiff import checkpoint as ckpt
 
 
 def state(step: int) -> dict:
-    return {"step": step, "model": {"weight": torch.full((4, 4), float(step))}, "rng": [ckpt.capture_rng_state()]}
+    """A small state with every key a training checkpoint must hold."""
+    return {"step": step, "skipped_steps": 0, "model": {"weight": torch.full((4, 4), float(step))}, "ema": {},
+            "optimizer": {}, "scheduler": {}, "rng": [ckpt.capture_rng_state()], "data": [{}], "config": {},
+            "world_size": 1}
 
 
 def test_save_rotates_the_previous_checkpoint(tmp_path):
@@ -161,10 +164,10 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, container):
 def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
-    ckpt.save_checkpoint({"step": 0, "rng": ckpt.capture_rng_state()}, tmp_path)
+    ckpt.save_checkpoint({**state(0), "rng": [ckpt.capture_rng_state()]}, tmp_path)
     expected = random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    ckpt.restore_rng_state(ckpt.load_checkpoint(tmp_path / "last.pt")["rng"])
+    ckpt.restore_rng_state(ckpt.load_checkpoint(tmp_path / "last.pt")["rng"][0])
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
 
 

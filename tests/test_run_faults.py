@@ -70,14 +70,16 @@ def test_divergence_mid_run_stops_with_the_good_checkpoints(tmp_path):
         return result
 
     run_trainer.train_step = blow_up_at_step_3
-    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: .*not finite.*last good checkpoint .*last\.pt"):
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: .*not finite.*last good checkpoint .*last\.good\.pt \(step 2\) is kept"):
         run_trainer.fit()
     assert steps_of(tmp_path / "run") == (2, 1)
     assert_finite_checkpoints(tmp_path / "run")
 
 
 @pytest.mark.parametrize("cause", ["lr=1e6", "nan-loss"])
-def test_consecutive_skipped_steps_stop_the_run_with_exit_3(tmp_path, monkeypatch, capsys, cause):
+def test_a_diverging_run_stops_with_exit_3_and_saves_nothing_broken(tmp_path, monkeypatch, capsys, cause):
+    """lr=1e6: the first update leaves finite weights (~1e6) whose output overflows, which the probe at the first
+    save catches; a NaN loss at every step: the steps are skipped, none is saved, and the third in a row stops."""
     if cause == "nan-loss":  # every batch NaN (e.g. broken data): every step is skipped
         from vitdiff.diffusion import DiffusionLoss
 
@@ -87,12 +89,13 @@ def test_consecutive_skipped_steps_stop_the_run_with_exit_3(tmp_path, monkeypatc
     code = vitdiff(["train", str(config_file(tmp_path)), *overrides])
     err = capsys.readouterr().err
     assert code == 3, err
-    assert "3 steps in a row had a non-finite loss or gradient norm" in err and "Traceback" not in err
+    expected = {"lr=1e6": "diverged at step 1: the raw or EMA model gives a non-finite output or loss on the probe "
+                          "batch: not saved; no checkpoint was saved",
+                "nan-loss": "diverged at step 3: 3 steps in a row had a non-finite loss or gradient norm"}[cause]
+    assert expected in err and "Traceback" not in err, err
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] < 20 and records[-1]["skipped_steps"] >= 3
-    for name in (ckpt.LAST, ckpt.PREVIOUS):
-        if (tmp_path / "run" / name).exists():
-            assert not ckpt.non_finite_weights(ckpt.load_checkpoint(tmp_path / "run" / name))
+    assert records[-1]["step"] < 20
+    assert not list((tmp_path / "run").glob("*.pt"))
 
 
 def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path):
