@@ -70,7 +70,8 @@ def test_divergence_mid_run_stops_with_the_good_checkpoints(tmp_path):
         return result
 
     run_trainer.train_step = blow_up_at_step_3
-    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: .*not finite.*last good checkpoint .*last\.good\.pt \(step 2\) is kept"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"diverged at step 3: .*not finite.*last good checkpoint .*last\.good\.pt \(step 2\) is kept"):
         run_trainer.fit()
     assert steps_of(tmp_path / "run") == (2, 1)
     assert_finite_checkpoints(tmp_path / "run")
