@@ -285,10 +285,34 @@ class Trainer:
         if found is None:
             return
         state, path = ckpt.load_latest(self.out_dir, map_location=self.device)
+        changed = self._restore(state, path)
+        good = self.out_dir / ckpt.GOOD
+        if not self._model_works():
+            broken = f"{path} (step {self.step}) holds a model whose output or loss is not finite (it diverged before " \
+                     "it was saved)"
+            if not good.is_file() or os.path.samefile(good, path):
+                raise TrainingDiverged(f"{broken} and there is no verified {ckpt.GOOD}: train in another out_dir")
+            warnings.warn(f"{broken}; using the last good checkpoint {good} instead")
+            path = good
+            changed = self._restore(ckpt.load_checkpoint(good, map_location=self.device), good)
+            if not self._model_works():  # a good checkpoint was verified when saved: only damage gets here
+                raise TrainingDiverged(f"{good} (step {self.step}) does not work either: train in another out_dir")
         if path.name != ckpt.LAST and (self.out_dir / ckpt.LAST).exists() and self.is_main:
             # Out of the way, so the next save does not rotate it over the good checkpoint; kept for inspection.
             os.replace(self.out_dir / ckpt.LAST, self.out_dir / "last.unusable.pt")
             print(f"moved the unusable {ckpt.LAST} to last.unusable.pt", file=sys.stderr)
+        self.saved_step = self.step
+        if good.is_file() and os.path.samefile(good, path):
+            self._good_step = self.step
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+            if changed:
+                print("changed on resume: " + "; ".join(f"{key} {old!r} -> {new!r}"
+                                                        for key, (old, new) in changed.items()), file=sys.stderr)
+
+    def _restore(self, state: dict, path: Path) -> dict[str, tuple[Any, Any]]:
+        """Load a checkpoint's state into the run (model, EMA, optimizer, schedule, data position, step, RNGs);
+        returns the config keys that changed ({key: (saved, now)})."""
         changed = self._check_compatible(state["config"])
         saved_tokenizer = state.get("text", {}).get("tokenizer")
         if saved_tokenizer != tokenizer_to_json(getattr(self.model, "tokenizer", None)):
@@ -312,19 +336,7 @@ class Trainer:
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.precision = state.get("precision")  # a resumed run keeps the precision `auto` chose (None: choose now)
         ckpt.restore_rng_state(state["rng"][self.rank])
-        if not self._model_works():
-            raise TrainingDiverged(f"{path} (step {self.step}) holds a model whose output or loss is not finite (it "
-                                   f"diverged before it was saved): move it away to resume from {ckpt.PREVIOUS} or "
-                                   f"{ckpt.GOOD}, or train in another out_dir")
-        self.saved_step = self.step
-        good = self.out_dir / ckpt.GOOD
-        if good.is_file() and os.path.samefile(good, path):
-            self._good_step = self.step
-        if self.is_main:
-            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
-            if changed:
-                print("changed on resume: " + "; ".join(f"{key} {old!r} -> {new!r}"
-                                                        for key, (old, new) in changed.items()), file=sys.stderr)
+        return changed
 
     def _check_compatible(self, saved: dict) -> dict[str, tuple[Any, Any]]:
         """The changed keys ({key: (saved, now)}) if all are in RESUMABLE_CHANGES; else a ConfigError listing the rest.
@@ -537,13 +549,13 @@ class Trainer:
         if not self._model_works():
             raise self._diverged("the raw or EMA model gives a non-finite output or loss on the probe batch: not "
                                  "saved")
-        if not self.is_main:
-            return None
-        self._saving = True
-        try:
-            path = ckpt.save_checkpoint(state, self.out_dir, verified=True)
-        finally:
-            self._saving = False
+        path = None
+        if self.is_main:
+            self._saving = True
+            try:
+                path = ckpt.save_checkpoint(state, self.out_dir, verified=True)
+            finally:
+                self._saving = False
         self.saved_step = self._good_step = self.step
         if self._interrupt_after_save is not None:
             raise self._interrupted(self._interrupt_after_save)
