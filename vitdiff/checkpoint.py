@@ -322,9 +322,10 @@ def lock_run_directory(directory: str | Path):
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete the temporary files of interrupted saves (a process killed while writing). Call it only while
-    holding :func:`lock_run_directory`: then no live process is writing them."""
-    stale = sorted(Path(directory).glob(TEMPORARY_GLOB))
+    """Delete the temporary files of interrupted saves (a process killed while writing), in ``directory`` and its
+    sub-folders (sample grids). Call it only while holding :func:`lock_run_directory`: then no live process is
+    writing them."""
+    stale = sorted(Path(directory).rglob(TEMPORARY_GLOB))
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -54,7 +54,7 @@ the file.
 Rank 0 alone writes ``metrics.jsonl`` (one JSON record per ``log_every`` steps; a
 non-finite value is written as null), sample grids (``samples/step_XXXXXXX.png``,
 from the EMA model) and checkpoints. A file the trainer rewrites (checkpoints,
-``config.yaml``, the trimmed ``metrics.jsonl``) is replaced atomically.
+``config.yaml``, the trimmed ``metrics.jsonl``, sample grids) is replaced atomically.
 Launch DDP with ``torchrun --nproc_per_node=N -m vitdiff.trainer CONFIG``.
 """
 from __future__ import annotations
@@ -629,7 +629,10 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(self.config.train.seed)
         images = generate(self.ema.module, self.process, self.config, n=self.config.sample.n,
                           generator=generator, device=self.device, prompts=self.sample_prompts)
-        save_image((images + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))))
+        grid = (images + 1) / 2
+        # Atomic: a resumed run rewrites the grids of the steps after its checkpoint.
+        ckpt.write_atomically(path, lambda handle: save_image(grid, handle, format="png",
+                                                               nrow=math.ceil(math.sqrt(len(images)))))
         return path
 
     def _log(self, record: dict[str, Any]) -> None:
