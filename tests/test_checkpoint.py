@@ -15,7 +15,10 @@ from vitdiff import checkpoint as ckpt
 
 
 def state(step: int) -> dict:
-    return {"step": step, "model": {"weight": torch.full((4, 4), float(step))}, "rng": [ckpt.capture_rng_state()]}
+    """A small state with every key a training checkpoint must hold."""
+    return {"step": step, "skipped_steps": 0, "model": {"weight": torch.full((4, 4), float(step))}, "ema": {},
+            "optimizer": {}, "scheduler": {}, "rng": [ckpt.capture_rng_state()], "data": [{}], "config": {},
+            "world_size": 1}
 
 
 def test_save_rotates_the_previous_checkpoint(tmp_path):
@@ -161,10 +164,10 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, container):
 def test_rng_state_round_trips_through_a_safe_checkpoint(tmp_path):
     random.seed(1), np.random.seed(2), torch.manual_seed(3)
     np.random.standard_normal()  # leaves a cached gaussian in numpy's legacy state
-    ckpt.save_checkpoint({"step": 0, "rng": ckpt.capture_rng_state()}, tmp_path)
+    ckpt.save_checkpoint({**state(0), "rng": [ckpt.capture_rng_state()]}, tmp_path)
     expected = random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()
     random.seed(9), np.random.seed(9), torch.manual_seed(9)
-    ckpt.restore_rng_state(ckpt.load_checkpoint(tmp_path / "last.pt")["rng"])
+    ckpt.restore_rng_state(ckpt.load_checkpoint(tmp_path / "last.pt")["rng"][0])
     assert (random.random(), np.random.standard_normal(3).tolist(), torch.rand(3).tolist()) == expected
 
 
@@ -196,3 +199,48 @@ def test_stale_temporaries_are_removed(tmp_path):
     (tmp_path / ".last.pt.tmp-999999").write_bytes(b"x" * 1000)  # what kill -9 during a save leaves
     assert [p.name for p in ckpt.remove_stale_temporaries(tmp_path)] == [".last.pt.tmp-999999"]
     assert sorted(os.listdir(tmp_path)) == ["last.pt"]
+
+
+def test_a_verified_save_is_linked_as_last_good_which_rotation_keeps(tmp_path):
+    ckpt.save_checkpoint(state(1), tmp_path, verified=True)
+    ckpt.save_checkpoint(state(2), tmp_path)
+    ckpt.save_checkpoint(state(3), tmp_path)
+    assert ckpt.load_checkpoint(tmp_path / ckpt.GOOD)["step"] == 1  # rotated out of last.pt and last.prev.pt
+    ckpt.save_checkpoint(state(4), tmp_path, verified=True)
+    assert os.path.samefile(tmp_path / ckpt.GOOD, tmp_path / ckpt.LAST)  # a link, not a second copy
+    assert sorted(os.listdir(tmp_path)) == ["last.good.pt", "last.prev.pt", "last.pt"]
+
+
+def test_load_latest_falls_back_to_last_good_past_non_finite_weights(tmp_path):
+    ckpt.save_checkpoint(state(1), tmp_path, verified=True)
+    for step in (2, 3):
+        ckpt.save_checkpoint(state(step), tmp_path)
+        broken = ckpt.load_checkpoint(tmp_path / ckpt.LAST)
+        broken["model"]["weight"][0, 0] = float("nan")
+        torch.save(broken, tmp_path / ckpt.LAST)  # as an older vitdiff could have left it
+    with pytest.warns(UserWarning, match=r"last\.pt holds 1 non-finite weight tensors \(e\.g\. model\.weight\)"):
+        loaded, path = ckpt.load_latest(tmp_path)
+    assert loaded["step"] == 1 and path.name == ckpt.GOOD
+
+
+@pytest.mark.parametrize("missing", ckpt.REQUIRED_KEYS)
+def test_a_checkpoint_missing_a_key_is_corrupt(tmp_path, missing):
+    incomplete = {key: value for key, value in state(1).items() if key != missing}
+    torch.save({"format": ckpt.FORMAT, "version": ckpt.VERSION, **incomplete}, tmp_path / "last.pt")
+    with pytest.raises(ckpt.CorruptCheckpointError, match=rf"last\.pt is incomplete \(no {missing}\)"):
+        ckpt.load_checkpoint(tmp_path / "last.pt")
+
+
+def test_a_device_file_is_not_a_regular_checkpoint():
+    with pytest.raises(ckpt.CheckpointError, match="/dev/null is not a regular checkpoint file"):
+        ckpt.load_checkpoint("/dev/null")
+
+
+def test_a_full_disk_on_a_fresh_directory_claims_no_previous_checkpoint(tmp_path, monkeypatch):
+    def disk_full(obj, handle, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", disk_full)
+    with pytest.raises(ckpt.CheckpointError, match=r"could not write .*: no checkpoint was saved yet; fix it") as error:
+        ckpt.save_checkpoint(state(1), tmp_path)
+    assert "intact" not in str(error.value) and os.listdir(tmp_path) == []

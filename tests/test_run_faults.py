@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import re
 from pathlib import Path
 
 import pytest
@@ -70,14 +72,17 @@ def test_divergence_mid_run_stops_with_the_good_checkpoints(tmp_path):
         return result
 
     run_trainer.train_step = blow_up_at_step_3
-    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: .*not finite.*last good checkpoint .*last\.pt"):
+    with pytest.raises(TrainingDiverged,
+                       match=r"diverged at step 3: .*not finite.*last good checkpoint .*last\.good\.pt \(step 2\) is kept"):
         run_trainer.fit()
     assert steps_of(tmp_path / "run") == (2, 1)
     assert_finite_checkpoints(tmp_path / "run")
 
 
 @pytest.mark.parametrize("cause", ["lr=1e6", "nan-loss"])
-def test_consecutive_skipped_steps_stop_the_run_with_exit_3(tmp_path, monkeypatch, capsys, cause):
+def test_a_diverging_run_stops_with_exit_3_and_saves_nothing_broken(tmp_path, monkeypatch, capsys, cause):
+    """lr=1e6: the first update leaves finite weights (~1e6) whose output overflows, which the probe at the first
+    save catches; a NaN loss at every step: the steps are skipped, none is saved, and the third in a row stops."""
     if cause == "nan-loss":  # every batch NaN (e.g. broken data): every step is skipped
         from vitdiff.diffusion import DiffusionLoss
 
@@ -87,12 +92,13 @@ def test_consecutive_skipped_steps_stop_the_run_with_exit_3(tmp_path, monkeypatc
     code = vitdiff(["train", str(config_file(tmp_path)), *overrides])
     err = capsys.readouterr().err
     assert code == 3, err
-    assert "3 steps in a row had a non-finite loss or gradient norm" in err and "Traceback" not in err
+    expected = {"lr=1e6": "diverged at step 1: the raw or EMA model gives a non-finite output or loss on the probe "
+                          "batch: not saved; no checkpoint was saved",
+                "nan-loss": "diverged at step 3: 3 steps in a row had a non-finite loss or gradient norm"}[cause]
+    assert expected in err and "Traceback" not in err, err
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert records[-1]["step"] < 20 and records[-1]["skipped_steps"] >= 3
-    for name in (ckpt.LAST, ckpt.PREVIOUS):
-        if (tmp_path / "run" / name).exists():
-            assert not ckpt.non_finite_weights(ckpt.load_checkpoint(tmp_path / "run" / name))
+    assert records[-1]["step"] < 20
+    assert not list((tmp_path / "run").glob("*.pt"))
 
 
 def test_a_torn_metrics_line_is_dropped_with_a_warning(tmp_path):
@@ -212,3 +218,165 @@ def test_os_errors_name_the_path_and_the_cause():
     read_only = OSError(errno.EROFS, os.strerror(errno.EROFS), "/mnt/ro/grid.png")
     assert "Read-only file system: /mnt/ro/grid.png" in user_error_message(read_only)
     assert user_error_message(RuntimeError("a bug")) is None  # not a user error: keeps its traceback
+
+
+def finite_samples(checkpoint: Path) -> bool:
+    """Whether the EMA model of ``checkpoint`` samples finite images."""
+    from vitdiff.generate import generate, load_for_inference
+
+    model, process, config, _, _ = load_for_inference(checkpoint)
+    return bool(torch.isfinite(generate(model, process, config, n=2, steps=3)).all())
+
+
+@pytest.mark.parametrize("first_steps, ckpt_every, second_steps", [(10, 5, 20), (20, 2, 60), (20, 10, 60)],
+                         ids=["resume-with-a-huge-lr", "frequent-saves", "rare-saves"])
+def test_after_a_divergence_the_message_names_a_working_model(tmp_path, capsys, first_steps, ckpt_every, second_steps):
+    """The issue's three scenarios: a good run, then a resume with lr=1e6, whose weights stay finite (~1e6) while
+    the model's output overflows. The run stops (exit 3) naming a checkpoint that samples finite images, and resuming
+    as the message advises continues from it."""
+    run, config = tmp_path / "run", str(config_file(tmp_path))
+    common = [f"out_dir={run}", f"ckpt_every={ckpt_every}", "max_consecutive_skips=10", "grad_clip=null"]
+    assert vitdiff(["train", config, f"steps={first_steps}", *common]) == 0
+    capsys.readouterr()
+    code = vitdiff(["train", config, f"steps={second_steps}", "lr=1e6", *common])
+    err = capsys.readouterr().err
+    assert code == 3, err
+    named = re.search(r"training diverged at step \d+: .*; the last good checkpoint (\S+) \(step (\d+)\) is kept", err)
+    assert named, err
+    good, step = Path(named[1]), int(named[2])
+    assert good == run / ckpt.GOOD and step == first_steps
+    assert ckpt.load_checkpoint(good)["step"] == step and finite_samples(good)
+    for path in run.glob("*.pt"):  # nothing broken was saved under any name
+        assert finite_samples(path), path.name
+    assert vitdiff(["train", config, f"steps={first_steps + 2}", *common]) == 0  # as advised: a lower lr
+    assert f"resumed from {run / ckpt.LAST} at step {first_steps}" in capsys.readouterr().err
+    assert finite_samples(run / ckpt.GOOD) and ckpt.load_checkpoint(run / ckpt.GOOD)["step"] == first_steps + 2
+
+
+def test_a_model_with_finite_weights_but_overflowing_output_is_not_saved(tmp_path):
+    run_trainer = trainer(tmp_path, "steps=8")
+    real_step = run_trainer.train_step
+
+    def overflow_at_step_3():
+        result = real_step()
+        if run_trainer.step == 3:
+            with torch.no_grad():
+                for param in run_trainer.model.parameters():
+                    param.mul_(1e15)
+        return result
+
+    run_trainer.train_step = overflow_at_step_3
+    with pytest.raises(TrainingDiverged, match=r"diverged at step 3: the raw or EMA model gives a non-finite output "
+                                               r"or loss on the probe batch: not saved; the last good checkpoint "
+                                               r".*last\.good\.pt \(step 2\) is kept"):
+        run_trainer.fit()
+    assert not ckpt.non_finite_weights(run_trainer.state_dict())  # the weights alone would have passed
+    assert steps_of(tmp_path / "run") == (2, 1)
+
+
+def test_resume_skips_a_broken_last_checkpoint_for_the_good_one(tmp_path):
+    """A last.pt whose model overflows (written by an older vitdiff, before saves were verified): resume warns and
+    continues from last.good.pt; the broken file is moved aside, not rotated over a good one."""
+    trainer(tmp_path, "steps=2").fit()
+    run = tmp_path / "run"
+    trainer(tmp_path, "steps=3").fit()
+    broken = ckpt.load_checkpoint(run / ckpt.LAST)
+    broken["model"] = {name: value * 1e15 if value.is_floating_point() else value
+                       for name, value in broken["model"].items()}
+    (run / ckpt.LAST).unlink()  # last.good.pt is a link to it: the broken file replaces only last.pt
+    ckpt.save_checkpoint({key: value for key, value in broken.items() if key not in ("format", "version")}, run)
+    assert not os.path.samefile(run / ckpt.LAST, run / ckpt.GOOD)
+    (run / ckpt.PREVIOUS).unlink()
+    with pytest.warns(UserWarning, match=r"last\.pt \(step 3\) holds a model whose output or loss is not finite.*"
+                                         r"using the last good checkpoint .*last\.good\.pt"):
+        resumed = trainer(tmp_path, "steps=4")
+    assert resumed.step == 3 and (run / "last.unusable.pt").is_file()
+    resumed.fit()
+    assert ckpt.load_checkpoint(run / ckpt.LAST)["step"] == 4
+
+
+def test_an_incomplete_checkpoint_falls_back_in_train_sample_and_eval(tmp_path, capsys):
+    trainer(tmp_path).fit()
+    run = tmp_path / "run"
+    torch.save({"format": "vitdiff-checkpoint", "version": 1, "step": 3}, run / ckpt.LAST)
+    assert vitdiff(["sample", str(run), "--n", "1", "--steps", "1", "--out", str(tmp_path / "grid.png")]) == 0
+    assert vitdiff(["eval", str(run), "--metric", "nll", "--n", "2", "--nll-steps", "1",
+                    "--results", str(tmp_path / "r.jsonl")]) == 0
+    with pytest.warns(UserWarning, match=r"last\.pt is incomplete \(no skipped_steps, model, .*config.*using the "
+                                         r"previous checkpoint .*last\.prev\.pt \(step 1\)"):
+        resumed = trainer(tmp_path, "steps=3")
+    assert resumed.step == 1
+    resumed.fit()
+    assert steps_of(run) == (3, 2)
+
+
+def test_a_kill_while_trimming_the_metrics_log_keeps_it(tmp_path, monkeypatch):
+    """The log is replaced by rename: a process killed before the rename leaves the old log whole."""
+    trainer(tmp_path).fit()
+    log = tmp_path / "run" / "metrics.jsonl"
+    with open(log, "a") as handle:  # a record past the checkpoint (a crash after logging, before saving)
+        handle.write(json.dumps({"step": 3, "loss": 1.0}) + "\n")
+    before = log.read_text()
+    real_replace = os.replace
+
+    def killed_at_the_metrics_rename(src, dst):
+        if Path(dst) == log:
+            raise KeyboardInterrupt
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", killed_at_the_metrics_rename)
+    with pytest.raises(KeyboardInterrupt):
+        trainer(tmp_path, "steps=4").fit()
+    monkeypatch.undo()
+    assert log.read_text() == before and not list(log.parent.glob(".*.tmp-*"))
+    trainer(tmp_path, "steps=4").fit()
+    assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2, 3, 4]
+
+
+def test_non_finite_metrics_are_written_as_null(tmp_path, monkeypatch):
+    from vitdiff.diffusion import DiffusionLoss
+
+    real_loss_at = DiffusionLoss.loss_at
+    monkeypatch.setattr(DiffusionLoss, "loss_at", lambda self, *a, **k: real_loss_at(self, *a, **k) * math.inf)
+    with pytest.raises(TrainingDiverged):
+        trainer(tmp_path, "steps=5").fit()
+
+    def refuse(constant):
+        raise ValueError(f"{constant} is not JSON")
+
+    records = [json.loads(line, parse_constant=refuse)
+               for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [record["loss"] for record in records] == [None, None, None]
+
+
+@pytest.mark.parametrize("signals_during_save", [1, 2])
+def test_a_second_signal_during_a_save_is_one_line(tmp_path, monkeypatch, capsys, signals_during_save):
+    """SIGINT at step 2 asks for a save; another during that save waits for it to finish (then stops, exit 130);
+    a third abandons it and the previous checkpoint stays. One line either way, no traceback."""
+    import signal
+
+    trainer(tmp_path).fit()  # steps 1-2 saved
+    real_step, real_save = Trainer.train_step, ckpt.save_checkpoint
+
+    def step_then_interrupt(self):
+        result = real_step(self)
+        os.kill(os.getpid(), signal.SIGINT)
+        return result
+
+    def save_while_interrupted(*args, **kwargs):
+        for _ in range(signals_during_save):
+            os.kill(os.getpid(), signal.SIGINT)
+        return real_save(*args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_interrupt)
+    monkeypatch.setattr(ckpt, "save_checkpoint", save_while_interrupted)
+    code = vitdiff(["train", str(config_file(tmp_path)), f"out_dir={tmp_path / 'run'}", "steps=5"])
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("vitdiff train:")]
+    assert code == 130 and len(errors) == 1 and "Traceback" not in err, err
+    saved = 3 if signals_during_save == 1 else 2
+    assert errors[0].startswith("vitdiff train: stopped at once at step 3 by a second SIGINT; the last good checkpoint")
+    assert f"last.good.pt (step {saved}) is kept" in errors[0]
+    monkeypatch.undo()
+    assert ckpt.load_latest(tmp_path / "run")[0]["step"] == saved
+    assert not list((tmp_path / "run").glob(".*.tmp-*"))

@@ -138,6 +138,23 @@ def test_non_finite_loss_skips_the_update_and_is_counted(tmp_path):
     assert [r["skipped_steps"] for r in read_metrics(tmp_path / "nan")] == [1]
 
 
+def test_the_save_probe_leaves_training_bit_identical(tmp_path):
+    """Saving (and so probing the model) at every step changes no training number, with dropout drawing from the
+    global RNG; the probe restores train mode and the RNG state."""
+    def metrics(name, ckpt_every):
+        Trainer(tiny_config(tmp_path, name, "steps=4", f"ckpt_every={ckpt_every}", model=UNET_WITH_DROPOUT)).fit()
+        return [{key: value for key, value in record.items() if key != "img_per_s"}
+                for record in read_metrics(tmp_path / name)]
+
+    assert metrics("probed-every-step", 1) == metrics("probed-at-the-end", 1000)
+    trainer = Trainer(tiny_config(tmp_path, "probe", model=UNET_WITH_DROPOUT))
+    trainer.ema.module.eval()
+    rng = torch.get_rng_state()
+    assert trainer._model_works()
+    assert torch.equal(rng, torch.get_rng_state())
+    assert trainer.model.training and not trainer.ema.module.training
+
+
 def test_ema_warmup_follows_the_schedule():
     assert ema_decay_at(0, 0.9999, True) == pytest.approx(0.1)
     assert ema_decay_at(10, 0.9999, True) == pytest.approx(11 / 20)

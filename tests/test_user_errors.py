@@ -35,6 +35,7 @@ def workspace(tmp_path_factory):
     (root / "broken.yaml").write_text("model: {preset: [\n  bad")
     (root / "afile").write_text("not a directory")
     (root / "empty").mkdir()
+    torch.save({"format": "vitdiff-checkpoint", "version": 1, "step": 3}, root / "marker-only.pt")
     Trainer(load_config(root / "tiny.yaml", [f"out_dir={root / 'run'}"])).fit()
     Trainer(load_config(root / "tiny.yaml", [f"out_dir={root / 'conditional'}", "model.num_classes=10",
                                              "diffusion.cond_drop_prob=0.1"])).fit()
@@ -48,6 +49,7 @@ def snapshot(root: Path) -> dict[str, int]:
 TRAIN = ["train", "{root}/tiny.yaml", "out_dir={root}/new-run"]
 SAMPLE = ["sample", "{root}/run", "--n", "2"]
 EVAL = ["eval", "{root}/run", "--metric", "nll", "--nll-steps", "1"]
+# Arguments are str.format templates ({root}): a literal brace is doubled.
 BAD_INPUTS = {
     # train: the whole config is checked before training or writing anything
     "yaml-syntax": (["train", "{root}/broken.yaml", "out_dir={root}/new-run"], "not valid YAML at line 2"),
@@ -70,6 +72,21 @@ BAD_INPUTS = {
     "out-dir-under-a-file": (["train", "{root}/tiny.yaml", "out_dir={root}/afile/run"], "lies under .*afile, which is a file"),
     "data-root-missing": ([*TRAIN, "data.dataset=fashion-mnist", "data.root=/nonexistent"],
                           "data.root=/nonexistent does not exist"),
+    "steps-0": ([*TRAIN, "steps=0"], r"train.steps must be >= 1"),
+    "image-size-negative": ([*TRAIN, "data.image_size=-16"], r"data.image_size must be >= 1"),
+    "image-size-0": ([*TRAIN, "data.image_size=0"], r"data.image_size must be >= 1"),
+    "image-size-not-a-patch-multiple": ([*TRAIN, "data.image_size=15"], r"image size 15 is not divisible by patch"),
+    "num-workers-negative": ([*TRAIN, "data.num_workers=-1"], r"data.num_workers must be >= 0"),
+    "weight-decay-negative": ([*TRAIN, "train.weight_decay=-1"], r"train.weight_decay must be >= 0"),
+    "beta-min-negative": ([*TRAIN, "diffusion.process=vp-sde", "diffusion.process_kwargs={{beta_min: -1}}"],
+                          r"diffusion.process_kwargs.beta_min=-1 must be a finite number > 0"),
+    "sigma-range-reversed": ([*TRAIN, "diffusion.process=edm",
+                              "diffusion.process_kwargs={{sigma_min: 5, sigma_max: 1}}"],
+                             r"sigma_min=5 must be below sigma_max=1"),
+    "process-kwarg-unknown": ([*TRAIN, "diffusion.process=edm", "diffusion.process_kwargs={{beta_min: 1}}"],
+                              r"diffusion.process_kwargs=\{'beta_min': 1\} do not fit 'edm' .*unexpected keyword"),
+    "section-typo": ([*TRAIN, "trian.lr=1"], r"unknown section 'trian' in 'trian.lr': did you mean 'train.lr'\?"),
+    "resume-true-in-a-new-dir": ([*TRAIN, "resume=true"], r"resume=true but .*new-run has no checkpoint"),
     # sample
     "sample-missing-checkpoint": (["sample", "{root}/missing.pt"], "checkpoint .*missing.pt does not exist"),
     "sample-missing-run-dir": (["sample", "{root}/missing-dir"], "does not exist"),
@@ -83,6 +100,10 @@ BAD_INPUTS = {
     "sample-guidance-negative-conditional": (["sample", "{root}/conditional", "--n", "2", "--guidance", "-1"],
                                              "not a guidance scale"),
     "sample-device-nonsense": ([*SAMPLE, "--device", "nonsense"], "is not a torch device"),
+    "sample-device-meta": ([*SAMPLE, "--device", "meta"], "--device meta: the model's weights cannot be held"),
+    "sample-not-a-regular-file": (["sample", "/dev/null"], "/dev/null is not a regular checkpoint file"),
+    "sample-incomplete-checkpoint": (["sample", "{root}/marker-only.pt"],
+                                     r"marker-only.pt is incomplete \(no skipped_steps, model, ema, .*config"),
     "sample-n-0": ([*SAMPLE[:2], "--n", "0"], r"--n must lie in 1\.\.4096"),
     "sample-n-huge": ([*SAMPLE[:2], "--n", "1000000000"], r"--n must lie in 1\.\.4096"),
     "sample-batch-size-0": ([*SAMPLE, "--batch-size", "0"], "--batch-size must be >= 1"),
@@ -96,6 +117,7 @@ BAD_INPUTS = {
     "eval-n-huge": ([*EVAL, "--n", "1000000000"], r"--n must lie in 1\.\.50000"),
     "eval-n-above-test-set": ([*EVAL, "--n", "5000", "--results", "{root}/r.jsonl"], "exceeds the 297 test images"),
     "eval-missing-checkpoint": (["eval", "{root}/missing.pt"], "does not exist"),
+    "eval-incomplete-checkpoint": (["eval", "{root}/marker-only.pt", "--n", "2"], r"marker-only.pt is incomplete"),
     "eval-results-is-a-directory": ([*EVAL, "--n", "2", "--results", "{root}/empty"], "exists and is not a file"),
     "eval-nll-steps-0": ([*EVAL, "--n", "2", "--nll-steps", "0"], "--nll-steps must be >= 1"),
 }

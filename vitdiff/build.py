@@ -157,7 +157,11 @@ def build_diffusion(config: Config):
     from .diffusion import DiffusionLoss, make_process
 
     section = config.diffusion
-    process = make_process(section.process, **section.process_kwargs)
+    try:
+        process = make_process(section.process, **section.process_kwargs)
+    except (TypeError, ValueError) as error:  # a keyword the process does not take, or a value it refuses
+        raise ConfigError(f"diffusion.process_kwargs={section.process_kwargs} do not fit {section.process!r} "
+                          f"({error}): see the process's arguments in vitdiff.diffusion") from error
     loss = DiffusionLoss(process, prediction=section.prediction, weighting=section.weighting,
                          min_snr_gamma=section.min_snr_gamma, cond_drop_prob=section.cond_drop_prob,
                          vlb_weight=section.vlb_weight)

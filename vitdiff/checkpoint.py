@@ -8,11 +8,15 @@ Writing is atomic: the new file is written to a temporary name in the same
 directory, flushed and fsynced, then the current ``last.pt`` is renamed to
 ``last.prev.pt`` and the new file renamed to ``last.pt`` (``os.replace``), and
 the directory is fsynced. A crash at any moment leaves at least one whole
-checkpoint, and :func:`load_latest` falls back to ``last.prev.pt`` with a
-warning when ``last.pt`` is missing, truncated or corrupt. A state whose model or
-EMA weights are not finite is refused before anything is written, so a diverged
-run never rotates a good checkpoint out. Torch's own "unexpected pos" write error
-is reported with the free space of the disk, its usual cause.
+checkpoint, and :func:`load_latest` falls back to ``last.prev.pt``, then
+``last.good.pt``, with a warning when ``last.pt`` is missing, truncated, corrupt,
+lacks a required key or holds non-finite weights. A state whose model or EMA
+weights are not finite is refused before anything is written, so a diverged run
+never rotates a good checkpoint out. A save the caller has verified (the trainer
+runs the model on a probe batch first) is also linked as ``last.good.pt``, which
+rotation never touches. Torch's own "unexpected pos" write error is reported with
+the free space of the disk, its usual cause. :func:`write_atomically` is the same
+temporary-then-rename write for any other file a run rewrites.
 
 A training run holds an OS lock on its directory (:func:`lock_run_directory`,
 ``fcntl.flock``: released when the process dies, however it dies) so two trainers
@@ -37,7 +41,7 @@ import time
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO, Callable
 
 import numpy as np
 import torch
@@ -48,8 +52,12 @@ FORMAT = "vitdiff-checkpoint"
 VERSION = 1
 LAST = "last.pt"
 PREVIOUS = "last.prev.pt"
+GOOD = "last.good.pt"  # the newest verified checkpoint: a hard link to it (a copy where links are not supported)
 LOCK = ".lock"
-TEMPORARY_GLOB = ".*.tmp-*"  # save_checkpoint's temporary names: .<name>.tmp-<pid>
+TEMPORARY_GLOB = ".*.tmp-*"  # write_atomically's temporary names: .<name>.tmp-<pid>
+# What a training checkpoint must hold (``text`` and ``precision`` are optional: older checkpoints lack them).
+REQUIRED_KEYS = ("step", "skipped_steps", "model", "ema", "optimizer", "scheduler", "rng", "data", "config",
+                 "world_size")
 
 
 class CheckpointError(UserError, RuntimeError):
@@ -126,38 +134,78 @@ def check_finite(state: dict[str, Any]) -> None:
                                   "good checkpoint stays")
 
 
-def save_checkpoint(state: dict[str, Any], directory: str | Path, name: str = LAST) -> Path:
-    """Atomically write ``state`` to ``directory/name``, keeping the previous file as ``last.prev.pt``.
+def save_checkpoint(state: dict[str, Any], directory: str | Path, name: str = LAST, *,
+                    verified: bool = False) -> Path:
+    """Atomically write ``state`` to ``directory/name``, keeping the previous file as ``last.prev.pt``; a
+    ``verified`` state (its model was checked to work) also becomes ``last.good.pt``.
 
     Non-finite model or EMA weights raise :class:`NonFiniteStateError` and write nothing."""
     check_finite(state)
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     target = directory / name
-    temporary = directory / f".{name}.tmp-{os.getpid()}"
     payload = {"format": FORMAT, "version": VERSION, **state}
-    try:
-        try:
-            with open(temporary, "wb") as handle:
-                torch.save(payload, handle)
-                handle.flush()
-                os.fsync(handle.fileno())
-        except (OSError, RuntimeError) as error:  # torch's writer turns ENOSPC into "unexpected pos"
-            if isinstance(error, OSError):
-                cause = error.strerror or _first_line(error)
-            else:
-                cause = f"{_first_line(error)}, a full disk is the usual cause"
-            free = shutil.disk_usage(directory).free
-            raise CheckpointError(f"could not write checkpoint {target} ({cause}; {free / 2**20:.0f} MiB free on "
-                                  "that disk): the previous checkpoint is intact; fix it and run again to resume") from error
+
+    def rotate():
         if name == LAST and target.exists():
             os.replace(target, directory / PREVIOUS)
-        os.replace(temporary, target)
-        _fsync_directory(directory)
+
+    try:
+        write_atomically(target, lambda handle: torch.save(payload, handle), before_rename=rotate)
+    except (OSError, RuntimeError) as error:  # torch's writer turns ENOSPC into "unexpected pos"
+        if isinstance(error, OSError):
+            cause = error.strerror or _first_line(error)
+        else:
+            cause = f"{_first_line(error)}, a full disk is the usual cause"
+        free = shutil.disk_usage(directory).free
+        kept = latest_path(directory)
+        kept = f"the previous checkpoint {kept.name} is intact" if kept else "no checkpoint was saved yet"
+        raise CheckpointError(f"could not write checkpoint {target} ({cause}; {free / 2**20:.0f} MiB free on "
+                              f"that disk): {kept}; fix it and run again") from error
+    if verified:
+        _link_atomically(target, directory / GOOD)
+    return target
+
+
+def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], *,
+                     before_rename: Callable[[], None] | None = None) -> None:
+    """Replace ``path`` by what ``write(handle)`` writes: into a temporary file beside it, fsynced, then renamed
+    over ``path`` (``before_rename`` runs just before) and the directory fsynced. A crash at any moment leaves the
+    old file or the new one, never a part; the temporary of a killed process is :data:`TEMPORARY_GLOB`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.parent / f".{path.name}.tmp-{os.getpid()}"
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        if before_rename is not None:
+            before_rename()
+        os.replace(temporary, path)
+        _fsync_directory(path.parent)
     finally:
         if temporary.exists():
             temporary.unlink()
-    return target
+
+
+def _link_atomically(source: Path, link: Path) -> None:
+    """Make ``link`` name the file ``source`` names (a hard link: no extra space), replacing it atomically."""
+    def copy(handle):
+        with open(source, "rb") as original:
+            shutil.copyfileobj(original, handle)
+
+    temporary = link.parent / f".{link.name}.tmp-{os.getpid()}"
+    try:
+        os.link(source, temporary)
+    except OSError:  # a file system without hard links
+        write_atomically(link, copy)
+        return
+    try:
+        os.replace(temporary, link)
+        _fsync_directory(link.parent)
+    finally:
+        if temporary.exists():
+            temporary.unlink()
 
 
 def _fsync_directory(directory: Path) -> None:
@@ -173,6 +221,9 @@ def _fsync_directory(directory: Path) -> None:
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load one checkpoint safely; corrupt, truncated or code-carrying files raise :class:`CheckpointError`."""
     path = Path(path)
+    if path.exists() and not path.is_file():
+        raise CheckpointError(f"{path} is not a regular checkpoint file: pass a checkpoint (last.pt) or its run "
+                              "directory")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
@@ -193,6 +244,10 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     if state.get("version", 0) > VERSION:
         raise CheckpointError(f"{path} has checkpoint format version {state['version']}, newer than this "
                               f"vitdiff ({VERSION}): upgrade vitdiff")
+    missing = [key for key in REQUIRED_KEYS if key not in state]
+    if missing:
+        raise CorruptCheckpointError(f"checkpoint {path} is incomplete (no {', '.join(missing)}): delete it to fall "
+                                     f"back to {PREVIOUS} / retrain")
     return state
 
 
@@ -212,16 +267,20 @@ def _verify_zip_checksums(path: Path) -> None:
 
 
 def load_latest(directory: str | Path, map_location: str | torch.device = "cpu") -> tuple[dict, Path] | None:
-    """The newest usable checkpoint in ``directory``: ``last.pt``, else ``last.prev.pt``; None if neither exists."""
+    """The newest usable checkpoint in ``directory``: ``last.pt``, else ``last.prev.pt``, else ``last.good.pt``
+    (unusable: unreadable, incomplete, or non-finite weights); None if none exists."""
     directory = Path(directory)
-    candidates = [directory / LAST, directory / PREVIOUS]
-    existing = [path for path in candidates if path.is_file()]
+    existing = [directory / name for name in (LAST, PREVIOUS, GOOD) if (directory / name).is_file()]
     if not existing:
         return None
     failures = []
     for path in existing:
         try:
             state = load_checkpoint(path, map_location)
+            bad = non_finite_weights(state)
+            if bad:
+                raise NonFiniteStateError(f"checkpoint {path} holds {len(bad)} non-finite weight tensors "
+                                          f"(e.g. {bad[0]})")
         except CheckpointError as error:
             failures.append(error)
             continue
@@ -233,7 +292,7 @@ def load_latest(directory: str | Path, map_location: str | torch.device = "cpu")
 
 def latest_path(directory: str | Path) -> Path | None:
     """The path :func:`load_latest` would try first, without loading it."""
-    for name in (LAST, PREVIOUS):
+    for name in (LAST, PREVIOUS, GOOD):
         if (Path(directory) / name).is_file():
             return Path(directory) / name
     return None
@@ -263,9 +322,10 @@ def lock_run_directory(directory: str | Path):
 
 
 def remove_stale_temporaries(directory: str | Path) -> list[Path]:
-    """Delete the temporary files of interrupted saves (a process killed while writing). Call it only while
-    holding :func:`lock_run_directory`: then no live process is writing them."""
-    stale = sorted(Path(directory).glob(TEMPORARY_GLOB))
+    """Delete the temporary files of interrupted saves (a process killed while writing), in ``directory`` and its
+    sub-folders (sample grids). Call it only while holding :func:`lock_run_directory`: then no live process is
+    writing them."""
+    stale = sorted(Path(directory).rglob(TEMPORARY_GLOB))
     for path in stale:
         path.unlink(missing_ok=True)
     return stale

@@ -371,6 +371,10 @@ def _set(config: Config, dotted: str, value: Any, where: str = "override") -> No
         return
     section_name, key = parts[0], ".".join(parts[1:])
     if section_name not in SECTIONS:
+        near = difflib.get_close_matches(section_name, SECTIONS, n=1)
+        if near:
+            raise ConfigError(f"{where}: unknown section {section_name!r} in {dotted!r}: did you mean "
+                              f"{'.'.join([near[0], *parts[1:]])!r}?")
         raise ConfigError(f"{where}: unknown section {section_name!r} in {dotted!r}. {_valid_keys_text()}")
     section = getattr(config, section_name)
     if section_name == "model" and key == "overrides":
@@ -431,8 +435,9 @@ def _validate(config: Config) -> None:
         raise ConfigError(f"{', '.join(non_finite)} must be finite (inf or nan given)")
     train, sample, evaluation = config.train, config.sample, config.eval
     checks = [
-        (train.steps >= 0, "train.steps must be >= 0"),
+        (train.steps >= 1, "train.steps must be >= 1"),
         (train.lr > 0, "train.lr must be > 0"),
+        (train.weight_decay >= 0, "train.weight_decay must be >= 0 (0: no decay)"),
         (len(train.betas) == 2 and all(0 <= b < 1 for b in train.betas), "train.betas must be two numbers in [0, 1)"),
         (train.warmup_steps >= 0, "train.warmup_steps must be >= 0"),
         (train.grad_clip is None or train.grad_clip > 0, "train.grad_clip must be > 0 or null (no clipping)"),
@@ -446,6 +451,9 @@ def _validate(config: Config) -> None:
          "eval.n must be >= 1 and eval.steps >= 1 or null"),
         (train.sample_every >= 0, "train.sample_every must be >= 0 (0: never)"),
         (config.data.batch_size >= 1, "data.batch_size must be >= 1"),
+        (config.data.image_size is None or config.data.image_size >= 1,
+         "data.image_size must be >= 1 (pixels per side) or null (the data set's own size)"),
+        (config.data.num_workers >= 0, "data.num_workers must be >= 0 (0: load in the training process)"),
         (0 <= config.diffusion.cond_drop_prob < 1, "diffusion.cond_drop_prob must lie in [0, 1)"),
         (config.diffusion.vlb_weight >= 0, "diffusion.vlb_weight must be >= 0 (0: train the mean only)"),
         (config.sample.variance is None or (config.sample.sampler == "ddpm" and config.eval.sampler in (None, "ddpm")),
@@ -483,3 +491,40 @@ def _validate(config: Config) -> None:
     check_guidance(sample.guidance, sample.guidance_convention, "sample.guidance")
     if evaluation.guidance is not None:
         check_guidance(evaluation.guidance, sample.guidance_convention, "eval.guidance")
+    _check_process_kwargs(config.diffusion.process_kwargs)
+
+
+# The ranges of the noise processes' keyword arguments (vitdiff.diffusion), by name: (lowest, highest, whether the
+# bounds themselves are allowed); a name not listed is checked by the process's constructor. Pairs that bound a
+# range must be ordered.
+PROCESS_KWARG_RANGES = {
+    "num_steps": (2, math.inf, True), "beta_start": (0, 1, False), "beta_end": (0, 1, False),
+    "cosine_s": (0, math.inf, True), "max_beta": (0, 1, False), "beta_min": (0, math.inf, False),
+    "beta_max": (0, math.inf, False), "t_min": (0, 1, False), "time_scale": (0, math.inf, False),
+    "sigma_data": (0, math.inf, False), "p_std": (0, math.inf, False), "sigma_min": (0, math.inf, False),
+    "sigma_max": (0, math.inf, False), "p_mean": (-math.inf, math.inf, False),
+}
+PROCESS_KWARG_ORDER = (("beta_start", "beta_end"), ("beta_min", "beta_max"), ("sigma_min", "sigma_max"))
+
+
+def _check_process_kwargs(kwargs: dict) -> None:
+    """Each given process keyword is a finite number in its range (e.g. beta_min > 0), and ranges are ordered."""
+    for key, value in kwargs.items():
+        if key not in PROCESS_KWARG_RANGES:
+            continue
+        low, high, inclusive = PROCESS_KWARG_RANGES[key]
+        number = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        if key == "num_steps":
+            number = number and isinstance(value, int)
+        inside = number and ((low <= value <= high) if inclusive else (low < value < high))
+        if not inside:
+            kind = "an integer" if key == "num_steps" else "a finite number"
+            if high == math.inf:
+                where = f"{'>=' if inclusive else '>'} {low:g}" if low > -math.inf else ""
+            else:
+                where = f"in {'[' if inclusive else '('}{low:g}, {high:g}{']' if inclusive else ')'}"
+            raise ConfigError(f"diffusion.process_kwargs.{key}={value!r} must be {kind} {where}".rstrip())
+    for lower, upper in PROCESS_KWARG_ORDER:
+        if lower in kwargs and upper in kwargs and not kwargs[lower] < kwargs[upper]:
+            raise ConfigError(f"diffusion.process_kwargs: {lower}={kwargs[lower]!r} must be below "
+                              f"{upper}={kwargs[upper]!r}")

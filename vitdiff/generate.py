@@ -74,6 +74,9 @@ def generate(model: nn.Module, process, config: Config, *, n: int, batch_size: i
 def load_for_inference(path: str | Path, *, ema: bool = True, device: str | torch.device = "cpu"):
     """(model in eval mode, process, config, checkpoint state, checkpoint file) from a file or a run directory.
 
+    A run directory gives its newest usable checkpoint: ``last.pt``, else ``last.prev.pt``, else the last verified
+    ``last.good.pt`` (:func:`vitdiff.checkpoint.load_latest`); a file missing a required key is refused as corrupt.
+
     A text model comes back as :class:`vitdiff.text.TextToImage` with the tokenizer saved in the checkpoint."""
     path = Path(path)
     if path.is_dir():

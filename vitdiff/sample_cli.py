@@ -75,7 +75,8 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_device(name: str):
-    """The torch device of --device (auto: cuda if available); an unknown or absent device is a ConfigError."""
+    """The torch device of --device (auto: cuda if available); an unknown or absent device, or one that cannot hold
+    the weights (meta), is a ConfigError."""
     import torch
 
     if name == "auto":
@@ -87,6 +88,11 @@ def resolve_device(name: str):
     if device.type == "cuda" and not (torch.cuda.is_available() and (device.index or 0) < torch.cuda.device_count()):
         raise ConfigError(f"--device {name}: this machine has {torch.cuda.device_count()} CUDA devices: use --device "
                           "cpu (or auto)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"--device {name}: this machine has no MPS device: use --device cpu (or auto)")
+    if device.type not in ("cpu", "cuda", "mps"):  # meta holds no values; other backends are not supported
+        raise ConfigError(f"--device {name}: the model's weights cannot be held and run there: use auto, cpu, cuda or "
+                          "cuda:N")
     return device
 
 

@@ -15,10 +15,17 @@ Design:
 * **The batch is global.** ``data.batch_size`` is the recipe's batch; each rank
   runs ``batch_size / (world_size * accumulate)`` examples per micro-batch.
 * **Failures skip, not spoil.** A non-finite loss or gradient norm skips the
-  optimizer and EMA update, and the count is logged (bf16 / fp16 NaNs).
-  ``train.max_consecutive_skips`` skips in a row, or non-finite weights at a
-  save, stop the run as diverged (:class:`TrainingDiverged`, exit status 3);
-  nothing non-finite is ever saved, so the last good checkpoint stays.
+  optimizer and EMA update, and the count is logged (bf16 / fp16 NaNs); while
+  steps are being skipped no checkpoint is written.
+  ``train.max_consecutive_skips`` skips in a row, or a model that does not work
+  at a save, stop the run as diverged (:class:`TrainingDiverged`, exit status 3).
+* **Only a working model is saved.** Before a save the raw and EMA models run on
+  a probe batch (the first training images at the process's smallest, middle and
+  largest noise level, noise from the probe's own generator, in eval mode: no
+  training randomness is touched); a non-finite weight, output or loss is
+  divergence. Every save is thus verified and also linked as ``last.good.pt``,
+  which rotation never removes; the divergence message names it, and resume and
+  ``vitdiff sample`` / ``eval`` fall back to it. A resumed model is probed too.
 * **One writer per run directory.** Rank 0 holds an OS lock on ``out_dir``
   (``fcntl.flock``, gone when the process dies) from resume to the end of
   ``fit``; a second trainer on the same directory stops with the holder's pid.
@@ -30,7 +37,9 @@ Design:
   so the EMA of a 300-step notebook run is already a usable model.
 * **Stopping is safe.** SIGINT / SIGTERM set a flag; the loop saves a checkpoint
   at the next step boundary and returns (exit status 128 + signal number). A
-  second signal interrupts at once; the checkpoint on disk is still whole.
+  second signal stops at once, in one line (:class:`TrainingInterrupted`); during
+  a save it waits for the save to finish (a third interrupts it, and the
+  previous checkpoint stays).
 * The LR warms up linearly from lr/warmup_steps (the first step already
   learns; U-ViT's schedule starts at 0) to lr, then stays constant.
 
@@ -42,8 +51,10 @@ built from the training captions and saved in the checkpoint as JSON (with the
 default sample prompts), so ``vitdiff sample CKPT --prompt "..."`` needs only
 the file.
 
-Rank 0 alone writes ``metrics.jsonl`` (one JSON record per ``log_every`` steps),
-sample grids (``samples/step_XXXXXXX.png``, from the EMA model) and checkpoints.
+Rank 0 alone writes ``metrics.jsonl`` (one JSON record per ``log_every`` steps; a
+non-finite value is written as null), sample grids (``samples/step_XXXXXXX.png``,
+from the EMA model) and checkpoints. A file the trainer rewrites (checkpoints,
+``config.yaml``, the trimmed ``metrics.jsonl``, sample grids) is replaced atomically.
 Launch DDP with ``torchrun --nproc_per_node=N -m vitdiff.trainer CONFIG``.
 """
 from __future__ import annotations
@@ -73,6 +84,7 @@ from .build import (batch_condition, build_diffusion, build_model, build_tokeniz
                     dataset_labels, load_experiment, takes_text, tokenizer_to_json)
 from .cli import run_command
 from .config import Config, ConfigError, UserError
+from .diffusion import preconditioned_output
 from .generate import generate
 
 # Config keys a resumed run may change: bookkeeping, numerics-preserving switches, where the data lies, the lr (set
@@ -87,6 +99,17 @@ RESUMABLE_CHANGES = ("name", "out_dir", "resume", "profile", "train.steps", "tra
 class TrainingDiverged(UserError):
     """Non-finite steps or weights: the run stops without saving them (exit status 3)."""
     exit_status = 3
+
+
+class TrainingInterrupted(UserError):
+    """A second SIGINT / SIGTERM: the run stops at once (exit status 128 + signal number)."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.exit_status = 128 + signum
+
+
+PROBE_IMAGES = 4  # training images of the probe batch, each at each of the probe's noise levels
 
 
 def ema_decay_at(updates: int, decay: float, warmup: bool) -> float:
@@ -210,7 +233,14 @@ class Trainer:
         self.precision: str | None = None  # fp32 or bf16, resolved from train.precision at the first step
         self.consecutive_skips = 0
         self._stop_signal: int | None = None
+        self._saving = False
+        self._interrupt_after_save: int | None = None
+        self._probe: tuple | None = None
+        self.saved_step: int | None = None  # the step of the checkpoint this process last wrote or resumed from
+        self._good_step: int | None = None  # the step of last.good.pt, where known
         self._lock = None
+        if config.resume is True and ckpt.latest_path(self.out_dir) is None:  # before the lock creates out_dir
+            raise FileNotFoundError(f"resume=true but {self.out_dir} has no checkpoint (last.pt)")
         self._hold_run_directory()
         self._resume()
 
@@ -253,14 +283,36 @@ class Trainer:
             raise ConfigError(f"{self.out_dir} already holds a checkpoint ({found.name}) and resume=false: "
                               "pass resume=true to continue it, or choose another out_dir")
         if found is None:
-            if resume is True:
-                raise FileNotFoundError(f"resume=true but {self.out_dir} has no checkpoint (last.pt)")
             return
         state, path = ckpt.load_latest(self.out_dir, map_location=self.device)
-        if path.name == ckpt.PREVIOUS and (self.out_dir / ckpt.LAST).exists() and self.is_main:
+        changed = self._restore(state, path)
+        good = self.out_dir / ckpt.GOOD
+        if not self._model_works():
+            broken = f"{path} (step {self.step}) holds a model whose output or loss is not finite (it diverged before " \
+                     "it was saved)"
+            if not good.is_file() or os.path.samefile(good, path):
+                raise TrainingDiverged(f"{broken} and there is no verified {ckpt.GOOD}: train in another out_dir")
+            warnings.warn(f"{broken}; using the last good checkpoint {good} instead")
+            path = good
+            changed = self._restore(ckpt.load_checkpoint(good, map_location=self.device), good)
+            if not self._model_works():  # a good checkpoint was verified when saved: only damage gets here
+                raise TrainingDiverged(f"{good} (step {self.step}) does not work either: train in another out_dir")
+        if path.name != ckpt.LAST and (self.out_dir / ckpt.LAST).exists() and self.is_main:
             # Out of the way, so the next save does not rotate it over the good checkpoint; kept for inspection.
             os.replace(self.out_dir / ckpt.LAST, self.out_dir / "last.unusable.pt")
             print(f"moved the unusable {ckpt.LAST} to last.unusable.pt", file=sys.stderr)
+        self.saved_step = self.step
+        if good.is_file() and os.path.samefile(good, path):
+            self._good_step = self.step
+        if self.is_main:
+            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
+            if changed:
+                print("changed on resume: " + "; ".join(f"{key} {old!r} -> {new!r}"
+                                                        for key, (old, new) in changed.items()), file=sys.stderr)
+
+    def _restore(self, state: dict, path: Path) -> dict[str, tuple[Any, Any]]:
+        """Load a checkpoint's state into the run (model, EMA, optimizer, schedule, data position, step, RNGs);
+        returns the config keys that changed ({key: (saved, now)})."""
         changed = self._check_compatible(state["config"])
         saved_tokenizer = state.get("text", {}).get("tokenizer")
         if saved_tokenizer != tokenizer_to_json(getattr(self.model, "tokenizer", None)):
@@ -284,11 +336,7 @@ class Trainer:
         self.step, self.skipped_steps = state["step"], state["skipped_steps"]
         self.precision = state.get("precision")  # a resumed run keeps the precision `auto` chose (None: choose now)
         ckpt.restore_rng_state(state["rng"][self.rank])
-        if self.is_main:
-            print(f"resumed from {path} at step {self.step}", file=sys.stderr)
-            if changed:
-                print("changed on resume: " + "; ".join(f"{key} {old!r} -> {new!r}"
-                                                        for key, (old, new) in changed.items()), file=sys.stderr)
+        return changed
 
     def _check_compatible(self, saved: dict) -> dict[str, tuple[Any, Any]]:
         """The changed keys ({key: (saved, now)}) if all are in RESUMABLE_CHANGES; else a ConfigError listing the rest.
@@ -387,8 +435,9 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``train.steps``; returns the last logged record plus ``stopped_by_signal``.
 
-        Raises :class:`TrainingDiverged` after ``train.max_consecutive_skips`` non-finite steps in a row, or when
-        the weights to save are not finite; the checkpoint on disk is then the last good one."""
+        Raises :class:`TrainingDiverged` after ``train.max_consecutive_skips`` non-finite steps in a row, when the
+        model to save does not work (non-finite weights, or output or loss on the probe batch), or when the run
+        ends while steps are being skipped; ``last.good.pt`` is then the last good model."""
         self._hold_run_directory()
         try:
             return self._fit()
@@ -401,7 +450,8 @@ class Trainer:
         train = self.config.train
         if self.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
-            (self.out_dir / "config.yaml").write_text(_to_yaml(self.config.to_dict()))
+            ckpt.write_atomically(self.out_dir / "config.yaml",
+                                  lambda handle: handle.write(_to_yaml(self.config.to_dict()).encode()))
             self._trim_metrics_log()
         self.model.train()
         record: dict[str, Any] = {"step": self.step}
@@ -434,19 +484,27 @@ class Trainer:
                     self.save_samples()
                 if self.step % train.ckpt_every == 0 or self.step == train.steps or stop_requested:
                     self.save()
+        if self.saved_step != self.step and not stop_requested:
+            raise self._diverged(f"the run ended while steps were being skipped ({self.consecutive_skips} in a row), "
+                                 "so its last model was not saved")
         record["stopped_by_signal"] = self._stop_signal
         return record
 
     @contextlib.contextmanager
     def _signal_handlers(self):
-        """SIGINT/SIGTERM -> save at the next step boundary; a second one interrupts immediately."""
+        """SIGINT/SIGTERM -> save at the next step boundary; a second one stops at once (after the save under way)."""
         if threading.current_thread() is not threading.main_thread():
             yield
             return
 
         def request_stop(signum, frame):
             if self._stop_signal is not None:
-                raise KeyboardInterrupt
+                if self._saving and self._interrupt_after_save is None:
+                    self._interrupt_after_save = signum
+                    print(f"\n{signal.Signals(signum).name}: stopping once the checkpoint is written (send it again "
+                          "to abandon the save; the previous checkpoint stays)", file=sys.stderr)
+                    return
+                raise self._interrupted(signum)
             self._stop_signal = signum
             if self.is_main:
                 print(f"\n{signal.Signals(signum).name}: saving a checkpoint at the end of this step "
@@ -476,20 +534,89 @@ class Trainer:
                 "precision": self.precision}
 
     def save(self) -> Path | None:
-        state = self.state_dict()  # collective in DDP: every rank takes part
-        try:
-            ckpt.check_finite(state)  # on every rank (the weights are the same), so all ranks stop together
-        except ckpt.NonFiniteStateError as error:
-            raise self._diverged(str(error)) from None
-        if not self.is_main:
+        """Write a verified checkpoint (also linked as last.good.pt); None on ranks > 0, and while steps are being
+        skipped (the weights may be on their way to overflow: the last good checkpoint stays)."""
+        if self.consecutive_skips:  # the same on every rank (the loss is all-reduced), so all skip the collectives
+            if self.is_main:
+                print(f"step {self.step}: no checkpoint, the last {self.consecutive_skips} steps were skipped "
+                      f"(non-finite loss or gradient norm); {self.kept_checkpoint()}", file=sys.stderr)
             return None
-        return ckpt.save_checkpoint(state, self.out_dir)
+        state = self.state_dict()  # collective in DDP: every rank takes part
+        # Checked on every rank (the weights are the same), so all ranks stop together.
+        bad = ckpt.non_finite_weights(state)
+        if bad:
+            raise self._diverged(f"{len(bad)} weight tensors are not finite (e.g. {bad[0]}): not saved")
+        if not self._model_works():
+            raise self._diverged("the raw or EMA model gives a non-finite output or loss on the probe batch: not "
+                                 "saved")
+        path = None
+        if self.is_main:
+            self._saving = True
+            try:
+                path = ckpt.save_checkpoint(state, self.out_dir, verified=True)
+            finally:
+                self._saving = False
+        self.saved_step = self._good_step = self.step
+        if self._interrupt_after_save is not None:
+            raise self._interrupted(self._interrupt_after_save)
+        return path
+
+    def _model_works(self) -> bool:
+        """Whether the raw and the EMA model give a finite output and loss on the probe batch (on every rank).
+
+        RNG-neutral: the probe's noise has its own generator, and eval mode turns dropout off."""
+        x0, sigma, noise, cond = self._probe_batch()
+        works = True
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []), torch.no_grad():
+            for model in (self.model, self.ema.module):
+                was_training = model.training
+                model.eval()
+                try:
+                    x = x0 + sigma.view(-1, *[1] * (x0.ndim - 1)) * noise
+                    output = preconditioned_output(model, self.process, x, sigma, cond)
+                    loss = self.loss_fn.loss_at(model, x0, sigma, noise, cond)
+                    works = works and bool(torch.isfinite(output).all()) and bool(torch.isfinite(loss).all())
+                finally:
+                    model.train(was_training)
+        if self.world_size > 1:  # one verdict for all ranks, so they stop (or save) together
+            verdict = torch.tensor(float(works), device=self.device)
+            dist.all_reduce(verdict, op=dist.ReduceOp.MIN)
+            works = bool(verdict.item())
+        return works
+
+    def _probe_batch(self) -> tuple:
+        """(x0, sigma, noise, cond): the first PROBE_IMAGES training images, each at the process's smallest, middle
+        (geometric) and largest noise level, with noise of a generator of their own; built once."""
+        if self._probe is None:
+            from torch.utils.data import default_collate
+
+            low, high = self.process.sigma_min, self.process.sigma_max
+            levels = torch.tensor([low, math.sqrt(low * high), high])
+            count = min(PROBE_IMAGES, len(self.dataset))
+            images, targets = default_collate([self.dataset[i] for i in range(count)] * len(levels))
+            x0 = images.to(self.device)
+            noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(self.config.train.seed))
+            self._probe = (x0, levels.repeat_interleave(count).to(self.device), noise.to(self.device),
+                           batch_condition(self.model, targets, self.device))
+        return self._probe
+
+    def kept_checkpoint(self) -> str:
+        """Which checkpoint a stopped run leaves to go back to: the verified last.good.pt, else (a run directory
+        from before verification) the newest one."""
+        good = self.out_dir / ckpt.GOOD
+        if good.is_file():
+            step = f" (step {self._good_step})" if self._good_step is not None else ""
+            return f"the last good checkpoint {good}{step} is kept"
+        found = ckpt.latest_path(self.out_dir)
+        return f"the last checkpoint {found} is kept" if found else "no checkpoint was saved"
 
     def _diverged(self, reason: str) -> TrainingDiverged:
-        found = ckpt.latest_path(self.out_dir)
-        kept = f"the last good checkpoint {found} is kept" if found else "no checkpoint was saved"
-        return TrainingDiverged(f"training diverged at step {self.step}: {reason}; {kept}. Run again with a lower "
-                                "train.lr or a train.grad_clip (both may change on resume)")
+        return TrainingDiverged(f"training diverged at step {self.step}: {reason}; {self.kept_checkpoint()}. Run "
+                                "again with a lower train.lr or a train.grad_clip (both may change on resume)")
+
+    def _interrupted(self, signum: int) -> TrainingInterrupted:
+        return TrainingInterrupted(f"stopped at once at step {self.step} by a second {signal.Signals(signum).name}; "
+                                   f"{self.kept_checkpoint()}", signum)
 
     def save_samples(self) -> Path | None:
         """A grid from the EMA model; seeded and RNG-neutral, so it does not perturb training."""
@@ -502,13 +629,19 @@ class Trainer:
         generator = torch.Generator(self.device).manual_seed(self.config.train.seed)
         images = generate(self.ema.module, self.process, self.config, n=self.config.sample.n,
                           generator=generator, device=self.device, prompts=self.sample_prompts)
-        save_image((images + 1) / 2, path, nrow=math.ceil(math.sqrt(len(images))))
+        grid = (images + 1) / 2
+        # Atomic: a resumed run rewrites the grids of the steps after its checkpoint.
+        ckpt.write_atomically(path, lambda handle: save_image(grid, handle, format="png",
+                                                               nrow=math.ceil(math.sqrt(len(images)))))
         return path
 
     def _log(self, record: dict[str, Any]) -> None:
+        """Append a record; non-finite numbers become null (strict JSON readers refuse NaN and Infinity)."""
         if self.is_main:
+            finite = {key: None if isinstance(value, float) and not math.isfinite(value) else value
+                      for key, value in record.items()}
             with open(self.out_dir / "metrics.jsonl", "a") as log:
-                log.write(json.dumps(record) + "\n")
+                log.write(json.dumps(finite, allow_nan=False) + "\n")
 
     def _trim_metrics_log(self) -> None:
         """Drop records past the resumed step (a crash after logging, before the checkpoint), so steps stay unique."""
@@ -525,8 +658,8 @@ class Trainer:
                 continue
             if record.get("step", 0) <= self.step:
                 kept.append(line)
-        if len(kept) != len(lines):
-            log.write_text("".join(line + "\n" for line in kept))
+        if len(kept) != len(lines):  # replaced, not rewritten in place: a kill here keeps the old log
+            ckpt.write_atomically(log, lambda handle: handle.write("".join(line + "\n" for line in kept).encode()))
 
 
 def _seed_everything(seed: int) -> None:
@@ -576,8 +709,11 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
-        if trainer.is_main:
+        if trainer.is_main and trainer.saved_step == trainer.step:
             print(f"step {trainer.step}: checkpoint {trainer.out_dir / ckpt.LAST}", file=sys.stderr)
+        elif trainer.is_main:
+            print(f"step {trainer.step}: not saved (steps were being skipped); {trainer.kept_checkpoint()}",
+                  file=sys.stderr)
         return 128 + result["stopped_by_signal"] if result["stopped_by_signal"] else 0
 
     return run_command("vitdiff train", train)
