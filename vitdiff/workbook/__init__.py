@@ -18,9 +18,9 @@ compared by paired differences (:mod:`vitdiff.findings`).
 """
 from .profiles import (PROFILES, QUICKSTART_PROFILE_CHANGES, REPO_ROOT, Profile, ProfileChanges, fd_label,
                        get_profile, output_dir, protocol, quickstart_profile, sampling_protocol, training_protocol)
-from .runs import (CURVE_FRACTIONS, CURVE_IMAGES, LOSS_SIGMAS, Variant, config_key, evaluate_run, judge, make_config,
+from .runs import (CURVE_FRACTIONS, LOSS_SIGMAS, Variant, config_key, evaluate_run, judge, make_config,
                    map_runs, match_flops, model_cost, model_cost_of, one_thread, results_dir, run_ablation,
-                   run_variant, save_results, setup, sigma_column, sigma_losses, summarize)
+                   run_variant, run_rows, save_results, file_run, slug, code_key, pause_points, setup, sigma_column, sigma_losses, summarize)
 from .figures import (check_outputs, class_labels, paper_style, plot_findings, plot_quality_vs_gflops, save_figure,
                       show_class_rows, show_conclusion, show_grid)
 from .widgets import explorer, sample_explorer

@@ -1,0 +1,243 @@
+"""``python -m vitdiff.workbook.campaign 04 --profile cpu-long``: a long campaign that accumulates over sittings.
+
+A notebook's study (:mod:`vitdiff.workbook.studies`) at a long profile is more runs than one sitting holds. This
+command trains only the runs that are missing from ``experiments/results/<notebook>/<profile>.csv``, two one-thread
+runs at a time, files each run's row the moment it finishes (and with ``--commit`` commits it), says how many runs
+and CPU-hours remain, and can be killed and restarted at any point: a finished run is never lost (rows are written
+atomically) and an interrupted one resumes from its last pause.
+
+A filed row is *done* only while its config key and its code key (:func:`vitdiff.workbook.runs.code_key`) equal
+what the current code builds; a row with other keys is *stale*: it is listed, retrained when the campaign runs,
+and no verdict is filed while it stands. The budget arms (each study's reference and most different arm, seeds
+0 and 1) come first: their learning curves are what the long budget is chosen by.
+
+``--judge`` files the verdicts of every comparison at every budget of the profile (``steps`` column of
+``verdicts.csv``) from the committed rows.
+"""
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from .profiles import REPO_ROOT, Profile, get_profile, output_dir
+from .runs import _code_key_of, _run_job, config_key, file_run, make_config, map_runs, results_dir, run_rows
+from .studies import STUDIES, Study, study
+
+BUDGET_SEEDS = (0, 1)
+
+
+@dataclass(frozen=True)
+class Job:
+    """One (arm, seed) of a study, with the keys a filed row must carry to count as done."""
+    study: Study
+    arm: str
+    seed: int
+    config_key: str
+    code_key: str
+
+
+def plan(notebook: str, profile: Profile) -> list[Job]:
+    """Every run of a notebook's study at a profile, budget arms (seeds 0, 1) first, then seed by seed."""
+    chosen = study(notebook, profile)
+    runs = output_dir(chosen.notebook, profile) / "runs"
+    order = [(arm, seed) for seed in BUDGET_SEEDS if seed in profile.seeds for arm in chosen.budget_arms]
+    order += [(v.name, seed) for seed in profile.seeds for v in chosen.variants if (v.name, seed) not in order]
+    jobs = []
+    for arm, seed in order:
+        config = make_config(chosen.variant(arm), profile, seed, runs / "unused")
+        jobs.append(Job(chosen, arm, seed, config_key(config), _code_key_of(config)))
+    return jobs
+
+
+def filed_rows(notebook: str, profile: Profile, folder: Path | None = None):
+    """The filed rows of a notebook at a profile (an empty frame when none)."""
+    import pandas as pd
+
+    path = (folder or results_dir(Path(), True)) / notebook / f"{profile.name}.csv"
+    return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["variant", "seed"])
+
+
+def status(jobs: list[Job], rows) -> dict[str, list[Job]]:
+    """Jobs by state: ``done`` (a filed row with the same keys), ``stale`` (a filed row with other keys, or none
+    recorded), ``missing`` (no row)."""
+    states: dict[str, list[Job]] = {"done": [], "stale": [], "missing": []}
+    for job in jobs:
+        mine = rows[(rows["variant"] == job.arm) & (rows["seed"] == job.seed)]
+        if not len(mine):
+            states["missing"].append(job)
+        elif {"config_key", "code_key"} <= set(mine.columns) and (
+                mine["config_key"].iloc[0] == job.config_key and mine["code_key"].iloc[0] == job.code_key):
+            states["done"].append(job)
+        else:
+            states["stale"].append(job)
+    return states
+
+
+def describe(notebook: str, profile: Profile, states: dict[str, list[Job]], rows) -> str:
+    """How far a campaign is: runs done, stale and missing, and the CPU-hours the rest needs at the mean wall time
+    of the filed runs of each arm (of all arms where an arm has none yet)."""
+    todo = states["stale"] + states["missing"]
+    line = (f"{notebook} @ {profile.name}: {len(states['done'])} done, {len(states['stale'])} stale, "
+            f"{len(states['missing'])} missing")
+    if "wall_s" in rows and len(rows) and rows["wall_s"].notna().any():
+        by_arm = rows.groupby("variant")["wall_s"].mean()
+        hours = sum(by_arm.get(job.arm, rows["wall_s"].mean()) for job in todo) / 3600
+        line += f"; about {hours:.1f} CPU-hours to go (mean wall time of the filed runs)"
+    return line
+
+
+def _commit(paths: list[Path], message: str) -> None:
+    """Commit just these paths (nothing else staged is swept in); retried while another git holds the index."""
+    relative = [str(path.relative_to(REPO_ROOT)) for path in paths if path.exists()]
+    for _ in range(10):
+        subprocess.run(["git", "-C", str(REPO_ROOT), "add", "--", *relative], check=False, capture_output=True)
+        done = subprocess.run(["git", "-C", str(REPO_ROOT), "commit", "-q", "-m", message, "--", *relative],
+                              capture_output=True, text=True)
+        if done.returncode == 0 or "nothing" in done.stdout + done.stderr:
+            return
+        time.sleep(3)
+    print(f"campaign: could not commit {relative}: {done.stderr.strip()}", file=sys.stderr)
+
+
+def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = False, limit: int | None = None,
+        budget_only: bool = False) -> None:
+    """Train the missing and stale runs of a notebook's study, filing (and with ``commit`` committing) each row as it
+    lands; ``limit`` stops after that many runs, ``budget_only`` trains only the budget arms."""
+    from ..metrics import check_frechet_metric
+
+    check_frechet_metric(profile.dataset)
+    jobs = plan(notebook, profile)
+    folder = results_dir(Path(), True)
+    states = status(jobs, filed_rows(jobs[0].study.notebook, profile, folder))
+    todo = states["stale"] + states["missing"]
+    if budget_only:
+        todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
+    todo = todo[:limit] if limit else todo
+    name = jobs[0].study.notebook
+    print(describe(name, profile, states, filed_rows(name, profile, folder)), f"; training {len(todo)} now",
+          flush=True)
+    runs = output_dir(name, profile) / "runs"
+    specs = [(job.study.variant(job.arm), profile, job.seed, runs, {}) for job in todo]
+
+    def land(spec, row):
+        file_run(row, folder / name, profile, runs)
+        print(f"filed {name} {row['variant']} seed {row['seed']}: loss {row['loss']:.4f}, fd {row['fd']:.1f}, "
+              f"{row['wall_s']:.0f} s", flush=True)
+        if commit:
+            base = folder / name
+            _commit([base / f"{profile.name}.csv", base / f"{profile.name}_curves.csv", base / f"{profile.name}.json",
+                     base / "samples" / profile.name], f"campaign {name} @ {profile.name}: {row['variant']} seed "
+                                                      f"{row['seed']} filed")
+
+    if specs:
+        map_runs(_run_job, specs, workers=workers, progress=False, on_result=land)
+    final = status(jobs, filed_rows(name, profile, folder))
+    print(describe(name, profile, final, filed_rows(name, profile, folder)), flush=True)
+
+
+# -- verdicts by budget ---------------------------------------------------------------------------------------
+def budget_frames(results, curves, profile: Profile) -> dict[int, object]:
+    """The per-run frame at each budget: the curve points at that step (with the Fréchet metric), and the final
+    rows at the last step. A profile without budgets has its final rows only."""
+    frames = {}
+    for steps in profile.budgets:
+        if steps < profile.steps and len(curves) and "fd" in curves:
+            frame = curves[(curves["step"] == steps)]
+            if len(frame) and frame["fd"].notna().any():
+                frames[steps] = frame
+    frames[profile.steps] = results
+    return frames
+
+
+def judge_study(chosen: Study, results, curves, profile: Profile, *, stale: list | None = None):
+    """Every comparison of a study at every budget: one verdict table (``steps`` column), refused while stale rows
+    stand."""
+    import pandas as pd
+
+    from ..findings import verdict_table
+
+    if stale:
+        raise ValueError(f"{len(stale)} filed run(s) of {chosen.notebook} were made by other code or config "
+                         f"({', '.join(f'{job.arm} seed {job.seed}' for job in stale[:5])}...): retrain them with "
+                         f"`python -m vitdiff.workbook.campaign {chosen.notebook[:2]} --profile {profile.name}` "
+                         "before judging")
+    present = set(results["variant"])
+    comparisons = [c for c in chosen.comparisons if {c.arm, c.reference} <= present]
+    tables = [verdict_table(frame, comparisons, notebook=chosen.notebook, profile=profile.name, steps=steps)
+              for steps, frame in budget_frames(results, curves, profile).items()]
+    return pd.concat(tables, ignore_index=True)
+
+
+def committed_study(notebook: str, profile: Profile):
+    """(study, results, curves, states) of a notebook at a profile from the committed rows alone."""
+    import pandas as pd
+
+    jobs = plan(notebook, profile)
+    chosen = jobs[0].study
+    folder = results_dir(Path(), True) / chosen.notebook
+    rows = filed_rows(chosen.notebook, profile)
+    curves_path = folder / f"{profile.name}_curves.csv"
+    curves = pd.read_csv(curves_path) if curves_path.is_file() else pd.DataFrame(columns=["variant", "seed", "step"])
+    return chosen, rows, curves, status(jobs, rows)
+
+
+def judge(notebook: str, profile: Profile, *, legacy: bool = False) -> None:
+    """File the verdicts of a notebook at a profile from its committed rows (``legacy``: rows filed before runs
+    carried keys are judged as filed)."""
+    from ..findings import update_verdicts
+
+    chosen, rows, curves, states = committed_study(notebook, profile)
+    stale = [] if legacy and "code_key" not in rows else states["stale"]
+    table = judge_study(chosen, rows, curves, profile, stale=stale)
+    update_verdicts(results_dir(Path(), True) / "verdicts.csv", table)
+    print(f"{chosen.notebook} @ {profile.name}: {len(table)} verdict rows filed "
+          f"(budgets {sorted(set(table['steps']))})")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitdiff.workbook.campaign", description=__doc__.splitlines()[0])
+    parser.add_argument("notebooks", nargs="+", help=f"notebook numbers ({', '.join(STUDIES)})")
+    parser.add_argument("--profile", default="cpu-long", help="workbook profile (default: cpu-long)")
+    parser.add_argument("--seeds", help="seeds as a list or range, e.g. 0-3 or 0,1,2 (default: the profile's)")
+    parser.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each (default: 2)")
+    parser.add_argument("--limit", type=int, help="stop after this many runs (default: all missing)")
+    parser.add_argument("--budget-only", action="store_true", help="train only the budget arms (seeds 0 and 1)")
+    parser.add_argument("--commit", action="store_true", help="git-commit each run's filed rows as they land")
+    parser.add_argument("--status", action="store_true", help="only say what is done, stale and missing")
+    parser.add_argument("--judge", action="store_true", help="only file the verdicts (by budget) of the filed rows")
+    parser.add_argument("--legacy", action="store_true", help="with --judge: accept rows filed without keys")
+    args = parser.parse_args(argv)
+    from ..cli import run_command
+
+    def command() -> int:
+        profile = get_profile(args.profile)
+        if args.seeds:
+            profile = replace(profile, seeds=_seeds(args.seeds))
+        for notebook in args.notebooks:
+            if args.status:
+                jobs = plan(notebook, profile)
+                rows = filed_rows(jobs[0].study.notebook, profile)
+                print(describe(jobs[0].study.notebook, profile, status(jobs, rows), rows))
+            elif args.judge:
+                judge(notebook, profile, legacy=args.legacy)
+            else:
+                run(notebook, profile, workers=args.workers, commit=args.commit, limit=args.limit,
+                    budget_only=args.budget_only)
+        return 0
+
+    return run_command("campaign", command)
+
+
+def _seeds(text: str) -> tuple[int, ...]:
+    if "-" in text:
+        first, last = text.split("-")
+        return tuple(range(int(first), int(last) + 1))
+    return tuple(int(seed) for seed in text.split(","))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
