@@ -82,7 +82,7 @@ PROFILES: dict[str, Profile] = {
     "cpu": Profile("cpu", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("train.steps", 400),
                                                ("train.warmup_steps", 40)),
                    size="tiny", seeds=(0, 1, 2, 3), eval_n=500, val_n=500),
-    # The headline tables: 6x the steps and twice the seeds of cpu.
+    # The long campaign: 10x the steps of cpu, the Fréchet metric at four budgets (verdicts by budget), 4 seeds.
     "cpu-long": Profile("cpu-long", "fmnist_tiny.yaml", (*_NOTEBOOK_RUN, *_CPU_RECIPE, ("train.steps", 4000),
                                                          ("train.warmup_steps", 100)),
                         size="tiny", seeds=(0, 1, 2, 3), eval_n=500, val_n=1000, budgets=(400, 1000, 2000, 4000)),
