@@ -24,3 +24,6 @@ from .runs import (CURVE_FRACTIONS, LOSS_SIGMAS, Variant, config_key, evaluate_r
 from .figures import (check_outputs, class_labels, paper_style, plot_findings, plot_quality_vs_gflops, save_figure,
                       show_class_rows, show_conclusion, show_grid)
 from .widgets import explorer, sample_explorer
+from .studies import SCALES, STUDIES, Study, study
+from .campaign import (file_verdicts, judge_study, rows_folder, show_figures, show_verdicts, study_runs, summary,
+                       verdict_changes)

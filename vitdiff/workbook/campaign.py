@@ -62,15 +62,17 @@ def filed_rows(notebook: str, profile: Profile, folder: Path | None = None):
 
 
 def status(jobs: list[Job], rows) -> dict[str, list[Job]]:
-    """Jobs by state: ``done`` (a filed row with the same keys), ``stale`` (a filed row with other keys, or none
-    recorded), ``missing`` (no row)."""
-    states: dict[str, list[Job]] = {"done": [], "stale": [], "missing": []}
+    """Jobs by state: ``done`` (a filed row with the same keys), ``stale`` (a filed row with other keys),
+    ``legacy`` (a row filed before runs carried keys: readable as filed, not verifiable), ``missing`` (no row)."""
+    states: dict[str, list[Job]] = {"done": [], "stale": [], "legacy": [], "missing": []}
+    keyed = {"config_key", "code_key"} <= set(rows.columns)
     for job in jobs:
         mine = rows[(rows["variant"] == job.arm) & (rows["seed"] == job.seed)]
         if not len(mine):
             states["missing"].append(job)
-        elif {"config_key", "code_key"} <= set(mine.columns) and (
-                mine["config_key"].iloc[0] == job.config_key and mine["code_key"].iloc[0] == job.code_key):
+        elif not keyed or mine["code_key"].isna().iloc[0]:
+            states["legacy"].append(job)
+        elif mine["config_key"].iloc[0] == job.config_key and mine["code_key"].iloc[0] == job.code_key:
             states["done"].append(job)
         else:
             states["stale"].append(job)
@@ -81,7 +83,8 @@ def describe(notebook: str, profile: Profile, states: dict[str, list[Job]], rows
     """How far a campaign is: runs done, stale and missing, and the CPU-hours the rest needs at the mean wall time
     of the filed runs of each arm (of all arms where an arm has none yet)."""
     todo = states["stale"] + states["missing"]
-    line = (f"{notebook} @ {profile.name}: {len(states['done'])} done, {len(states['stale'])} stale, "
+    legacy = f", {len(states['legacy'])} filed before runs carried keys" if states["legacy"] else ""
+    line = (f"{notebook} @ {profile.name}: {len(states['done'])} done{legacy}, {len(states['stale'])} stale, "
             f"{len(states['missing'])} missing")
     if "wall_s" in rows and len(rows) and rows["wall_s"].notna().any():
         by_arm = rows.groupby("variant")["wall_s"].mean()
@@ -103,25 +106,17 @@ def _commit(paths: list[Path], message: str) -> None:
     print(f"campaign: could not commit {relative}: {done.stderr.strip()}", file=sys.stderr)
 
 
-def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = False, limit: int | None = None,
-        budget_only: bool = False) -> None:
-    """Train the missing and stale runs of a notebook's study, filing (and with ``commit`` committing) each row as it
-    lands; ``limit`` stops after that many runs, ``budget_only`` trains only the budget arms."""
+def train_jobs(jobs: list[Job], profile: Profile, runs: Path, folder: Path, *, workers: int | None = None,
+               commit: bool = False):
+    """Train ``jobs`` (one thread each, ``workers`` at a time), filing each run's row under ``folder`` (a results
+    folder) as it lands, and with ``commit`` committing it. Returns (results, curves) of the trained runs."""
+    if not jobs:
+        return run_rows([])
     from ..metrics import check_frechet_metric
 
-    check_frechet_metric(profile.dataset)
-    jobs = plan(notebook, profile)
-    folder = results_dir(Path(), True)
-    states = status(jobs, filed_rows(jobs[0].study.notebook, profile, folder))
-    todo = states["stale"] + states["missing"]
-    if budget_only:
-        todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
-    todo = todo[:limit] if limit else todo
+    check_frechet_metric(profile.dataset)  # before any training: the evaluation must be able to run
     name = jobs[0].study.notebook
-    print(describe(name, profile, states, filed_rows(name, profile, folder)), f"; training {len(todo)} now",
-          flush=True)
-    runs = output_dir(name, profile) / "runs"
-    specs = [(job.study.variant(job.arm), profile, job.seed, runs, {}) for job in todo]
+    specs = [(job.study.variant(job.arm), profile, job.seed, runs, {}) for job in jobs]
 
     def land(spec, row):
         file_run(row, folder / name, profile, runs)
@@ -133,10 +128,27 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
                      base / "samples" / profile.name], f"campaign {name} @ {profile.name}: {row['variant']} seed "
                                                       f"{row['seed']} filed")
 
-    if specs:
-        map_runs(_run_job, specs, workers=workers, progress=False, on_result=land)
-    final = status(jobs, filed_rows(name, profile, folder))
-    print(describe(name, profile, final, filed_rows(name, profile, folder)), flush=True)
+    return run_rows(map_runs(_run_job, specs, workers=workers, progress=False, on_result=land))
+
+
+def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = False, limit: int | None = None,
+        budget_only: bool = False) -> None:
+    """Train the missing and stale runs of a notebook's study into ``experiments/results/``, filing (and with
+    ``commit`` committing) each row as it lands; ``limit`` stops after that many runs, ``budget_only`` trains only
+    the budget arms."""
+    jobs = plan(notebook, profile)
+    folder = results_dir(Path(), True)
+    name = jobs[0].study.notebook
+    states = status(jobs, filed_rows(name, profile, folder))
+    todo = states["stale"] + states["missing"]
+    if budget_only:
+        todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
+    todo = todo[:limit] if limit else todo
+    print(describe(name, profile, states, filed_rows(name, profile, folder)), f"; training {len(todo)} now",
+          flush=True)
+    train_jobs(todo, profile, output_dir(name, profile) / "runs", folder, workers=workers, commit=commit)
+    print(describe(name, profile, status(jobs, filed_rows(name, profile, folder)), filed_rows(name, profile, folder)),
+          flush=True)
 
 
 # -- verdicts by budget ---------------------------------------------------------------------------------------
@@ -191,11 +203,107 @@ def judge(notebook: str, profile: Profile, *, legacy: bool = False) -> None:
     from ..findings import update_verdicts
 
     chosen, rows, curves, states = committed_study(notebook, profile)
-    stale = [] if legacy and "code_key" not in rows else states["stale"]
-    table = judge_study(chosen, rows, curves, profile, stale=stale)
+    if states["legacy"] and not legacy:
+        raise ValueError(f"{len(states['legacy'])} rows of {chosen.notebook} @ {profile.name} were filed before runs "
+                         "carried keys: judge them as filed with --legacy")
+    table = judge_study(chosen, rows, curves, profile, stale=states["stale"])
     update_verdicts(results_dir(Path(), True) / "verdicts.csv", table)
     print(f"{chosen.notebook} @ {profile.name}: {len(table)} verdict rows filed "
           f"(budgets {sorted(set(table['steps']))})")
+
+
+def study_runs(chosen: Study, profile: Profile, out_dir: Path, *, train: bool | None = None,
+               file_results: bool = False, workers: int | None = None):
+    """A notebook's runs: the rows filed in ``experiments/results/`` that the current code and config reproduce
+    (and rows filed before runs carried keys, read as filed), plus, with ``train``, the missing and stale runs
+    trained now (filed under ``out_dir/results/``, or with ``file_results`` in ``experiments/results/``).
+
+    ``train=None`` trains only when nothing of this profile is filed (a fresh profile such as ``smoke``); a filed
+    profile is read back and what is missing is listed with the command that trains it, so the default run of a
+    notebook reproduces its committed run and leaves the tree as it was. Returns (results, curves, states)."""
+    import pandas as pd
+
+    jobs = plan(chosen.notebook, profile)
+    rows = filed_rows(chosen.notebook, profile)
+    states = status(jobs, rows)
+    train = (not len(rows)) if train is None else train
+    usable = {(job.arm, job.seed) for job in states["done"] + states["legacy"]}
+    keep = [(arm, seed) in usable for arm, seed in zip(rows["variant"], rows["seed"])]
+    results = rows[keep] if len(rows) else rows
+    curves_path = results_dir(Path(), True) / chosen.notebook / f"{profile.name}_curves.csv"
+    curves = pd.read_csv(curves_path) if curves_path.is_file() else pd.DataFrame(columns=["variant", "seed", "step"])
+    if len(curves):
+        curves = curves[[(arm, seed) in usable for arm, seed in zip(curves["variant"], curves["seed"])]]
+    todo = states["stale"] + states["missing"]
+    if train and todo:
+        trained, trained_curves = train_jobs(todo, profile, out_dir / "runs", results_dir(out_dir, file_results),
+                                             workers=workers)
+        results = pd.concat([results, trained], ignore_index=True) if len(results) else trained
+        curves = pd.concat([curves, trained_curves], ignore_index=True) if len(curves) else trained_curves
+        states = {**states, "done": states["done"] + todo, "stale": [], "missing": [], "trained": todo}
+    print(describe(chosen.notebook, profile, states, rows))
+    if states["stale"] or states["missing"]:
+        print(f"not trained here: python -m vitdiff.workbook.campaign {chosen.notebook[:2]} --profile {profile.name}")
+    order = {variant.name: index for index, variant in enumerate(chosen.variants)}
+    results = results.sort_values(["variant", "seed"], key=lambda c: c.map(order) if c.name == "variant" else c)
+    return results.reset_index(drop=True), curves.reset_index(drop=True), states
+
+
+def rows_folder(states: dict, out_dir: Path, file_results: bool = False) -> Path:
+    """Where a notebook's rows were read from: its own results folder when it trained runs (unless it files them
+    into ``experiments/results/``), else the committed ``experiments/results/``."""
+    return results_dir(out_dir, file_results or not states.get("trained"))
+
+
+def file_verdicts(table, folder: Path) -> Path:
+    """File a notebook's verdict rows in ``folder/verdicts.csv`` (its other notebooks' rows are kept)."""
+    from ..findings import update_verdicts
+
+    path = folder / "verdicts.csv"
+    update_verdicts(path, table)
+    return path
+
+
+def summary(results):
+    """Mean ± sd over seeds per arm of the metrics the rows have (loss, FD, precision, recall)."""
+    from .runs import summarize
+
+    return summarize(results, metrics=[m for m in ("loss", "fd", "precision", "recall") if m in results])
+
+
+def verdict_changes(table) -> list[str]:
+    """The comparisons whose verdict changes with the training budget, one sentence each (a finding in itself)."""
+    lines = []
+    for (question, comparison, metric), rows in table.groupby(["question", "comparison", "metric"], sort=False):
+        path = [f"{verdict} at {int(steps)}" for steps, verdict in zip(rows["steps"], rows["verdict"])]
+        if rows["verdict"].nunique() > 1:
+            lines.append(f"{comparison} ({metric}): " + ", ".join(path))
+    return lines
+
+
+def show_verdicts(table) -> None:
+    """A notebook's closing cells: the verdict table (every budget), where verdicts change with the budget, and
+    one generated answer per question at the largest and the smallest budget."""
+    from IPython.display import Markdown, display
+
+    from ..findings import answers, conclusion_markdown
+
+    display(Markdown(conclusion_markdown(table)))
+    changes = verdict_changes(table)
+    display(Markdown("**Verdicts that change with the budget:** " + ("; ".join(changes) if changes else "none.")))
+    budgets = sorted(set(table["steps"]))
+    for steps in sorted({budgets[-1], budgets[0]}, reverse=True):
+        display(Markdown(f"**Answers at {int(steps)} steps:**\n\n" + "\n".join(
+            f"- {sentence}" for sentence in answers(table[table["steps"] == steps]))))
+
+
+def show_figures(paths: list[Path]) -> None:
+    """Display the PNG of each figure (its PDF lies beside it)."""
+    from IPython.display import Image, display
+
+    for path in paths:
+        if path.suffix == ".png":
+            display(Image(filename=str(path)))
 
 
 def main(argv: list[str] | None = None) -> int:
