@@ -18,7 +18,7 @@ INSTALL_TORCH = $(BIN)/pip install --retries 1 --timeout 20 --index-url $(TORCH_
 endif
 DEMO_OUT := outputs/01_quickstart/$(PROFILE)
 
-.PHONY: setup data demo test test-fast notebooks bench clean
+.PHONY: setup data demo test test-fast notebooks figures bench clean
 
 setup: $(VENV)/.installed
 
@@ -62,6 +62,10 @@ test-fast: setup
 notebooks: setup
 	for nb in notebooks/0*.ipynb; do \
 	  $(BIN)/papermill --log-output $$nb $$nb -p profile $(PROFILE) || exit 1; done
+
+# Every notebook's figures (PDF and 300-dpi PNG) for every real profile, drawn from experiments/results/ alone.
+figures: setup
+	$(BIN)/python -m vitdiff.report --figures
 
 bench: setup
 	$(BIN)/python benchmarks/bench_backbones.py

@@ -1,10 +1,13 @@
-"""``python -m vitdiff.report [--check]``: the result tables of experiments/README.md, generated from the results files.
+"""``python -m vitdiff.report [--figures] [--check]``: the result tables of experiments/README.md and the notebooks'
+figures, generated from the results files.
 
 The notebooks file one row per (variant, seed) in ``experiments/results/<notebook>/<profile>.csv`` and their
 comparisons in ``experiments/results/verdicts.csv`` (:mod:`vitdiff.findings`). This command writes the tables
 those files give between the README's ``<!-- report:begin -->`` and ``<!-- report:end -->`` markers, so no
-result number in the README is typed by hand. ``--check`` changes nothing and exits 1 when the README differs
-from what the files give (CI runs it).
+result number in the README is typed by hand. ``--figures`` (``make figures``) draws every notebook's figures for
+every real profile from the same files into ``experiments/results/<notebook>/figures/``
+(:func:`vitdiff.workbook.notebook_figures`). ``--check`` changes nothing and exits 1 when the README differs from
+what the files give or a committed figure is missing or stale (CI runs it).
 """
 from __future__ import annotations
 
@@ -117,6 +120,25 @@ def render(results: Path) -> str:
     return "\n".join(lines + ["", END])
 
 
+def draw_figures(results: Path) -> None:
+    """Every notebook's figures for every real profile; prints the files and the sample grids still missing."""
+    from .workbook.figures import figure_profiles, figures_record, notebook_figures
+
+    for notebook, profile in figure_profiles(results):
+        written = notebook_figures(notebook, profile, results)
+        print(f"{notebook}/{profile}: {', '.join(sorted({path.stem for path in written}))}")
+        missing = figures_record(results, notebook, profile)["samples_missing"]
+        if missing:
+            print(f"  no samples figure: {len(missing)} sample grid(s) missing, e.g. {missing[0]}")
+
+
+def stale_figures(results: Path) -> list[str]:
+    """Why the committed figures are not what the results files give, for every (notebook, real profile)."""
+    from .workbook.figures import figure_profiles, stale_figures as stale
+
+    return [problem for notebook, profile in figure_profiles(results) for problem in stale(results, notebook, profile)]
+
+
 def update(readme: Path, results: Path, *, check: bool) -> bool:
     """Write (or with ``check`` only compare) the generated block; True when the README already matched."""
     text = readme.read_text()
@@ -134,14 +156,28 @@ def update(readme: Path, results: Path, *, check: bool) -> bool:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m vitdiff.report", description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="exit 1 if the README differs from the results files")
+    parser.add_argument("--check", action="store_true",
+                        help="exit 1 if the README or a committed figure differs from what the results files give")
+    parser.add_argument("--figures", action="store_true",
+                        help="draw every notebook's figures from the results files (experiments/results/*/figures/)")
     parser.add_argument("--readme", type=Path, default=REPO_ROOT / "experiments" / "README.md")
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "experiments" / "results")
     args = parser.parse_args(argv)
+    if args.figures and not args.check:
+        draw_figures(args.results)
+        return 0
     matched = update(args.readme, args.results, check=args.check)
-    if args.check and not matched:
-        print(f"{args.readme} differs from what {args.results} gives: run `python -m vitdiff.report`", file=sys.stderr)
-        return 1
+    if args.check:
+        problems = stale_figures(args.results)
+        if not matched:
+            problems.insert(0, f"{args.readme} differs from what {args.results} gives: run `python -m vitdiff.report`")
+        for problem in problems:
+            print(problem, file=sys.stderr)
+        if problems:
+            print("figures: run `make figures` (python -m vitdiff.report --figures)", file=sys.stderr)
+            return 1
+        print(f"{args.readme} and the figures: up to date")
+        return 0
     print(f"{args.readme}: {'up to date' if matched else 'tables regenerated'}")
     return 0
 

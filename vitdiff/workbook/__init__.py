@@ -1,6 +1,5 @@
 """What the notebooks share, in rooms: ``profiles`` (the recipe and sizes every notebook runs), ``runs`` (one
-(variant, seed) trained and measured on one thread; workers; result files), ``figures`` (one style, sample grids,
-the ablation figures) and ``widgets`` (explorers for JupyterLab).
+(variant, seed) trained and measured on one thread; workers; result files), ``figures`` (every notebook's figures from its results files, sample grids; the one style is ``style``) and ``widgets`` (explorers for JupyterLab).
 
 A notebook declares its variants (a name, a model family, switch overrides) and calls :func:`run_ablation`; every
 variant is trained with every seed of the profile through the same :class:`vitdiff.trainer.Trainer` that
@@ -20,9 +19,11 @@ from .profiles import (PROFILES, QUICKSTART_PROFILE_CHANGES, REPO_ROOT, Profile,
                        get_profile, output_dir, protocol, quickstart_profile, sampling_protocol, training_protocol)
 from .runs import (CURVE_FRACTIONS, LOSS_SIGMAS, Variant, config_key, evaluate_run, judge, make_config,
                    map_runs, match_flops, model_cost, model_cost_of, one_thread, results_dir, run_ablation,
-                   run_variant, run_rows, save_results, file_run, slug, code_key, pause_points, setup, sigma_column, sigma_losses, summarize)
-from .figures import (check_outputs, class_labels, paper_style, plot_findings, plot_quality_vs_gflops, save_figure,
-                      show_class_rows, show_conclusion, show_grid)
+                   run_rows, run_variant, save_results, file_run, slug, code_key, pause_points, setup, sigma_column,
+                   sigma_losses, summarize)
+from .figures import (check_outputs, class_labels, notebook_figures, paper_style, plot_findings,
+                      plot_quality_vs_gflops, sample_file, save_figure, save_samples, show_class_rows, show_conclusion,
+                      show_grid, stale_figures)
 from .widgets import explorer, sample_explorer
 from .studies import SCALES, STUDIES, Study, study
 from .campaign import (file_verdicts, judge_study, rows_folder, show_figures, show_verdicts, study_runs, summary,

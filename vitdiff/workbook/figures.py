@@ -1,11 +1,26 @@
-"""Figures of the workbook: one style, sample grids, the ablation figures."""
+"""Figures of the workbook: the figures of every notebook's results files, sample grids, the style's entry points.
+
+:func:`notebook_figures` draws a notebook's figures from its committed results files alone
+(``experiments/results/<notebook>/<profile>.csv``, ``<profile>_curves.csv``, its rows of ``verdicts.csv`` and the
+sample grids its runs filed), in the one style of :mod:`vitdiff.workbook.style`; ``python -m vitdiff.report
+--figures`` runs it for every real profile, and ``--check`` fails when a committed figure is missing or stale.
+"""
 from __future__ import annotations
 
+import hashlib
+import json
+import math
+import re
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .profiles import LOSS_SIGMAS, Profile, fd_label, protocol, sigma_column
+from ..config import UserError
+from . import style
+from .profiles import LOSS_SIGMAS, REPO_ROOT, Profile, fd_label, protocol, sigma_column
+from .runs import slug
+from .style import ONE_COLUMN, TWO_COLUMN, arm_style
 
 
 def show_conclusion(table) -> None:
@@ -17,82 +32,425 @@ def show_conclusion(table) -> None:
     display(Markdown(conclusion_markdown(table)))
 
 
-def plot_findings(results, curves, table, profile: Profile, out_dir: Path, name: str, *, reference: str):
-    """The figure every ablation notebook shows: held-out loss by noise level relative to ``reference`` (mean
-    over seeds of the paired difference), the learning curves, and each comparison's paired difference with its
-    95% interval and per-seed points. Saved as ``name`` (PDF and PNG); returns the figure."""
-    import matplotlib.pyplot as plt
-    import pandas as pd
-    import seaborn as sns
+# -- the figures of a notebook's results files ----------------------------------------------------
+# The arm every other arm of a notebook is measured against (the ``reference`` of its plot_findings call).
+REFERENCES = {"02_patch_size_ablation": "p4", "03_ascend_ablation": "enc 4 / dec 3",
+              "04_skip_connections": "skip: concat_linear", "05_vit_vs_unet": "IU-ViT"}
+METRIC_LABELS = {"loss": "held-out loss (mean over σ)"}
 
+
+@dataclass
+class ResultsFiles:
+    """What a notebook filed for one profile: per-run rows, learning curves, verdict rows, protocol line."""
+    notebook: str
+    profile: str
+    runs: "pd.DataFrame"
+    curves: "pd.DataFrame | None"
+    verdicts: "pd.DataFrame"
+    protocol: str
+    inputs: list[Path]
+
+    @property
+    def fd_name(self) -> str:
+        """The Fréchet metric as the protocol names it (e.g. ``FD-fmnist-clf[729629]@500``), else ``FD``."""
+        found = re.search(r"\b(FI?D[^\s@]*@\S+)", self.protocol)
+        return found.group(1) if found else "FD"
+
+    def style(self, arm: str) -> style.ArmStyle:
+        """An arm's look; a sampler notebook's arms ("<sampler> <n> steps") take their sampler's."""
+        if "sampler" in self.runs:
+            arm = self.runs.loc[self.runs["variant"] == arm, "sampler"].iloc[0]
+        return arm_style(arm)
+
+    def label(self, metric: str) -> str:
+        return {"fd": self.fd_name}.get(metric) or METRIC_LABELS.get(metric, metric.replace("loss@", "loss at σ="))
+
+
+def read_results(results: Path, notebook: str, profile: str) -> ResultsFiles:
+    """The files of ``results/<notebook>/<profile>*`` and the notebook's rows of ``results/verdicts.csv``."""
+    import pandas as pd
+
+    folder = results / notebook
+    runs_file, curves_file = folder / f"{profile}.csv", folder / f"{profile}_curves.csv"
+    protocol_file, verdicts_file = folder / f"{profile}.json", results / "verdicts.csv"
+    if not runs_file.is_file():
+        raise UserError(f"no results file {runs_file}: run the notebook with profile {profile} first")
+    verdicts = pd.read_csv(verdicts_file) if verdicts_file.is_file() else pd.DataFrame(columns=["notebook", "profile"])
+    verdicts = verdicts[(verdicts["notebook"] == notebook) & (verdicts["profile"] == profile)]
+    inputs = [f for f in (runs_file, curves_file, protocol_file, verdicts_file) if f.is_file()]
+    return ResultsFiles(notebook, profile, pd.read_csv(runs_file),
+                        pd.read_csv(curves_file) if curves_file.is_file() else None, verdicts.reset_index(drop=True),
+                        json.loads(protocol_file.read_text())["protocol"] if protocol_file.is_file() else "", inputs)
+
+
+def _verdict_points(files: ResultsFiles) -> list[dict]:
+    """Every interval the verdicts state, primary and (where the file has one) secondary, one dict each."""
+    points = []
+    for row in files.verdicts.to_dict("records"):
+        points.append({**row, "role": "primary"})
+        secondary = row.get("secondary_metric")
+        if isinstance(secondary, str) and secondary:
+            points.append({**row, "role": "secondary", "metric": secondary,
+                           **{key: row[f"secondary_{key}"] for key in ("mean_diff", "ci_low", "ci_high")}})
+    return points
+
+
+def plot_comparisons(files: ResultsFiles):
+    """Each comparison's mean paired difference (arm - reference) with the verdict's own 95% interval and the
+    per-seed differences, one panel per metric (a loss and an FD never share an axis), the verdict on the right."""
     from ..findings import paired_differences
 
-    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
-    by_sigma = []
-    for variant in dict.fromkeys(results["variant"]):
-        for sigma in LOSS_SIGMAS:
-            diffs = paired_differences(results, sigma_column(sigma), variant, reference)
-            by_sigma += [{"variant": variant, "sigma": sigma, "diff": d} for d in diffs]
-    sns.lineplot(data=pd.DataFrame(by_sigma), x="sigma", y="diff", hue="variant", marker="o", errorbar=("ci", 95),
-                 ax=axes[0])
-    axes[0].axhline(0, color="black", lw=0.8)
-    axes[0].set(xscale="log", xlabel="noise level sigma", ylabel=f"held-out loss minus {reference}",
-                title="where each arm wins (paired, mean and 95% CI)")
-    final = results.assign(step=profile.steps)[["variant", "seed", "step", "loss"]]
-    sns.lineplot(data=pd.concat([curves[["variant", "seed", "step", "loss"]], final]), x="step", y="loss",
-                 hue="variant", errorbar=("ci", 95), ax=axes[1], legend=False)
-    axes[1].set(yscale="log", ylabel="held-out loss (mean over sigma)", title="learning curves")
-    rows = list(table.itertuples())
-    for y, row in enumerate(rows):
-        arm, ref = row.comparison.split(" - ")
-        points = paired_differences(results, row.metric, arm, ref)
-        axes[2].errorbar(row.mean_diff, y, xerr=[[row.mean_diff - row.ci_low], [row.ci_high - row.mean_diff]],
-                         fmt="o", color={"supported": "tab:green", "contradicted": "tab:red"}.get(row.verdict, "grey"))
-        axes[2].scatter(points, [y] * len(points), marker="|", color="black", s=60)
-    axes[2].axvline(0, color="black", lw=0.8)
-    axes[2].set_yticks(range(len(rows)), [f"{r.comparison} ({r.metric})" for r in rows], fontsize=7)
-    axes[2].invert_yaxis()
-    axes[2].set(xlabel="paired difference (arm - reference)", title="comparisons: mean, 95% CI, seeds")
-    axes[0].legend(fontsize=6)
-    fig.suptitle(protocol(profile), fontsize=7)
-    fig.tight_layout()
-    save_figure(fig, out_dir, name)
+    points = _verdict_points(files)
+    metrics = list(dict.fromkeys(p["metric"] for p in points))
+    counts = [sum(p["metric"] == m for p in points) for m in metrics]
+    fig, axes = style.figure(TWO_COLUMN, 0.9 + sum(0.24 * c + 0.45 for c in counts), nrows=len(metrics),
+                             squeeze=False, gridspec_kw={"height_ratios": [c + 1.5 for c in counts]})
+    for ax, metric in zip(axes[:, 0], metrics):
+        mine = [p for p in points if p["metric"] == metric]
+        for y, point in enumerate(mine):
+            arm, reference = point["comparison"].split(" - ", 1)
+            look = files.style(arm)
+            seeds = paired_differences(files.runs, metric, arm, reference)
+            ax.scatter(seeds, [y] * len(seeds), marker="|", s=30, color="#555555", linewidths=0.8, zorder=2)
+            low, high = point["ci_low"], point["ci_high"]
+            if math.isfinite(low) and math.isfinite(high):
+                ax.hlines(y, low, high, color=look.colour, lw=1.6, zorder=3)
+            ax.plot(point["mean_diff"], y, marker=look.marker, color=look.colour, markeredgecolor="black",
+                    markeredgewidth=0.5, ms=5, ls="none", zorder=4)
+            budget = f", {int(point['steps'])} steps" if "steps" in point and _is_number(point["steps"]) else ""
+            side = "" if point["role"] == "primary" else " (secondary)"
+            ax.annotate(f"{point['verdict']}{side} ({point['signs']}{budget})", (1.01, y),
+                        xycoords=("axes fraction", "data"), va="center", fontsize=7)
+        ax.axvline(0, color="black", lw=0.6)
+        ax.set_yticks(range(len(mine)), [p["comparison"] for p in mine])
+        ax.set_ylim(len(mine) - 0.5, -0.5)
+        ax.set_xlabel(f"arm − reference: {files.label(metric)}")
+        ax.grid(axis="y", visible=False)
+    fig.suptitle("mean paired difference (marker), the verdict's 95% interval (bar), each seed (tick)")
     return fig
 
 
-def plot_quality_vs_gflops(results, profile: Profile, out_dir: Path, name: str):
-    """Held-out loss and FD of every run against the model's GFLOPs (log scale)."""
-    import matplotlib.pyplot as plt
-    import seaborn as sns
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
 
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    for ax, metric, label in zip(axes, ["loss", "fd"], ["held-out loss (mean over sigma)", fd_label(profile)]):
-        sns.scatterplot(data=results, x="gflops", y=metric, hue="variant", style="variant", ax=ax, s=50)
-        ax.set(xscale="log", xlabel="GFLOPs per image (DiT convention)", ylabel=label)
-        ax.legend(fontsize=6)
-    fig.suptitle(f"quality vs compute\n{protocol(profile)}", fontsize=7)
-    fig.tight_layout()
+
+def _log_ticks(ax, ticks) -> None:
+    """A log x axis labelled at ``ticks`` as plain numbers (no minor labels that collide)."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(ticks))
+    ax.xaxis.set_major_formatter(lambda x, _: f"{x:g}")
+    ax.xaxis.set_minor_locator(NullLocator())
+
+
+def _arms(runs) -> list[str]:
+    return list(dict.fromkeys(runs["variant"]))
+
+
+def _outside_legend(fig, axes, arms: list[str], *, lines: bool) -> None:
+    """One legend for the figure, right of the panels, an entry per arm in its colour and marker."""
+    from matplotlib.lines import Line2D
+
+    handles = [Line2D([], [], color=arm_style(a).colour, marker=arm_style(a).marker, ls="-" if lines else "none",
+                      label=a) for a in arms]
+    fig.legend(handles=handles, loc="outside right upper")
+
+
+def plot_loss_by_sigma(files: ResultsFiles, reference: str):
+    """EDM's loss-by-noise-level view: each arm's held-out loss at every σ (mean over seeds), and the paired
+    difference to ``reference`` at every σ with its 95% t-interval."""
+    from ..findings import Comparison, compare
+
+    sigmas = [s for s in LOSS_SIGMAS if sigma_column(s) in files.runs]
+    arms = _arms(files.runs)
+    fig, (absolute, relative) = style.figure(TWO_COLUMN, 2.5, ncols=2)
+    for arm in arms:
+        look = arm_style(arm)
+        rows = files.runs[files.runs["variant"] == arm]
+        absolute.plot(sigmas, [rows[sigma_column(s)].mean() for s in sigmas], color=look.colour,
+                      marker=look.marker, ms=3)
+        if arm == reference:
+            continue
+        found = [compare(files.runs, Comparison("", "", arm, reference, sigma_column(s))) for s in sigmas]
+        relative.plot(sigmas, [f["mean_diff"] for f in found], color=look.colour, marker=look.marker, ms=3)
+        relative.fill_between(sigmas, [f["ci_low"] for f in found], [f["ci_high"] for f in found],
+                              color=look.colour, alpha=0.12, lw=0)
+    relative.axhline(0, color=arm_style(reference).colour, lw=1.0, ls="--")
+    for ax in (absolute, relative):
+        _log_ticks(ax, sigmas)
+        ax.set_xlabel("noise level σ")
+    absolute.set_ylabel("held-out loss (mean over seeds)")
+    relative.set_ylabel(f"loss − {reference} (paired, 95% CI)")
+    _outside_legend(fig, [absolute, relative], arms, lines=True)
+    return fig
+
+
+def plot_learning_curves(files: ResultsFiles):
+    """Held-out loss during training (mean over seeds, one thin line per seed) and, marked, each arm's loss at
+    the budget the verdicts judge (mean and 95% t-interval over seeds; measured on more images than the curve)."""
+    from scipy import stats
+
+    from .runs import CURVE_IMAGES
+
+    arms = _arms(files.runs)
+    budgets = sorted({int(b) for b in files.verdicts.get("steps", files.runs["steps"]) if _is_number(b)})
+    fig, ax = style.figure(TWO_COLUMN, 2.6)
+    for index, arm in enumerate(arms):
+        look = arm_style(arm)
+        if files.curves is not None:
+            curve = files.curves[files.curves["variant"] == arm]
+            for _, seed in curve.groupby("seed"):
+                ax.plot(seed["step"], seed["loss"], color=look.colour, lw=0.4, alpha=0.35)
+            mean = curve.groupby("step")["loss"].mean()
+            ax.plot(mean.index, mean.values, color=look.colour, lw=1.2)
+        final = files.runs[(files.runs["variant"] == arm) & files.runs["steps"].isin(budgets)]
+        for step, rows in final.groupby("steps"):
+            half = (stats.t.ppf(0.975, len(rows) - 1) * rows["loss"].std(ddof=1) / math.sqrt(len(rows))
+                    if len(rows) > 1 else 0.0)
+            x = step * (1 + 0.012 * (index - (len(arms) - 1) / 2))  # side by side, not on top of each other
+            ax.errorbar(x, rows["loss"].mean(), yerr=half, color=look.colour, marker=look.marker, ms=4,
+                        markeredgecolor="black", markeredgewidth=0.4, capsize=1.5, lw=0.8)
+    for budget in budgets:
+        ax.axvline(budget, color="black", lw=0.5, ls=":")
+    ax.set(xlabel="optimizer step", ylabel="held-out loss (mean over σ)")
+    fig.suptitle(f"lines: mean and each seed on {CURVE_IMAGES} held-out images; markers: the verdicts' measurement "
+                 f"at {', '.join(map(str, budgets))} steps (all held-out images), mean and 95% CI")
+    _outside_legend(fig, [ax], arms, lines=True)
+    return fig
+
+
+def plot_quality_vs_gflops(results, profile: Profile | None = None, out_dir: Path | None = None,
+                           name: str | None = None, *, metrics=None):
+    """Held-out loss and FD of every arm against its GFLOPs per image (log scale): the mean over seeds (large,
+    edged marker) and each seed (small hollow marker), one panel per metric. Saved as ``name`` when given."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    metrics = metrics or {"loss": METRIC_LABELS["loss"], "fd": fd_label(profile) if profile else "FD"}
+    metrics = {m: label for m, label in metrics.items() if m in results}
+    arms = _arms(results)
+    fig, axes = style.figure(TWO_COLUMN, 2.5, ncols=len(metrics), squeeze=False)
+    for ax, (metric, label) in zip(axes[0], metrics.items()):
+        for arm in arms:
+            look, rows = arm_style(arm), results[results["variant"] == arm]
+            ax.scatter(rows["gflops"], rows[metric], marker=look.marker, s=12, facecolors="none",
+                       edgecolors=look.colour, linewidths=0.7, alpha=0.8)
+            ax.scatter(rows["gflops"].mean(), rows[metric].mean(), marker=look.marker, s=45, color=look.colour,
+                       edgecolors="black", linewidths=0.6, zorder=3)
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set(xlabel="GFLOPs per image (DiT convention)", ylabel=label)
+    fig.suptitle("filled: mean over seeds; hollow: one seed")
+    _outside_legend(fig, axes[0], arms, lines=False)
+    if out_dir is not None:
+        save_figure(fig, out_dir, name)
+    return fig
+
+
+def sample_file(results: Path, notebook: str, profile: str, arm: str, seed: int) -> Path:
+    """Where a run files its sample grid: ``<results>/<notebook>/samples/<profile>/<arm-slug>_seed<seed>.png``."""
+    return results / notebook / "samples" / profile / f"{slug(arm)}_seed{seed}.png"
+
+
+def save_samples(images: torch.Tensor, path: Path, *, nrow: int = 8) -> Path:
+    """Images in [-1, 1] as one PNG grid (1 px white gaps), for :func:`sample_file`."""
+    from torchvision.utils import save_image
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_image((images.float().clamp(-1, 1) + 1) / 2, path, nrow=nrow, padding=1, pad_value=1.0)
+    return path
+
+
+def plot_samples(files: ResultsFiles, results: Path, grid: list[list[str]], seed: int):
+    """The sample grids of the arms in ``grid`` (rows of arm names) at ``seed``: every arm from the same initial
+    noise. A missing file is an empty panel that says so."""
+    import matplotlib.image as mpimg
+
+    ncols = max(len(row) for row in grid)
+    images = {arm: mpimg.imread(path) for row in grid for arm in row
+              if (path := sample_file(results, files.notebook, files.profile, arm, seed)).is_file()}
+    aspect = min(image.shape[0] / image.shape[1] for image in images.values())
+    panel = TWO_COLUMN / ncols
+    fig, axes = style.figure(TWO_COLUMN, len(grid) * (panel * aspect + 0.22) + 0.25, nrows=len(grid),
+                             ncols=ncols, squeeze=False)
+    for ax_row, arms in zip(axes, grid):
+        for ax, arm in zip(ax_row, arms + [None] * (ncols - len(arms))):
+            ax.set_axis_off()
+            if arm is None:
+                continue
+            if arm in images:
+                ax.imshow(images[arm], interpolation="nearest")
+            else:
+                ax.text(0.5, 0.5, "missing", ha="center", va="center", transform=ax.transAxes)
+            ax.set_title(arm, color=files.style(arm).colour)
+    fig.suptitle(f"seed {seed}: every panel from the same model seed and the same initial noise")
+    return fig
+
+
+SAMPLERS = "06_samplers"
+
+
+def plot_fd_vs_nfe(files: ResultsFiles):
+    """Each sampler's FD against its number of model calls: the mean over seeds joined by a line, each seed a
+    small hollow marker."""
+    fig, ax = style.figure(ONE_COLUMN, 3.0)
+    for sampler, rows in files.runs.groupby("sampler", sort=False):
+        look = arm_style(sampler)
+        mean = rows.groupby("nfe")["fd"].mean()
+        ax.scatter(rows["nfe"], rows["fd"], marker=look.marker, s=8, facecolors="none", edgecolors=look.colour,
+                   linewidths=0.5, alpha=0.7)
+        ax.plot(mean.index, mean.values, color=look.colour, marker=look.marker, ms=4, label=sampler,
+                ls="--" if sampler == "euler" else "-")
+    _log_ticks(ax, [5, 10, 20, 50, 100])
+    ax.set(xlabel="model calls per sample (NFE)", ylabel=files.fd_name)
+    fig.legend(loc="outside lower center", ncol=3)
+    return fig
+
+
+def notebook_figures(notebook: str, profile: str, results: Path | None = None) -> list[Path]:
+    """Every figure of ``notebook``'s ``profile``, drawn from its results files alone, as
+    ``<results>/<notebook>/figures/<profile>_<name>.{pdf,png}``, with a record of the inputs they were drawn from
+    (``<profile>_figures.json``, read by :func:`stale_figures`). Returns the files written."""
+    import matplotlib.pyplot as plt
+
+    results = Path(results) if results is not None else REPO_ROOT / "experiments" / "results"
+    files = read_results(results, notebook, profile)
+    out = results / notebook / "figures"
+    written, samples = [], _sample_layout(files)
+    for name, draw in _figure_makers(files, results, samples).items():
+        fig = draw()
+        written += style.save(fig, out, f"{profile}_{name}")
+        plt.close(fig)
+    record = {"inputs": _digests(files.inputs + _sample_files(files, results, samples), files),
+              "code": _code_digest(),
+              "figures": {path.name: _sha256(path.read_bytes()) for path in written},
+              "samples_missing": [str(p.relative_to(results)) for p in _missing_samples(files, results, samples)]}
+    (out / f"{profile}_figures.json").write_text(json.dumps(record, indent=1) + "\n")
+    return written
+
+
+def _sample_layout(files: ResultsFiles) -> tuple[list[list[str]], int]:
+    """The arms of the sample figure (rows of names) and the seed it shows (the first)."""
+    seed = int(min(files.runs["seed"]))
+    if files.notebook == SAMPLERS:
+        return [list(dict.fromkeys(rows["variant"])) for _, rows in files.runs.groupby("sampler", sort=False)], seed
+    arms = _arms(files.runs)
+    ncols = 4
+    return [arms[i:i + ncols] for i in range(0, len(arms), ncols)], seed
+
+
+def _figure_makers(files: ResultsFiles, results: Path, samples) -> dict:
+    makers = {}
+    if len(files.verdicts):
+        makers["comparisons"] = lambda: plot_comparisons(files)
+    if files.notebook == SAMPLERS:
+        makers["fd_vs_nfe"] = lambda: plot_fd_vs_nfe(files)
+    else:
+        reference = REFERENCES.get(files.notebook, _arms(files.runs)[0])
+        makers["loss_by_sigma"] = lambda: plot_loss_by_sigma(files, reference)
+        makers["learning_curves"] = lambda: plot_learning_curves(files)
+        if "gflops" in files.runs:
+            makers["quality_vs_gflops"] = lambda: plot_quality_vs_gflops(
+                files.runs, metrics={"loss": METRIC_LABELS["loss"], "fd": files.fd_name})
+    if _sample_files(files, results, samples):
+        makers["samples"] = lambda: plot_samples(files, results, *samples)
+    return makers
+
+
+def _sample_files(files: ResultsFiles, results: Path, samples) -> list[Path]:
+    grid, seed = samples
+    paths = [sample_file(results, files.notebook, files.profile, arm, seed) for row in grid for arm in row]
+    return [path for path in paths if path.is_file()]
+
+
+def _missing_samples(files: ResultsFiles, results: Path, samples) -> list[Path]:
+    grid, seed = samples
+    paths = [sample_file(results, files.notebook, files.profile, arm, seed) for row in grid for arm in row]
+    return [path for path in paths if not path.is_file()]
+
+
+def _sha256(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _digests(inputs: list[Path], files: ResultsFiles) -> dict[str, str]:
+    """The inputs' digests; of the shared verdicts file only this notebook's rows count."""
+    digests = {path.name: _sha256(path.read_bytes()) for path in inputs if path.name != "verdicts.csv"}
+    digests["verdicts"] = _sha256(files.verdicts.to_csv(index=False).encode())
+    return digests
+
+
+def _code_digest() -> str:
+    """The figure code's digest: a figure drawn by other code is stale too."""
+    here = Path(__file__).parent
+    return _sha256(b"".join((here / name).read_bytes() for name in ("figures.py", "style.py")))
+
+
+def figure_profiles(results: Path) -> list[tuple[str, str]]:
+    """Every (notebook, profile) with figures: the real profiles' results files of the notebooks above."""
+    found = []
+    for notebook in [*REFERENCES, SAMPLERS]:
+        for table in sorted((results / notebook).glob("*.csv")):
+            if "_" not in table.stem and table.stem != "smoke":
+                found.append((notebook, table.stem))
+    return found
+
+
+def figures_record(results: Path, notebook: str, profile: str) -> dict | None:
+    """What :func:`notebook_figures` last recorded for (notebook, profile): inputs' and figures' digests, the
+    sample grids it found missing; None before it ran."""
+    path = results / notebook / "figures" / f"{profile}_figures.json"
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def stale_figures(results: Path, notebook: str, profile: str) -> list[str]:
+    """Why the committed figures of (notebook, profile) are not what the results files give; [] when current."""
+    record = figures_record(results, notebook, profile)
+    if record is None:
+        return [f"{notebook}/figures/{profile}_figures.json is missing: no figures drawn"]
+    files = read_results(results, notebook, profile)
+    samples = _sample_layout(files)
+    problems = []
+    if record["inputs"] != _digests(files.inputs + _sample_files(files, results, samples), files):
+        problems.append(f"{notebook}/{profile}: the results files changed since the figures were drawn")
+    if record["code"] != _code_digest():
+        problems.append(f"{notebook}/{profile}: the figure code changed since the figures were drawn")
+    for name, digest in record["figures"].items():
+        path = results / notebook / "figures" / name
+        if not path.is_file() or _sha256(path.read_bytes()) != digest:
+            problems.append(f"{notebook}/figures/{name} is missing or not the one drawn")
+    return problems
+
+
+# -- the notebooks' earlier calls -----------------------------------------------------------------
+def plot_findings(results, curves, table, profile: Profile, out_dir: Path, name: str, *, reference: str):
+    """A notebook's findings from its frames: the comparisons (saved as ``name``), loss by noise level
+    (``name``_loss_by_sigma) and learning curves (``name``_learning_curves); returns the comparisons figure."""
+    import matplotlib.pyplot as plt
+
+    files = ResultsFiles(str(table["notebook"].iloc[0]) if len(table) else "", profile.name, results, curves,
+                         table, protocol(profile), [])
+    fig = plot_comparisons(files)
     save_figure(fig, out_dir, name)
+    for suffix, draw in (("loss_by_sigma", lambda: plot_loss_by_sigma(files, reference)),
+                         ("learning_curves", lambda: plot_learning_curves(files))):
+        other = draw()
+        save_figure(other, out_dir, f"{name}_{suffix}")
+        plt.close(other)
     return fig
 
 
 # -- figures --------------------------------------------------------------------------------------
 def paper_style() -> None:
-    """One look for every figure: seaborn's paper context, white grid, colour-blind palette."""
-    import matplotlib as mpl
-    import seaborn as sns
-
-    sns.set_theme(context="paper", style="whitegrid", palette="colorblind", font_scale=1.1)
-    mpl.rcParams.update({"figure.dpi": 110, "savefig.dpi": 200, "savefig.bbox": "tight",
-                         "axes.titlesize": 9, "pdf.fonttype": 42})
+    """The workbook's one figure style (:mod:`vitdiff.workbook.style`) for the figures drawn after it."""
+    style.apply()
 
 
 def save_figure(fig, out_dir: Path, name: str) -> list[Path]:
-    """Write ``name.pdf`` and ``name.png`` (vector for papers, raster for the README)."""
-    paths = [out_dir / f"{name}.pdf", out_dir / f"{name}.png"]
-    for path in paths:
-        fig.savefig(path)
-    return paths
+    """Write ``name.pdf`` and ``name.png`` (vector for papers, raster for the README), as :func:`style.save`."""
+    return style.save(fig, out_dir, name)
 
 
 def check_outputs(out_dir: Path, figures: list[str]) -> list[Path]:
