@@ -188,24 +188,26 @@ def plot_loss_by_sigma(files: ResultsFiles, reference: str):
 
 def plot_learning_curves(files: ResultsFiles):
     """Held-out loss during training (mean over seeds, one thin line per seed) and, marked, each arm's loss at
-    the budget the verdicts judge (mean and 95% t-interval over seeds; measured on more images than the curve)."""
+    every budget the verdicts judge (mean and 95% t-interval over seeds). Every point is on the same held-out
+    images."""
     from scipy import stats
-
-    from .runs import CURVE_IMAGES
 
     arms = _arms(files.runs)
     budgets = sorted({int(b) for b in files.verdicts.get("steps", files.runs["steps"]) if _is_number(b)})
     fig, ax = style.figure(TWO_COLUMN, 2.6)
     for index, arm in enumerate(arms):
         look = arm_style(arm)
-        if files.curves is not None:
-            curve = files.curves[files.curves["variant"] == arm]
+        runs = files.runs[files.runs["variant"] == arm]
+        curve = files.curves[files.curves["variant"] == arm] if files.curves is not None else runs.iloc[:0]
+        if len(curve):
             for _, seed in curve.groupby("seed"):
                 ax.plot(seed["step"], seed["loss"], color=look.colour, lw=0.4, alpha=0.35)
             mean = curve.groupby("step")["loss"].mean()
             ax.plot(mean.index, mean.values, color=look.colour, lw=1.2)
-        final = files.runs[(files.runs["variant"] == arm) & files.runs["steps"].isin(budgets)]
-        for step, rows in final.groupby("steps"):
+        for step in budgets:
+            rows = runs[runs["steps"] == step] if len(runs[runs["steps"] == step]) else curve[curve["step"] == step]
+            if not len(rows):
+                continue
             half = (stats.t.ppf(0.975, len(rows) - 1) * rows["loss"].std(ddof=1) / math.sqrt(len(rows))
                     if len(rows) > 1 else 0.0)
             x = step * (1 + 0.012 * (index - (len(arms) - 1) / 2))  # side by side, not on top of each other
@@ -214,8 +216,8 @@ def plot_learning_curves(files: ResultsFiles):
     for budget in budgets:
         ax.axvline(budget, color="black", lw=0.5, ls=":")
     ax.set(xlabel="optimizer step", ylabel="held-out loss (mean over σ)")
-    fig.suptitle(f"lines: mean and each seed on {CURVE_IMAGES} held-out images; markers: the verdicts' measurement "
-                 f"at {', '.join(map(str, budgets))} steps (all held-out images), mean and 95% CI")
+    fig.suptitle(f"lines: mean and each seed; markers: the verdicts' budgets ({', '.join(map(str, budgets))} steps), "
+                 "mean and 95% CI over seeds")
     _outside_legend(fig, [ax], arms, lines=True)
     return fig
 
