@@ -464,9 +464,12 @@ def classifier_reference_stats_at(dataset: str, image_size: int) -> FeatureStats
     if image_size == CLASSIFIER_IMAGE_SIZE:
         return classifier_reference_stats(dataset)
     train = make_dataset(dataset, image_size=image_size, train=True, flip=False)
-    return feature_stats(load_classifier(dataset).features, uint8_to_model_range(train.images), batch_size=500,
-                         device="cpu", meta={"reference": f"{dataset}:train at {image_size}x{image_size}",
-                                             "classifier": FD_METRIC_NAMES[dataset]})
+    # Item by item, as training reads them: the set resizes there, while its ``images`` tensor keeps the stored
+    # size (reading that tensor gave a reference at the stored size: experiments/results/fd_validation/).
+    images = torch.stack([train[index][0] for index in range(len(train))])
+    return feature_stats(load_classifier(dataset).features, images, batch_size=500, device="cpu",
+                         meta={"reference": f"{dataset}:train at {image_size}x{image_size}",
+                               "classifier": FD_METRIC_NAMES[dataset]})
 
 
 def fd_classifier(images, *, dataset: str = "fashion-mnist", reference: FeatureStats | torch.Tensor | None = None,

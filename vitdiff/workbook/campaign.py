@@ -1,4 +1,4 @@
-"""``python -m vitdiff.workbook.campaign 04 --profile cpu-long``: a long campaign that accumulates over sittings.
+"""``python -m vitdiff.campaign 04 --profile cpu-long``: a long campaign that accumulates over sittings.
 
 A notebook's study (:mod:`vitdiff.workbook.studies`) at a long profile is more runs than one sitting holds. This
 command trains only the runs that are missing from ``experiments/results/<notebook>/<profile>.csv``, two one-thread
@@ -175,7 +175,7 @@ def judge_study(chosen: Study, results, curves, profile: Profile, *, stale: list
     if stale:
         raise ValueError(f"{len(stale)} filed run(s) of {chosen.notebook} were made by other code or config "
                          f"({', '.join(f'{job.arm} seed {job.seed}' for job in stale[:5])}...): retrain them with "
-                         f"`python -m vitdiff.workbook.campaign {chosen.notebook[:2]} --profile {profile.name}` "
+                         f"`python -m vitdiff.campaign {chosen.notebook[:2]} --profile {profile.name}` "
                          "before judging")
     present = set(results["variant"])
     comparisons = [c for c in chosen.comparisons if {c.arm, c.reference} <= present]
@@ -243,7 +243,7 @@ def study_runs(chosen: Study, profile: Profile, out_dir: Path, *, train: bool | 
         states = {**states, "done": states["done"] + todo, "stale": [], "missing": [], "trained": todo}
     print(describe(chosen.notebook, profile, states, rows))
     if states["stale"] or states["missing"]:
-        print(f"not trained here: python -m vitdiff.workbook.campaign {chosen.notebook[:2]} --profile {profile.name}")
+        print(f"not trained here: python -m vitdiff.campaign {chosen.notebook[:2]} --profile {profile.name}")
     order = {variant.name: index for index, variant in enumerate(chosen.variants)}
     results = results.sort_values(["variant", "seed"], key=lambda c: c.map(order) if c.name == "variant" else c)
     return results.reset_index(drop=True), curves.reset_index(drop=True), states
@@ -253,6 +253,24 @@ def rows_folder(states: dict, out_dir: Path, file_results: bool = False) -> Path
     """Where a notebook's rows were read from: its own results folder when it trained runs (unless it files them
     into ``experiments/results/``), else the committed ``experiments/results/``."""
     return results_dir(out_dir, file_results or not states.get("trained"))
+
+
+def file_table(frame, notebook: str, profile: Profile) -> Path:
+    """File a notebook's own table (one that is not an ablation's runs, e.g. the quick start's row or the samplers'
+    grid) as ``experiments/results/<notebook>/<profile>.csv`` with its protocol; atomic."""
+    import json
+    from dataclasses import asdict
+
+    from .profiles import protocol
+
+    folder = results_dir(Path(), True) / notebook
+    folder.mkdir(parents=True, exist_ok=True)
+    temporary = folder / f"{profile.name}.tmp"
+    frame.to_csv(temporary, index=False, float_format="%.6g")
+    temporary.replace(folder / f"{profile.name}.csv")
+    (folder / f"{profile.name}.json").write_text(json.dumps({"protocol": protocol(profile),
+                                                            "profile": asdict(profile)}, indent=1))
+    return folder / f"{profile.name}.csv"
 
 
 def file_verdicts(table, folder: Path) -> Path:
@@ -307,7 +325,7 @@ def show_figures(paths: list[Path]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m vitdiff.workbook.campaign", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m vitdiff.campaign", description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="+", help=f"notebook numbers ({', '.join(STUDIES)})")
     parser.add_argument("--profile", default="cpu-long", help="workbook profile (default: cpu-long)")
     parser.add_argument("--seeds", help="seeds as a list or range, e.g. 0-3 or 0,1,2 (default: the profile's)")
