@@ -365,3 +365,45 @@ def test_results_table_refuses_mixed_sample_counts():
         results_table([result(), result(n=50_000, checkpoint="other")])
     with pytest.raises(ValueError, match="two FID@10k"):
         results_table([result(), result(value=4.0)])
+
+
+# --------------------------------------------------------------------------------------------------
+# Precision / recall and confidence on the classifier's features
+
+
+def test_manifold_precision_recall_separates_fidelity_from_coverage():
+    # Real points in two clusters; k=1 radii are 1 (each point's neighbour is one step along its line).
+    left, right = torch.arange(10.0)[:, None], 100 + torch.arange(10.0)[:, None]
+    real = torch.cat([left, right])
+    assert metrics.manifold_precision_recall(real, real, k=1) == (1.0, 1.0)
+    # Samples covering one cluster only: all are real-looking (precision 1), half the real points are missed.
+    assert metrics.manifold_precision_recall(left + 0.5, real, k=1) == (1.0, 0.5)
+    # Samples far from both: nothing is real-looking and nothing real is covered.
+    assert metrics.manifold_precision_recall(real + 50.5, real, k=1) == (0.0, 0.0)
+    with pytest.raises(ValueError, match="k-NN"):
+        metrics.manifold_precision_recall(left, real, k=10)
+    with pytest.raises(ValueError, match="feature sizes"):
+        metrics.manifold_precision_recall(torch.zeros(4, 2), torch.zeros(4, 3))
+
+
+def test_classifier_precision_recall_and_confidence_rank_real_above_degraded():
+    test = metrics.uint8_to_model_range(make_dataset("digits", train=False).images)
+    real = metrics.classifier_precision_recall(test, dataset="digits")
+    blurred = metrics.classifier_precision_recall(torch.nn.functional.avg_pool2d(test, 5, stride=1, padding=2),
+                                                  dataset="digits")
+    noise = metrics.classifier_precision_recall(smooth_noise(len(test), seed=0), dataset="digits")
+    assert real.precision > 0.7 and real.recall > 0.6
+    assert blurred.recall < real.recall - 0.2 and max(noise) < 0.1
+    blends = (test + test.roll(1, 0)) / 2  # two digits on top of each other
+    assert metrics.classifier_confidence(test, dataset="digits") > 0.95
+    assert metrics.classifier_confidence(blends, dataset="digits") < 0.9
+
+
+def test_reference_images_come_at_the_asked_size_as_training_reads_them():
+    images = metrics.classifier_reference_images("digits", 16, 20, seed=3)
+    data = make_dataset("digits", image_size=16, train=True, flip=False)
+    order = torch.randperm(len(data), generator=torch.Generator().manual_seed(3))[:20]
+    assert images.shape == (20, 1, 16, 16)
+    assert torch.equal(images, torch.stack([data[int(i)][0] for i in order]))
+    with pytest.raises(ValueError, match="training split has"):
+        metrics.classifier_reference_images("digits", 16, len(data) + 1)

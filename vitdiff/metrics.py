@@ -15,6 +15,9 @@
   code on every load, so the same samples score the same on every machine. Each FD file also holds the feature
   statistics of its training split, the default reference. ``classifier_accuracy`` scores class-conditional
   samples with the classifier.
+- ``classifier_precision_recall`` (improved precision / recall, Kynkäänniemi et al. 2019) and
+  ``classifier_confidence`` on the same classifier: fidelity and coverage apart, where one Fréchet number mixes
+  them (experiments/validate_fd.py measures how each ranks degraded real images).
 - ``frechet_metric``: the one entry point for a data set's Fréchet metric (FD-clf where a pinned classifier
   exists, else FID); ``check_frechet_metric`` raises up front, saying what is missing, when it could not run.
 - ``MetricResult`` / ``save_result`` / ``results_table``: every value carries metric, n ("FID@10k"), sampler,
@@ -480,6 +483,71 @@ def classifier_accuracy(images: torch.Tensor, labels: torch.Tensor, *, dataset: 
     if len(images) != len(labels):
         raise ValueError(f"{len(images)} images but {len(labels)} labels")
     return _accuracy(load_classifier(dataset), images.float(), torch.as_tensor(labels).long())
+
+
+class PrecisionRecall(NamedTuple):
+    precision: float  # fraction of samples inside the real features' k-NN manifold: fidelity
+    recall: float     # fraction of real images inside the samples' k-NN manifold: coverage
+
+
+def _knn_radii(features: torch.Tensor, k: int) -> torch.Tensor:
+    """Each point's distance to its k-th nearest neighbour in the same set (itself excluded)."""
+    if not 0 < k < len(features):
+        raise ValueError(f"k-NN radii need 0 < k < the number of points, got k={k} for {len(features)} points")
+    return torch.cdist(features, features).kthvalue(k + 1, dim=1).values  # +1: the zero distance to itself
+
+
+def _inside_manifold(points: torch.Tensor, centres: torch.Tensor, radii: torch.Tensor) -> float:
+    """Fraction of ``points`` within the radius of at least one of ``centres``."""
+    return (torch.cdist(points, centres) <= radii).any(dim=1).double().mean().item()
+
+
+def manifold_precision_recall(fake_features, real_features, *, k: int = 3) -> PrecisionRecall:
+    """Improved precision and recall (Kynkäänniemi et al. 2019) of two feature sets (N x D): each set's manifold
+    is the union of balls around its points reaching their k-th nearest neighbour; precision is the share of fake
+    points inside the real manifold, recall the share of real points inside the fake one. Unlike a Fréchet
+    distance it separates fidelity from coverage and assumes no Gaussian. Compare values at one n and one k."""
+    fake, real = (torch.as_tensor(f).double().reshape(len(f), -1) for f in (fake_features, real_features))
+    if fake.shape[1] != real.shape[1]:
+        raise ValueError(f"feature sizes differ: {fake.shape[1]} vs {real.shape[1]}")
+    return PrecisionRecall(_inside_manifold(fake, real, _knn_radii(real, k)),
+                           _inside_manifold(real, fake, _knn_radii(fake, k)))
+
+
+@torch.no_grad()
+def classifier_features(images: torch.Tensor, *, dataset: str = "fashion-mnist", batch_size: int = 500):
+    """(64-d features, class probabilities) of images in [-1, 1] under the pinned classifier, on the CPU."""
+    model = load_classifier(dataset)
+    features = torch.cat([model.features(batch.cpu()) for batch in images.split(batch_size)])
+    return features, model.head(F.relu(features)).softmax(1)
+
+
+def classifier_reference_images(dataset: str, image_size: int, n: int, *, seed: int = 0) -> torch.Tensor:
+    """n training images in [-1, 1] at ``image_size``, drawn without replacement with a fixed seed: the real set of
+    ``classifier_precision_recall``. Read item by item, as training reads them, because that is where the data
+    set resizes (its ``images`` tensor keeps the stored size)."""
+    train = make_dataset(dataset, image_size=image_size, train=True, flip=False)
+    if n > len(train):
+        raise ValueError(f"{n} reference images asked, the {dataset} training split has {len(train)}")
+    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(seed))[:n]
+    return torch.stack([train[int(i)][0] for i in order])
+
+
+def classifier_precision_recall(images: torch.Tensor, *, dataset: str = "fashion-mnist", reference=None,
+                                k: int = 3) -> PrecisionRecall:
+    """Precision and recall (``manifold_precision_recall``, k=3 as in the paper) of samples in [-1, 1] on the
+    pinned classifier's features. ``reference``: real images; default as many training images as samples, at the
+    samples' resolution (``classifier_reference_images``, seed 0), so both manifolds are built from equal n."""
+    if reference is None:
+        reference = classifier_reference_images(dataset, images.shape[-1], len(images))
+    fake, real = (classifier_features(x, dataset=dataset)[0] for x in (images, reference))
+    return manifold_precision_recall(fake, real, k=k)
+
+
+def classifier_confidence(images: torch.Tensor, *, dataset: str = "fashion-mnist") -> float:
+    """Mean top-class probability the pinned classifier gives to samples in [-1, 1]: how recognisable they are as
+    some class, with no labels needed (it ignores diversity: read it with recall)."""
+    return classifier_features(images, dataset=dataset)[1].max(1).values.mean().item()
 
 
 # --------------------------------------------------------------------------------------------------
