@@ -134,7 +134,8 @@ class Scorer:
 
     def score_features(self, features: torch.Tensor, probs: torch.Tensor) -> dict[str, float]:
         pr = manifold_precision_recall(features, self.real_features(len(features)))
-        return {"fd": fd_of(features, self.reference), "fd_resized": fd_of(features, self.resized), "precision": pr.precision, "recall": pr.recall,
+        return {"fd": fd_of(features, self.reference), "fd_resized": fd_of(features, self.resized),
+                "precision": pr.precision, "recall": pr.recall,
                 "confidence": probs.max(1).values.mean().item()}
 
     def score(self, images: torch.Tensor) -> dict[str, float]:
@@ -226,7 +227,8 @@ def stage_eval_noise(runs: Path) -> pd.DataFrame:
     rows = []
     for n in EVAL_NOISE_NS:
         for seed in EVAL_SEEDS:
-            rows.append({"model": f"IU-ViT {profile.name} seed 0 ({profile.steps} steps)", "sampler": config.sample.sampler,
+            rows.append({"model": f"IU-ViT {profile.name} seed 0 ({profile.steps} steps)",
+                         "sampler": config.sample.sampler,
                          "steps": config.sample.steps, "n": n, "eval_seed": seed,
                          **scorer.score(samples(model, process, config, n, seed))})
     return pd.DataFrame(rows)
@@ -301,14 +303,16 @@ def summary(results: Path) -> pd.DataFrame:
             add(f"floor {metric} {size}x{size} n={n} sd", group[metric].std(ddof=1), f"floor.csv size={size} n={n}")
     degradations = pd.read_csv(results / "degradations.csv")
     for name in ("noise sigma", "classes dropped"):  # the two that are not monotone for fd
-        picked = degradations[(degradations["size"] == 16) & (degradations.n == 500) & (degradations.degradation == name)]
+        picked = degradations[(degradations["size"] == 16) & (degradations.n == 500)
+                              & (degradations.degradation == name)]
         for strength, group in picked.groupby("strength"):
             for metric in ("fd", "fd_resized", "recall"):
                 add(f"16x16 n=500 {name} {strength:g} {metric}", group[metric].mean(),
                     f"degradations.csv, mean of {len(group)} draws")
     checks = pd.read_csv(results / "verdicts.csv")
     for metric, group in checks.groupby("metric", sort=False):
-        add(f"monotone {metric}", f"{int(group.monotone.sum())} of {len(group)}", "verdicts.csv (size x degradation x n)")
+        add(f"monotone {metric}", f"{int(group.monotone.sum())} of {len(group)}",
+            "verdicts.csv (size x degradation x n)")
     noise = pd.read_csv(results / "eval_noise.csv")
     for n, group in noise.groupby("n"):
         for metric in ("fd", "fd_resized", "precision", "recall"):
