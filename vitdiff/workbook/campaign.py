@@ -165,23 +165,33 @@ def budget_frames(results, curves, profile: Profile) -> dict[int, object]:
     return frames
 
 
-def judge_study(chosen: Study, results, curves, profile: Profile, *, stale: list | None = None):
-    """Every comparison of a study at every budget: one verdict table (``steps`` column), refused while stale rows
-    stand."""
+def judge_study(chosen: Study, results, curves, profile: Profile, *, states: dict | None = None):
+    """Every comparison of a study at every budget: one verdict table (``steps`` column). Refused while stale rows
+    stand; rows filed before runs carried keys (``states["legacy"]``) are judged on the loss alone."""
     import pandas as pd
 
     from ..findings import verdict_table
 
+    states = states or {}
+    stale = states.get("stale", [])
     if stale:
         raise ValueError(f"{len(stale)} filed run(s) of {chosen.notebook} were made by other code or config "
                          f"({', '.join(f'{job.arm} seed {job.seed}' for job in stale[:5])}...): retrain them with "
                          f"`python -m vitdiff.campaign {chosen.notebook[:2]} --profile {profile.name}` "
                          "before judging")
+    if states.get("legacy"):
+        chosen = legacy_study(chosen)
     present = set(results["variant"])
     comparisons = [c for c in chosen.comparisons if {c.arm, c.reference} <= present]
     tables = [verdict_table(frame, comparisons, notebook=chosen.notebook, profile=profile.name, steps=steps)
               for steps, frame in budget_frames(results, curves, profile).items()]
     return pd.concat(tables, ignore_index=True)
+
+
+def legacy_study(chosen: Study) -> Study:
+    """A study judged on rows filed before runs carried keys: by the loss alone, because their FD was measured
+    against a reference at the stored 32x32 size, not the runs' 16x16 (experiments/results/fd_validation/)."""
+    return replace(chosen, comparisons=tuple(replace(c, secondary=None) for c in chosen.comparisons))
 
 
 def committed_study(notebook: str, profile: Profile):
@@ -206,7 +216,7 @@ def judge(notebook: str, profile: Profile, *, legacy: bool = False) -> None:
     if states["legacy"] and not legacy:
         raise ValueError(f"{len(states['legacy'])} rows of {chosen.notebook} @ {profile.name} were filed before runs "
                          "carried keys: judge them as filed with --legacy")
-    table = judge_study(chosen, rows, curves, profile, stale=states["stale"])
+    table = judge_study(chosen, rows, curves, profile, states=states)
     update_verdicts(results_dir(Path(), True) / "verdicts.csv", table)
     print(f"{chosen.notebook} @ {profile.name}: {len(table)} verdict rows filed "
           f"(budgets {sorted(set(table['steps']))})")
@@ -227,6 +237,9 @@ def study_runs(chosen: Study, profile: Profile, out_dir: Path, *, train: bool | 
     rows = filed_rows(chosen.notebook, profile)
     states = status(jobs, rows)
     train = (not len(rows)) if train is None else train
+    if states["legacy"]:
+        print("rows filed before runs carried keys are read as filed; their FD used a reference at the wrong size "
+              "(experiments/results/fd_validation/), so they are judged on the loss alone")
     usable = {(job.arm, job.seed) for job in states["done"] + states["legacy"]}
     keep = [(arm, seed) in usable for arm, seed in zip(rows["variant"], rows["seed"])]
     results = rows[keep] if len(rows) else rows
