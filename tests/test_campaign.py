@@ -1,0 +1,138 @@
+"""The studies of 02-05 at every profile, and the campaign's bookkeeping: keys that make edited code stale, runs
+that accumulate, verdicts by budget, and a default re-run that reads the committed rows back."""
+import inspect
+import math
+import subprocess
+from dataclasses import replace
+
+import pandas as pd
+import pytest
+
+from vitdiff import workbook as wb
+from vitdiff.findings import read_verdicts
+from vitdiff.workbook import campaign, studies
+
+
+@pytest.fixture(autouse=True)
+def outputs_in_tmp(tmp_path, monkeypatch):
+    monkeypatch.setenv("VITDIFF_OUT_DIR", str(tmp_path / "outputs"))
+
+
+@pytest.mark.parametrize("profile", list(wb.PROFILES))
+@pytest.mark.parametrize("notebook", list(studies.STUDIES))
+def test_every_arm_builds_at_every_profile(notebook, profile):
+    chosen = wb.get_profile(profile)
+    study = studies.study(notebook, chosen)
+    names = [variant.name for variant in study.variants]
+    assert len(names) == len(set(names))
+    assert set(study.budget_arms) <= set(names) and study.reference in names
+    for comparison in study.comparisons:
+        assert {comparison.arm, comparison.reference} <= set(names)
+    for variant in study.variants:  # on the meta device: paper-scale arms cost no memory
+        params, gflops = wb.model_cost_of(variant, chosen)
+        assert params > 0 and gflops > 0
+
+
+def test_arms_scale_with_the_profile_and_stay_matched():
+    tiny, paper = wb.get_profile("cpu"), wb.get_profile("paper")
+    assert studies.study("03", tiny).variant("enc 4 / dec 3").overrides["encoder_dim"] == 96
+    assert studies.study("03", paper).variant("enc 7 / dec 6").overrides["encoder_dim"] == 512
+    for profile in (tiny, paper):
+        study = studies.study("02", profile)
+        target = wb.model_cost_of(study.variant(study.reference), profile)[1]
+        matched = [variant for variant in study.variants if "matched" in variant.name]
+        assert len(matched) == 2
+        for variant in matched:
+            assert abs(wb.model_cost_of(variant, profile)[1] - target) <= 0.10 * target
+
+
+@pytest.mark.parametrize("notebook", list(studies.STUDIES))
+def test_every_arm_trains_one_step_at_the_smallest_size(notebook, tmp_path):
+    from vitdiff.trainer import Trainer
+
+    profile = wb.get_profile("smoke").with_overrides(**{"train.steps": 1})
+    for variant in studies.study(notebook, profile).variants:
+        config = wb.make_config(variant, profile, 0, tmp_path / wb.slug(variant.name))
+        with wb.one_thread():
+            record = Trainer(config, progress=False).fit()
+        assert math.isfinite(record["loss"]), variant.name
+
+
+def _edited_source(monkeypatch, module: str, addition: str):
+    real = inspect.getsource
+
+    def getsource(obj):
+        text = real(obj)
+        return text + addition if getattr(obj, "__name__", None) == module else text
+
+    monkeypatch.setattr(inspect, "getsource", getsource)
+
+
+def test_an_edit_to_a_models_source_makes_its_filed_run_stale(monkeypatch):
+    profile = wb.get_profile("smoke")
+    job = campaign.plan("04", profile)[0]  # an IU-ViT arm (vitdiff.models.vit)
+    rows = pd.DataFrame([{"variant": job.arm, "seed": job.seed, "config_key": job.config_key,
+                          "code_key": job.code_key}])
+    assert campaign.status([job], rows)["done"] == [job]
+    with monkeypatch.context() as patch:
+        _edited_source(patch, "vitdiff.models.vit", "\nEDITED = 1\n")
+        assert campaign.status(campaign.plan("04", profile)[:1], rows)["stale"]
+    with monkeypatch.context() as patch:  # a comment is not code: the run stays
+        _edited_source(patch, "vitdiff.models.vit", "\n# a reworded comment\n")
+        assert campaign.status(campaign.plan("04", profile)[:1], rows)["done"]
+    with monkeypatch.context() as patch:  # another family's file does not touch an IU-ViT run
+        _edited_source(patch, "vitdiff.models.dit", "\nEDITED = 1\n")
+        assert campaign.status(campaign.plan("04", profile)[:1], rows)["done"]
+    with monkeypatch.context() as patch:  # the trainer defines every run's numbers
+        _edited_source(patch, "vitdiff.trainer", "\nEDITED = 1\n")
+        assert campaign.status(campaign.plan("04", profile)[:1], rows)["stale"]
+
+
+def test_a_campaign_trains_only_what_is_missing_and_keeps_every_filed_row(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    monkeypatch.setattr(campaign, "results_dir", lambda out_dir, file_results=False: results)
+    profile = replace(wb.get_profile("smoke"), budgets=(2,))
+    campaign.run("04", profile, workers=1, limit=2)
+    first = campaign.filed_rows("04_skip_connections", profile, results)
+    assert len(first) == 2 and set(first["variant"]) == set(studies.study("04", profile).budget_arms)
+    campaign.run("04", profile, workers=1, limit=1)
+    rows = campaign.filed_rows("04_skip_connections", profile, results)
+    states = campaign.status(campaign.plan("04", profile), rows)
+    assert (len(states["done"]), len(states["missing"]), len(states["stale"])) == (3, 4, 0)
+    kept = rows.merge(first[["variant", "seed"]]).sort_values("variant").reset_index(drop=True)
+    pd.testing.assert_frame_equal(kept, first.sort_values("variant").reset_index(drop=True))
+    # The budget's curve point carries the sample metrics; the verdicts come at both budgets.
+    chosen, filed, curves, states = campaign.committed_study("04", profile)
+    assert curves[curves["step"] == 2]["fd"].notna().all()
+    table = campaign.judge_study(replace(chosen, comparisons=chosen.comparisons[:1]), filed, curves, profile,
+                                 states=states)
+    assert sorted(table["steps"]) == [2, profile.steps]
+    assert (results / "04_skip_connections" / "samples" / "smoke").is_dir()
+
+
+def test_stale_rows_refuse_verdicts():
+    profile = wb.get_profile("smoke")
+    jobs = campaign.plan("04", profile)
+    with pytest.raises(ValueError, match="retrain them with"):
+        campaign.judge_study(jobs[0].study, pd.DataFrame(), pd.DataFrame(), profile, states={"stale": jobs[:1]})
+
+
+def _tree_status() -> str:
+    return subprocess.run(["git", "-C", str(wb.REPO_ROOT), "status", "--porcelain", "--", "experiments"],
+                          capture_output=True, text=True, check=True).stdout
+
+
+def test_a_default_rerun_reads_the_committed_rows_back_and_leaves_the_tree_clean(tmp_path):
+    before = _tree_status()
+    profile = wb.get_profile("cpu")
+    study = studies.study("04", profile)
+    results, curves, states = campaign.study_runs(study, profile, tmp_path, train=None)
+    assert not states.get("trained") and len(results) == len(study.variants) * len(profile.seeds)
+    table = campaign.judge_study(study, results, curves, profile, states=states)
+    committed = read_verdicts(wb.REPO_ROOT / "experiments" / "results" / "verdicts.csv")
+    committed = committed[(committed["notebook"] == study.notebook) & (committed["profile"] == "cpu")]
+    assert list(table["comparison"]) == list(committed["comparison"])
+    assert table["mean_diff"].to_numpy() == pytest.approx(committed["mean_diff"].to_numpy(), rel=1e-5)
+    assert list(table["verdict"]) == list(committed["verdict"])
+    wb.notebook_figures(study.notebook, "cpu", wb.REPO_ROOT / "experiments" / "results")
+    assert _tree_status() == before
