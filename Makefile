@@ -18,7 +18,7 @@ INSTALL_TORCH = $(BIN)/pip install --retries 1 --timeout 20 --index-url $(TORCH_
 endif
 DEMO_OUT := outputs/01_quickstart/$(PROFILE)
 
-.PHONY: setup data demo test test-fast notebooks figures bench clean
+.PHONY: setup data demo test test-fast notebooks figures campaign bench clean
 
 setup: $(VENV)/.installed
 
@@ -63,6 +63,14 @@ notebooks: setup
 	for nb in notebooks/0*.ipynb; do \
 	  $(BIN)/papermill --log-output $$nb $$nb -p profile $(PROFILE) || exit 1; done
 
+# The long campaign of notebooks 02-05 (NB="04 05" for some): trains only the missing runs, two one-thread runs at a
+# time, files each row as it lands; kill it and run it again at any point. `make campaign ARGS=--status` says what
+# is left; `make campaign ARGS=--judge` files the verdicts by budget from the filed rows.
+NB ?= 02 03 04 05
+CAMPAIGN_PROFILE ?= cpu-long
+campaign: data
+	OMP_NUM_THREADS=1 $(BIN)/python -m vitdiff.campaign $(NB) --profile $(CAMPAIGN_PROFILE) $(ARGS)
+
 # Every notebook's figures (PDF and 300-dpi PNG) for every real profile, drawn from experiments/results/ alone.
 figures: setup
 	$(BIN)/python -m vitdiff.report --figures
@@ -71,6 +79,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_backbones.py
 	$(BIN)/python benchmarks/bench_trainer.py
 	$(BIN)/python benchmarks/sampler_orders.py
+	$(BIN)/python benchmarks/campaign_time.py
 
 clean:
 	rm -rf outputs .pytest_cache
