@@ -87,6 +87,7 @@ def _results(root: Path, *, samples: bool = False) -> Path:
 
 
 def _texts(fig):
+    fig.canvas.draw()  # tick labels get their text when drawn
     return [text for text in fig.findobj(matplotlib.text.Text) if text.get_visible() and text.get_text().strip()]
 
 

@@ -22,5 +22,5 @@ from .runs import (CURVE_FRACTIONS, CURVE_IMAGES, LOSS_SIGMAS, Variant, config_k
                    run_variant, save_results, setup, sigma_column, sigma_losses, summarize)
 from .figures import (check_outputs, class_labels, notebook_figures, paper_style, plot_findings,
                       plot_quality_vs_gflops, sample_file, save_figure, save_samples, show_class_rows, show_conclusion,
-                      show_grid, stale_figures)
+                      show_figures, show_grid, stale_figures)
 from .widgets import explorer, sample_explorer
