@@ -216,8 +216,8 @@ def plot_learning_curves(files: ResultsFiles):
     for budget in budgets:
         ax.axvline(budget, color="black", lw=0.5, ls=":")
     ax.set(xlabel="optimizer step", ylabel="held-out loss (mean over σ)")
-    fig.suptitle(f"lines: mean and each seed on {CURVE_IMAGES} held-out images\nmarkers: the verdicts' measurement "
-                 f"at {', '.join(map(str, budgets))} steps on all held-out images, mean and 95% CI")
+    ax.set_title(f"lines: mean and each seed on {CURVE_IMAGES} held-out images\nmarkers: the verdicts' measurement "
+                 f"({', '.join(map(str, budgets))} steps, all held-out images): mean, 95% CI", loc="left")
     _outside_legend(fig, [ax], arms, lines=True)
     return fig
 
