@@ -307,7 +307,7 @@ def plot_samples(files: ResultsFiles, results: Path, grid: list[list[str]], seed
     return fig
 
 
-SAMPLERS = "06_samplers"
+SAMPLERS_NOTEBOOK = "06_samplers"
 
 
 def plot_fd_vs_nfe(files: ResultsFiles):
@@ -344,7 +344,8 @@ def notebook_figures(notebook: str, profile: str, results: Path | None = None) -
     record = {"inputs": _digests(files.inputs + _sample_files(files, results, samples), files),
               "code": _code_digest(),
               "figures": {path.name: _sha256(path.read_bytes()) for path in written},
-              "samples_missing": [str(p.relative_to(results)) for p in _missing_samples(files, results, samples)]}
+              "samples_missing": [str(path.relative_to(results))
+                                  for path in _sample_files(files, results, samples, present=False)]}
     (out / f"{profile}_figures.json").write_text(json.dumps(record, indent=1) + "\n")
     return written
 
@@ -352,7 +353,7 @@ def notebook_figures(notebook: str, profile: str, results: Path | None = None) -
 def _sample_layout(files: ResultsFiles) -> tuple[list[list[str]], int]:
     """The arms of the sample figure (rows of names) and the seed it shows (the first)."""
     seed = int(min(files.runs["seed"]))
-    if files.notebook == SAMPLERS:
+    if files.notebook == SAMPLERS_NOTEBOOK:
         return [list(dict.fromkeys(rows["variant"])) for _, rows in files.runs.groupby("sampler", sort=False)], seed
     arms = _arms(files.runs)
     ncols = 4
@@ -363,7 +364,7 @@ def _figure_makers(files: ResultsFiles, results: Path, samples) -> dict:
     makers = {}
     if len(files.verdicts):
         makers["comparisons"] = lambda: plot_comparisons(files)
-    if files.notebook == SAMPLERS:
+    if files.notebook == SAMPLERS_NOTEBOOK:
         makers["fd_vs_nfe"] = lambda: plot_fd_vs_nfe(files)
     else:
         reference = REFERENCES.get(files.notebook, _arms(files.runs)[0])
@@ -377,16 +378,11 @@ def _figure_makers(files: ResultsFiles, results: Path, samples) -> dict:
     return makers
 
 
-def _sample_files(files: ResultsFiles, results: Path, samples) -> list[Path]:
+def _sample_files(files: ResultsFiles, results: Path, samples, *, present: bool = True) -> list[Path]:
+    """The sample grids the samples figure shows that are filed (``present``), or those that are missing."""
     grid, seed = samples
     paths = [sample_file(results, files.notebook, files.profile, arm, seed) for row in grid for arm in row]
-    return [path for path in paths if path.is_file()]
-
-
-def _missing_samples(files: ResultsFiles, results: Path, samples) -> list[Path]:
-    grid, seed = samples
-    paths = [sample_file(results, files.notebook, files.profile, arm, seed) for row in grid for arm in row]
-    return [path for path in paths if not path.is_file()]
+    return [path for path in paths if path.is_file() == present]
 
 
 def _sha256(data: bytes) -> str:
@@ -409,7 +405,7 @@ def _code_digest() -> str:
 def figure_profiles(results: Path) -> list[tuple[str, str]]:
     """Every (notebook, profile) with figures: the real profiles' results files of the notebooks above."""
     found = []
-    for notebook in [*REFERENCES, SAMPLERS]:
+    for notebook in [*REFERENCES, SAMPLERS_NOTEBOOK]:
         for table in sorted((results / notebook).glob("*.csv")):
             if "_" not in table.stem and table.stem != "smoke":
                 found.append((notebook, table.stem))
