@@ -69,7 +69,8 @@ def _results(root: Path, *, samples: bool = False) -> Path:
     for (index, arm), seed in itertools.product(enumerate(ARMS), (0, 1)):
         losses = {f"loss@{s:g}": 0.5 + 0.1 * index + 0.01 * seed + 0.02 * s for s in SIGMAS}
         runs.append({"variant": arm, "seed": seed, "params_M": 0.5 + index, "gflops": 0.01 * 2 ** index,
-                     "steps": 40, "loss": sum(losses.values()) / len(SIGMAS), **losses, "fd": 100.0 + 10 * index + seed})
+                     "steps": 40, "loss": sum(losses.values()) / len(SIGMAS), **losses,
+                     "fd": 100.0 + 10 * index + seed})
         curves += [{"variant": arm, "seed": seed, "step": step, "loss": 1.0 + 0.1 * index - step / 100}
                    for step in (10, 20, 30)]
     pd.DataFrame(runs).to_csv(folder / "cpu.csv", index=False)
@@ -87,6 +88,7 @@ def _results(root: Path, *, samples: bool = False) -> Path:
 
 
 def _texts(fig):
+    fig.canvas.draw()  # tick labels get their text when drawn
     return [text for text in fig.findobj(matplotlib.text.Text) if text.get_visible() and text.get_text().strip()]
 
 
@@ -99,7 +101,7 @@ def test_every_figure_is_print_sized_with_fonts_of_7_pt_or_more(tmp_path):
     drawn = [figures.plot_comparisons(files), figures.plot_loss_by_sigma(files, "p4"),
              figures.plot_learning_curves(files), figures.plot_quality_vs_gflops(files.runs),
              figures.plot_samples(files, results, [list(ARMS)], 0),
-             figures.plot_fd_vs_nfe(figures.ResultsFiles(figures.SAMPLERS, "cpu", sampler_runs, None,
+             figures.plot_fd_vs_nfe(figures.ResultsFiles(figures.SAMPLERS_NOTEBOOK, "cpu", sampler_runs, None,
                                                          files.verdicts.iloc[:0], "", []))]
     for fig in drawn:
         assert fig.get_figwidth() in (style.ONE_COLUMN, style.TWO_COLUMN)

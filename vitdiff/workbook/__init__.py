@@ -23,7 +23,7 @@ from .runs import (CURVE_FRACTIONS, LOSS_SIGMAS, Variant, config_key, evaluate_r
                    sigma_losses, summarize)
 from .figures import (check_outputs, class_labels, notebook_figures, paper_style, plot_findings,
                       plot_quality_vs_gflops, sample_file, save_figure, save_samples, show_class_rows, show_conclusion,
-                      show_grid, stale_figures)
+                      show_figures, show_grid, stale_figures)
 from .widgets import explorer, sample_explorer
 from .studies import SCALES, STUDIES, Study, study
 from .campaign import (file_table, file_verdicts, judge_study, rows_folder, show_figures, show_verdicts, study_runs, summary,

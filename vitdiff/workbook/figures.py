@@ -110,14 +110,17 @@ def plot_comparisons(files: ResultsFiles):
         for y, point in enumerate(mine):
             arm, reference = point["comparison"].split(" - ", 1)
             look = files.style(arm)
-            seeds = paired_differences(files.runs, metric, arm, reference)
+            runs = files.runs
+            if _is_number(point.get("steps")) and "steps" in runs:  # the runs of the verdict's budget
+                runs = runs[runs["steps"] == point["steps"]]
+            seeds = paired_differences(runs, metric, arm, reference)
             ax.scatter(seeds, [y] * len(seeds), marker="|", s=30, color="#555555", linewidths=0.8, zorder=2)
             low, high = point["ci_low"], point["ci_high"]
             if math.isfinite(low) and math.isfinite(high):
                 ax.hlines(y, low, high, color=look.colour, lw=1.6, zorder=3)
             ax.plot(point["mean_diff"], y, marker=look.marker, color=look.colour, markeredgecolor="black",
                     markeredgewidth=0.5, ms=5, ls="none", zorder=4)
-            budget = f", {int(point['steps'])} steps" if "steps" in point and _is_number(point["steps"]) else ""
+            budget = f", {int(point['steps'])} steps" if _is_number(point.get("steps")) else ""
             side = "" if point["role"] == "primary" else " (secondary)"
             ax.annotate(f"{point['verdict']}{side} ({point['signs']}{budget})", (1.01, y),
                         xycoords=("axes fraction", "data"), va="center", fontsize=7)
@@ -181,7 +184,7 @@ def plot_loss_by_sigma(files: ResultsFiles, reference: str):
         _log_ticks(ax, sigmas)
         ax.set_xlabel("noise level σ")
     absolute.set_ylabel("held-out loss (mean over seeds)")
-    relative.set_ylabel(f"loss − {reference} (paired, 95% CI)")
+    relative.set_ylabel(f"loss − {reference}\n(paired, mean and 95% CI)")
     _outside_legend(fig, [absolute, relative], arms, lines=True)
     return fig
 
@@ -216,18 +219,16 @@ def plot_learning_curves(files: ResultsFiles):
     for budget in budgets:
         ax.axvline(budget, color="black", lw=0.5, ls=":")
     ax.set(xlabel="optimizer step", ylabel="held-out loss (mean over σ)")
-    fig.suptitle(f"lines: mean and each seed; markers: the verdicts' budgets ({', '.join(map(str, budgets))} steps), "
-                 "mean and 95% CI over seeds")
+    ax.set_title(f"lines: mean and each seed\nmarkers: the verdicts' budgets ({', '.join(map(str, budgets))} steps): "
+                 "mean, 95% CI over seeds", loc="left")
     _outside_legend(fig, [ax], arms, lines=True)
     return fig
 
 
 def plot_quality_vs_gflops(results, profile: Profile | None = None, out_dir: Path | None = None,
                            name: str | None = None, *, metrics=None):
-    """Held-out loss and FD of every arm against its GFLOPs per image (log scale): the mean over seeds (large,
+    """Held-out loss and FD of every arm against its GFLOPs per image: the mean over seeds (large,
     edged marker) and each seed (small hollow marker), one panel per metric. Saved as ``name`` when given."""
-    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
-
     metrics = metrics or {"loss": METRIC_LABELS["loss"], "fd": fd_label(profile) if profile else "FD"}
     metrics = {m: label for m, label in metrics.items() if m in results}
     arms = _arms(results)
@@ -239,16 +240,29 @@ def plot_quality_vs_gflops(results, profile: Profile | None = None, out_dir: Pat
                        edgecolors=look.colour, linewidths=0.7, alpha=0.8)
             ax.scatter(rows["gflops"].mean(), rows[metric].mean(), marker=look.marker, s=45, color=look.colour,
                        edgecolors="black", linewidths=0.6, zorder=3)
-        ax.set_xscale("log")
-        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
-        ax.xaxis.set_major_formatter(FuncFormatter(lambda x, _: f"{x:g}"))
-        ax.xaxis.set_minor_formatter(NullFormatter())
+        _gflops_axis(ax, results["gflops"])
         ax.set(xlabel="GFLOPs per image (DiT convention)", ylabel=label)
     fig.suptitle("filled: mean over seeds; hollow: one seed")
     _outside_legend(fig, axes[0], arms, lines=False)
     if out_dir is not None:
         save_figure(fig, out_dir, name)
     return fig
+
+
+def _gflops_axis(ax, gflops) -> None:
+    """GFLOPs on a log axis labelled at 1, 2, 5 x 10^k where they span a factor of 3 or more, else on a linear
+    axis with a few plain ticks (a log axis over a narrow range labels its minor ticks on top of each other)."""
+    from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter
+
+    plain = FuncFormatter(lambda x, _: f"{x:.3g}")
+    if gflops.max() >= 3 * gflops.min():
+        ax.set_xscale("log")
+        ax.xaxis.set_major_locator(LogLocator(subs=(1.0, 2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(nbins=4))
+        ax.margins(x=0.15)
+    ax.xaxis.set_major_formatter(plain)
 
 
 def sample_file(results: Path, notebook: str, profile: str, arm: str, seed: int) -> Path:
@@ -291,7 +305,7 @@ def plot_samples(files: ResultsFiles, results: Path, grid: list[list[str]], seed
     return fig
 
 
-SAMPLERS = "06_samplers"
+SAMPLERS_NOTEBOOK = "06_samplers"
 
 
 def plot_fd_vs_nfe(files: ResultsFiles):
@@ -328,7 +342,8 @@ def notebook_figures(notebook: str, profile: str, results: Path | None = None) -
     record = {"inputs": _digests(files.inputs + _sample_files(files, results, samples), files),
               "code": _code_digest(),
               "figures": {path.name: _sha256(path.read_bytes()) for path in written},
-              "samples_missing": [str(p.relative_to(results)) for p in _missing_samples(files, results, samples)]}
+              "samples_missing": [str(path.relative_to(results))
+                                  for path in _sample_files(files, results, samples, present=False)]}
     (out / f"{profile}_figures.json").write_text(json.dumps(record, indent=1) + "\n")
     return written
 
@@ -336,7 +351,7 @@ def notebook_figures(notebook: str, profile: str, results: Path | None = None) -
 def _sample_layout(files: ResultsFiles) -> tuple[list[list[str]], int]:
     """The arms of the sample figure (rows of names) and the seed it shows (the first)."""
     seed = int(min(files.runs["seed"]))
-    if files.notebook == SAMPLERS:
+    if files.notebook == SAMPLERS_NOTEBOOK:
         return [list(dict.fromkeys(rows["variant"])) for _, rows in files.runs.groupby("sampler", sort=False)], seed
     arms = _arms(files.runs)
     ncols = 4
@@ -347,7 +362,7 @@ def _figure_makers(files: ResultsFiles, results: Path, samples) -> dict:
     makers = {}
     if len(files.verdicts):
         makers["comparisons"] = lambda: plot_comparisons(files)
-    if files.notebook == SAMPLERS:
+    if files.notebook == SAMPLERS_NOTEBOOK:
         makers["fd_vs_nfe"] = lambda: plot_fd_vs_nfe(files)
     else:
         reference = REFERENCES.get(files.notebook, _arms(files.runs)[0])
@@ -361,16 +376,11 @@ def _figure_makers(files: ResultsFiles, results: Path, samples) -> dict:
     return makers
 
 
-def _sample_files(files: ResultsFiles, results: Path, samples) -> list[Path]:
+def _sample_files(files: ResultsFiles, results: Path, samples, *, present: bool = True) -> list[Path]:
+    """The sample grids the samples figure shows that are filed (``present``), or those that are missing."""
     grid, seed = samples
     paths = [sample_file(results, files.notebook, files.profile, arm, seed) for row in grid for arm in row]
-    return [path for path in paths if path.is_file()]
-
-
-def _missing_samples(files: ResultsFiles, results: Path, samples) -> list[Path]:
-    grid, seed = samples
-    paths = [sample_file(results, files.notebook, files.profile, arm, seed) for row in grid for arm in row]
-    return [path for path in paths if not path.is_file()]
+    return [path for path in paths if path.is_file() == present]
 
 
 def _sha256(data: bytes) -> str:
@@ -393,7 +403,7 @@ def _code_digest() -> str:
 def figure_profiles(results: Path) -> list[tuple[str, str]]:
     """Every (notebook, profile) with figures: the real profiles' results files of the notebooks above."""
     found = []
-    for notebook in [*REFERENCES, SAMPLERS]:
+    for notebook in [*REFERENCES, SAMPLERS_NOTEBOOK]:
         for table in sorted((results / notebook).glob("*.csv")):
             if "_" not in table.stem and table.stem != "smoke":
                 found.append((notebook, table.stem))
@@ -424,6 +434,29 @@ def stale_figures(results: Path, notebook: str, profile: str) -> list[str]:
         if not path.is_file() or _sha256(path.read_bytes()) != digest:
             problems.append(f"{notebook}/figures/{name} is missing or not the one drawn")
     return problems
+
+
+def screen_png(path: Path, dpi: int = 100) -> bytes:
+    """A figure's 300-dpi PNG at ``dpi`` (a notebook shows that; the file itself stays at print resolution)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    with Image.open(path) as image:
+        scale = dpi / style.PNG_DPI
+        small = image.resize((round(image.width * scale), round(image.height * scale)), Image.LANCZOS)
+    buffer = BytesIO()
+    small.convert("RGB").quantize(colors=256).save(buffer, format="PNG", optimize=True)  # a palette: small files
+    return buffer.getvalue()
+
+
+def show_figures(paths: list[Path]) -> None:
+    """Display in a notebook the PNGs among ``paths`` (e.g. :func:`notebook_figures`'s), each under its name."""
+    from IPython.display import Image, display
+
+    for path in (path for path in paths if path.suffix == ".png"):
+        print(path.name)
+        display(Image(data=screen_png(path)))
 
 
 # -- the notebooks' earlier calls -----------------------------------------------------------------

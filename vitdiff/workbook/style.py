@@ -58,7 +58,7 @@ ARMS: dict[str, ArmStyle] = {
     "enc 6 / dec 1": ArmStyle("#332288", ">"),            # indigo
     "enc 2 / dec 5": ArmStyle("#DDCC77", "<"),            # sand
     "enc 4 / dec 3, 1 skip": ArmStyle("#882255", "s"),    # wine
-    "H: conv blocks, no hi-res skip": ArmStyle("#AA4499", "h"),
+    "H: conv blocks, no hi-res skip": ArmStyle("#117733", "h"),  # green, far from ASCEND-H's pink
     "H: neither": ArmStyle("#888888", "X"),               # grey
     # 04: U-ViT's design choices, each against IU-ViT's
     "skip: none": ArmStyle("#888888", "v"),
