@@ -19,12 +19,12 @@ from .profiles import (PROFILES, QUICKSTART_PROFILE_CHANGES, REPO_ROOT, Profile,
                        get_profile, output_dir, protocol, quickstart_profile, sampling_protocol, training_protocol)
 from .runs import (CURVE_FRACTIONS, LOSS_SIGMAS, Variant, config_key, evaluate_run, judge, make_config,
                    map_runs, match_flops, model_cost, model_cost_of, one_thread, results_dir, run_ablation,
-                   run_rows, run_variant, save_results, file_run, slug, code_key, pause_points, setup, sigma_column,
+                   run_rows, run_variant, save_results, file_run, slug, code_key, pause_points, sigma_column,
                    sigma_losses, summarize)
 from .figures import (check_outputs, class_labels, notebook_figures, paper_style, plot_findings,
                       plot_quality_vs_gflops, sample_file, save_figure, save_samples, show_class_rows, show_conclusion,
                       show_figures, show_grid, stale_figures)
 from .widgets import explorer, sample_explorer
 from .studies import SCALES, STUDIES, Study, study
-from .campaign import (file_table, file_verdicts, judge_study, rows_folder, show_figures, show_verdicts, study_runs, summary,
+from .campaign import (file_table, file_verdicts, judge_study, rows_folder, setup, show_verdicts, study_runs, summary,
                        verdict_changes)

@@ -23,7 +23,8 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .profiles import REPO_ROOT, Profile, get_profile, output_dir
+from .figures import paper_style
+from .profiles import REPO_ROOT, Profile, get_profile, output_dir, protocol
 from .runs import _code_key_of, _run_job, config_key, file_run, make_config, map_runs, results_dir, run_rows
 from .studies import STUDIES, Study, study
 
@@ -328,13 +329,16 @@ def show_verdicts(table) -> None:
             f"- {sentence}" for sentence in answers(table[table["steps"] == steps]))))
 
 
-def show_figures(paths: list[Path]) -> None:
-    """Display the PNG of each figure (its PDF lies beside it)."""
-    from IPython.display import Image, display
-
-    for path in paths:
-        if path.suffix == ".png":
-            display(Image(filename=str(path)))
+def setup(notebook: str, profile: str | None = None, *, dataset: str | None = None, steps: int | None = None,
+          seeds=None, out_dir: str | None = None) -> tuple[Profile, Path]:
+    """A notebook's first cell after its parameters: the profile with the notebook's overrides, its output
+    folder, the figure style, and the protocol printed."""
+    chosen = get_profile(profile, dataset=dataset, steps=steps, seeds=seeds)
+    out = output_dir(notebook, chosen, out_dir)
+    paper_style()
+    print("protocol:", protocol(chosen))
+    print("outputs: ", out)
+    return chosen, out
 
 
 def main(argv: list[str] | None = None) -> int:

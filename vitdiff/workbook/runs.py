@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from ..config import Config
-from .profiles import LOSS_SIGMAS, REPO_ROOT, Profile, get_profile, output_dir, protocol, sigma_column
+from .profiles import LOSS_SIGMAS, REPO_ROOT, Profile, protocol, sigma_column
 
 
 # -- variants -------------------------------------------------------------------------------------
@@ -406,20 +406,6 @@ def summarize(frame, metrics=("loss", "fd"), by: str = "variant"):
 
 
 # -- what notebooks share -------------------------------------------------------------------------
-def setup(notebook: str, profile: str | None = None, *, dataset: str | None = None, steps: int | None = None,
-          seeds=None, out_dir: str | None = None) -> tuple[Profile, Path]:
-    """A notebook's first cell after its parameters: the profile with the notebook's overrides, its output
-    folder, the figure style, and the protocol printed."""
-    chosen = get_profile(profile, dataset=dataset, steps=steps, seeds=seeds)
-    out = output_dir(notebook, chosen, out_dir)
-    from .figures import paper_style
-
-    paper_style()
-    print("protocol:", protocol(chosen))
-    print("outputs: ", out)
-    return chosen, out
-
-
 def match_flops(variant: Variant, profile: Profile, target: float, dims, *, tolerance: float = 0.10) -> Variant:
     """``variant`` with the width among ``dims`` (``dim`` of a Transformer, whose head count stays the preset's,
     or ``channels`` of a U-Net) whose GFLOPs come closest to ``target``; raises if none lies within ``tolerance``
