@@ -183,11 +183,14 @@ def pause_points(profile: Profile) -> list[int]:
 def run_variant(variant: Variant, profile: Profile, seed: int, runs_dir: Path, *, reuse: bool = True,
                 **diffusion: Any) -> dict[str, Any]:
     """Train and evaluate one (variant, seed) on one thread; a finished run with the same config and code is read
-    back, an interrupted one resumes from its last pause (a checkpoint is written at every pause).
+    back, an interrupted one resumes from its last pause (a checkpoint is written at every pause) unless other code
+    began it (then it starts afresh); a run stopped by a signal between pauses raises after saving.
 
     Training pauses at :func:`pause_points` to measure the EMA model's held-out loss (and at the profile's budgets
     its Fréchet metric): the learning curve. Pausing is a no-op for the optimisation (per-step randomness is a
     function of the step), so the numbers at a budget equal those of a run stopped there."""
+    import shutil
+
     from torchvision.utils import save_image
 
     from ..generate import generate
@@ -201,10 +204,12 @@ def run_variant(variant: Variant, profile: Profile, seed: int, runs_dir: Path, *
         saved = json.loads(result_file.read_text())
         if saved.get("config_key") == key and saved.get("code_key") == _code_key_of(config):
             return saved
+    code = _code_key_of(config)
+    if progress_file.exists() and json.loads(progress_file.read_text()).get("code_key") != code:
+        shutil.rmtree(out)  # begun by other code: its checkpoints and measurements do not belong to this code
     with one_thread():
         start = time.perf_counter()
         trainer = Trainer(config, progress=False)
-        code = code_key(trainer.model)
         progress = json.loads(progress_file.read_text()) if progress_file.exists() and trainer.step else {}
         curve = [point for point in progress.get("curve", []) if point["step"] <= trainer.step]
         seconds = {"startup_s": 0.0, "train_s": 0.0, "eval_loss_s": 0.0, "eval_fd_s": 0.0,
@@ -216,13 +221,16 @@ def run_variant(variant: Variant, profile: Profile, seed: int, runs_dir: Path, *
             begin = time.perf_counter()
             record = trainer.fit()
             seconds["train_s"] += time.perf_counter() - begin
+            if trainer.step != stop:  # stopped by a signal: its checkpoint is saved, and nothing more is measured
+                raise RuntimeError(f"{variant.name} seed {seed} stopped at step {trainer.step} before its pause at "
+                                   f"{stop}: run it again to resume")
             last = record if "loss" in record else last
             point = {"step": trainer.step, **evaluate_run(trainer, profile, fd=stop in profile.budgets
                                                           or stop == profile.steps)}
             for name in ("eval_loss_s", "eval_fd_s"):
                 seconds[name] += point.pop(name, 0.0)
             curve.append(point)
-            _write_json(progress_file, {"curve": curve, "seconds": seconds,
+            _write_json(progress_file, {"curve": curve, "seconds": seconds, "code_key": code,
                                         "train_loss": last.get("loss", progress.get("train_loss"))})
         begin = time.perf_counter()
         images = generate(trainer.ema.module, trainer.process, config, n=SAMPLE_GRID, seed=0, device=trainer.device)
