@@ -120,7 +120,7 @@ def test_ablation_in_two_processes_equals_one(tmp_path, monkeypatch):
     assert (tmp_path / "two" / "results" / "nb" / "smoke.csv").is_file()  # smoke files its rows beside its outputs
     curves = pd.read_csv(tmp_path / "two" / "results" / "nb" / "smoke_curves.csv")
     assert list(curves["step"]) == list(two_curves["step"])
-    assert len(curves) == 2 * 2 and "loss@1" in curves  # 3 steps pause at steps 1 and 2
+    assert len(curves) == 2 * 3 and "loss@1" in curves  # 3 steps: pauses at steps 1 and 2, and the end
 
 
 def test_every_profile_builds_and_its_evaluation_can_run_or_says_why_not(tmp_path, monkeypatch):

@@ -305,9 +305,7 @@ def read_verdicts(path: Path):
     """The verdicts file, with empty text cells as "" (not NaN)."""
     import pandas as pd
 
-    text = ["paper_claim", "signs", "confound", "secondary_metric", "secondary_verdict", "agreement", "correction"]
-    frame = pd.read_csv(path, dtype={column: str for column in text})
-    return frame.fillna({column: "" for column in text})
+    return _with_all_columns(pd.read_csv(path, dtype={column: str for column in _TEXT_COLUMNS}))
 
 
 def _interval(mean: float, low: float, high: float) -> str:
@@ -319,6 +317,7 @@ def _interval(mean: float, low: float, high: float) -> str:
 def conclusion_markdown(table) -> str:
     """A notebook's verdict rows as a table: claim, comparison, test, the primary metric's interval and verdict
     (Holm-adjusted p), MDE, and the secondary metric beside it."""
+    table = _with_all_columns(table)
     lines = ["| steps | question | paper's claim | comparison | test | primary: diff [95% CI] | p (Holm) | MDE "
              "| verdict | secondary: diff [95% CI] | metrics |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -337,6 +336,17 @@ def conclusion_markdown(table) -> str:
     return "\n".join(lines)
 
 
+_TEXT_COLUMNS = ("paper_claim", "signs", "confound", "secondary_metric", "secondary_verdict", "agreement",
+                 "correction", "test")
+
+
+def _with_all_columns(table):
+    """A verdict table with every column of :data:`VERDICT_COLUMNS` (a file written before a column existed reads
+    as NaN there, "" for text)."""
+    table = table.reindex(columns=list(VERDICT_COLUMNS))
+    return table.fillna({column: "" for column in _TEXT_COLUMNS})
+
+
 def _missing(value) -> bool:
     return value is None or (isinstance(value, float) and math.isnan(value))
 
@@ -344,7 +354,8 @@ def _missing(value) -> bool:
 def answers(table) -> list[str]:
     """One generated sentence per question of a verdict table (at its largest budget when it has several):
     what the controlled rows say, with the MDE as a share of the reference's metric and the other metric's view."""
-    if "steps" in table and table["steps"].notna().any():
+    table = _with_all_columns(table)
+    if table["steps"].notna().any():
         table = table[table["steps"] == table["steps"].max()]
     sentences = []
     for question, rows in table.groupby("question", sort=False):

@@ -23,7 +23,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from .figures import paper_style
+from .figures import notebook_figures, paper_style
 from .profiles import REPO_ROOT, Profile, get_profile, output_dir, protocol
 from .runs import _code_key_of, _run_job, config_key, file_run, make_config, map_runs, results_dir, run_rows
 from .studies import STUDIES, Study, study
@@ -126,10 +126,27 @@ def train_jobs(jobs: list[Job], profile: Profile, runs: Path, folder: Path, *, w
         if commit:
             base = folder / name
             _commit([base / f"{profile.name}.csv", base / f"{profile.name}_curves.csv", base / f"{profile.name}.json",
-                     base / "samples" / profile.name], f"campaign {name} @ {profile.name}: {row['variant']} seed "
-                                                      f"{row['seed']} filed")
+                     base / "samples" / profile.name, *refresh(name, profile)],
+                    f"campaign {name} @ {profile.name}: {row['variant']} seed {row['seed']} filed")
 
     return run_rows(map_runs(_run_job, specs, workers=workers, progress=False, on_result=land))
+
+
+def refresh(notebook: str, profile: Profile) -> list[Path]:
+    """What a landed row changes, regenerated so each committed row leaves ``report --check`` passing: the notebook's
+    verdicts by budget (while no stale row stands), its figures, and the generated tables and claims."""
+    from .. import report
+    from ..findings import update_verdicts
+
+    chosen, rows, curves, states = committed_study(notebook, profile)
+    folder = results_dir(Path(), True)
+    touched = []
+    if len(rows) and not states["stale"]:
+        update_verdicts(folder / "verdicts.csv", judge_study(chosen, rows, curves, profile, states=states))
+        touched.append(folder / "verdicts.csv")
+    touched += notebook_figures(chosen.notebook, profile.name, folder)
+    report.main([])
+    return [*touched, REPO_ROOT / "experiments" / "README.md", REPO_ROOT / "README.md"]
 
 
 def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = False, limit: int | None = None,
