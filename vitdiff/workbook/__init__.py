@@ -26,5 +26,5 @@ from .figures import (check_outputs, class_labels, notebook_figures, paper_style
                       show_figures, show_grid, stale_figures)
 from .widgets import explorer, sample_explorer
 from .studies import SCALES, STUDIES, Study, study
-from .campaign import (file_table, file_verdicts, judge_study, rows_folder, setup, show_verdicts, study_runs, summary,
+from .campaign import (cost_line, file_table, file_verdicts, judge_study, rows_folder, setup, show_verdicts, study_runs, summary,
                        verdict_changes)

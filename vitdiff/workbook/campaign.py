@@ -188,7 +188,7 @@ def judge_study(chosen: Study, results, curves, profile: Profile, *, states: dic
     stand; rows filed before runs carried keys (``states["legacy"]``) are judged on the loss alone."""
     import pandas as pd
 
-    from ..findings import verdict_table
+    from ..findings import VERDICT_COLUMNS, verdict_table
 
     states = states or {}
     stale = states.get("stale", [])
@@ -199,6 +199,8 @@ def judge_study(chosen: Study, results, curves, profile: Profile, *, states: dic
                          "before judging")
     if states.get("legacy"):
         chosen = legacy_study(chosen)
+    if not len(results):
+        return pd.DataFrame(columns=list(VERDICT_COLUMNS))
     present = set(results["variant"])
     comparisons = [c for c in chosen.comparisons if {c.arm, c.reference} <= present]
     tables = [verdict_table(frame, comparisons, notebook=chosen.notebook, profile=profile.name, steps=steps)
@@ -246,15 +248,15 @@ def study_runs(chosen: Study, profile: Profile, out_dir: Path, *, train: bool | 
     (and rows filed before runs carried keys, read as filed), plus, with ``train``, the missing and stale runs
     trained now (filed under ``out_dir/results/``, or with ``file_results`` in ``experiments/results/``).
 
-    ``train=None`` trains only when nothing of this profile is filed (a fresh profile such as ``smoke``); a filed
-    profile is read back and what is missing is listed with the command that trains it, so the default run of a
-    notebook reproduces its committed run and leaves the tree as it was. Returns (results, curves, states)."""
+    ``train=None`` trains only at ``smoke`` (whose rows are never filed); every other profile is read back and what
+    is missing is listed with the command that trains it (the campaign), so the default run of a notebook reproduces
+    its committed run and leaves the tree as it was. Returns (results, curves, states)."""
     import pandas as pd
 
     jobs = plan(chosen.notebook, profile)
     rows = filed_rows(chosen.notebook, profile)
     states = status(jobs, rows)
-    train = (not len(rows)) if train is None else train
+    train = profile.name == "smoke" if train is None else train
     if states["legacy"]:
         print("rows filed before runs carried keys are read as filed; their FD used a reference at the wrong size "
               "(experiments/results/fd_validation/), so they are judged on the loss alone")
@@ -313,10 +315,22 @@ def file_verdicts(table, folder: Path) -> Path:
     return path
 
 
+def cost_line(results, states: dict, started: float) -> str:
+    """What the notebook's numbers cost: the runs' own training time (not this notebook's, which reads most back)."""
+    import time
+
+    train_s = results["train_s"].sum() if "train_s" in results else 0.0
+    return (f"the runs' own training time: {train_s / 3600:.2f} CPU-hours over {len(results)} runs (one thread each); "
+            f"trained by this notebook: {len(states.get('trained', []))} run(s); notebook wall time "
+            f"{time.perf_counter() - started:.0f} s")
+
+
 def summary(results):
     """Mean ± sd over seeds per arm of the metrics the rows have (loss, FD, precision, recall)."""
     from .runs import summarize
 
+    if not len(results):
+        return results
     return summarize(results, metrics=[m for m in ("loss", "fd", "precision", "recall") if m in results])
 
 
@@ -337,6 +351,9 @@ def show_verdicts(table) -> None:
 
     from ..findings import answers, conclusion_markdown
 
+    if not len(table):
+        display(Markdown("No verdicts yet: none of this profile's comparisons has filed runs of both its arms."))
+        return
     display(Markdown(conclusion_markdown(table)))
     changes = verdict_changes(table)
     display(Markdown("**Verdicts that change with the budget:** " + ("; ".join(changes) if changes else "none.")))
