@@ -344,7 +344,8 @@ def _with_all_columns(table):
     """A verdict table with every column of :data:`VERDICT_COLUMNS` (a file written before a column existed reads
     as NaN there, "" for text)."""
     table = table.reindex(columns=list(VERDICT_COLUMNS))
-    return table.fillna({column: "" for column in _TEXT_COLUMNS})
+    text = table[list(_TEXT_COLUMNS)].astype(object)  # a text column read back all empty comes as float NaN
+    return table.assign(**text.where(text.notna(), "").to_dict("series"))
 
 
 def _missing(value) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 BEGIN, END = "<!-- report:begin -->", "<!-- report:end -->"
+DEFAULT_README = REPO_ROOT / "experiments" / "README.md"
 # Columns of a results file that summarise a run, in table order; loss@<sigma> columns follow "loss".
 SUMMARY = (("loss", "held-out loss"), ("fd", "FD"))
 
@@ -219,16 +220,21 @@ def main(argv: list[str] | None = None) -> int:
                         help="exit 1 if the README or a committed figure differs from what the results files give")
     parser.add_argument("--figures", action="store_true",
                         help="draw every notebook's figures from the results files (experiments/results/*/figures/)")
-    parser.add_argument("--readme", type=Path, default=REPO_ROOT / "experiments" / "README.md")
+    parser.add_argument("--readme", type=Path, default=DEFAULT_README)
     parser.add_argument("--results", type=Path, default=REPO_ROOT / "experiments" / "results")
-    parser.add_argument("--root-readme", type=Path, default=REPO_ROOT / "README.md",
-                        help="the README whose claims block lists the paper's claims with their verdicts")
+    parser.add_argument("--root-readme", type=Path,
+                        help="the README whose claims block lists the paper's claims with their verdicts (default: "
+                             "README.md when --readme is experiments/README.md)")
     args = parser.parse_args(argv)
     if args.figures and not args.check:
         draw_figures(args.results)
         return 0
     matched = update(args.readme, args.results, check=args.check)
-    matched &= update_claims(args.root_readme, args.results, check=args.check)
+    # The claims go to the top-level README only with the committed tables (or where asked): a report of other
+    # results (a test's, a notebook's own) leaves the README alone.
+    root_readme = args.root_readme or (REPO_ROOT / "README.md" if args.readme == DEFAULT_README else None)
+    if root_readme is not None:
+        matched &= update_claims(root_readme, args.results, check=args.check)
     if args.check:
         problems = stale_figures(args.results)
         if not matched:
