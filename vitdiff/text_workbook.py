@@ -16,6 +16,7 @@ import torch
 from .config import Config
 from .workbook import (Profile, ProfileChanges, config_key, explorer, get_profile, map_runs, model_cost, one_thread,
                        save_results, show_grid)
+from .workbook.campaign import file_table
 
 
 # -- text-to-image on the shapes set (notebook 07) ------------------------------------------------
@@ -234,10 +235,11 @@ def run_text_seed(job: tuple) -> dict[str, Any]:
 
 
 def run_text_seeds(profile: Profile, out_dir: Path, *, notebook: str | None = None, workers: int | None = None,
-                   progress: bool = True):
+                   progress: bool = True, file_results: bool = False):
     """Every seed of the profile through :func:`run_text_seed` in ``workers`` one-thread processes -> the
     alignment rows (one per seed, split, guidance and attribute) and the per-seed run facts, saved with
-    :func:`vitdiff.workbook.save_results` (``notebook`` also files ``experiments/results/<notebook>/<profile>.csv``)."""
+    :func:`vitdiff.workbook.save_results` in ``out_dir`` (with ``file_results`` also filed as
+    ``experiments/results/<notebook>/<profile>.csv``)."""
     import pandas as pd
 
     results = map_runs(run_text_seed, [(profile, seed, out_dir / "runs") for seed in profile.seeds],
@@ -247,7 +249,10 @@ def run_text_seeds(profile: Profile, out_dir: Path, *, notebook: str | None = No
     rows = pd.DataFrame([row for result in results for row in result["rows"]])
     rows = rows.merge(runs[["seed", "train_s", "params_M", "gflops"]], on="seed").assign(
         profile=profile.name, steps=profile.steps)
-    return save_results(rows, profile, out_dir, notebook=notebook, protocol_line=text_protocol(profile)), runs
+    frame = save_results(rows, profile, out_dir, protocol_line=text_protocol(profile))
+    if file_results and notebook is not None:
+        file_table(frame, notebook, profile, protocol_line=text_protocol(profile))
+    return frame, runs
 
 
 # The samples follow the caption when they score higher against their own captions than against other captions

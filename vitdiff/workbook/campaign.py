@@ -288,9 +288,9 @@ def rows_folder(states: dict, out_dir: Path, file_results: bool = False) -> Path
     return results_dir(out_dir, file_results or not states.get("trained"))
 
 
-def file_table(frame, notebook: str, profile: Profile) -> Path:
+def file_table(frame, notebook: str, profile: Profile, *, protocol_line: str | None = None) -> Path:
     """File a notebook's own table (one that is not an ablation's runs, e.g. the quick start's row or the samplers'
-    grid) as ``experiments/results/<notebook>/<profile>.csv`` with its protocol; atomic."""
+    grid) as ``experiments/results/<notebook>/<profile>.csv`` with its protocol (default the workbook's); atomic."""
     import json
     from dataclasses import asdict
 
@@ -301,7 +301,7 @@ def file_table(frame, notebook: str, profile: Profile) -> Path:
     temporary = folder / f"{profile.name}.tmp"
     frame.to_csv(temporary, index=False, float_format="%.6g")
     temporary.replace(folder / f"{profile.name}.csv")
-    (folder / f"{profile.name}.json").write_text(json.dumps({"protocol": protocol(profile),
+    (folder / f"{profile.name}.json").write_text(json.dumps({"protocol": protocol_line or protocol(profile),
                                                             "profile": asdict(profile)}, indent=1))
     return folder / f"{profile.name}.csv"
 
