@@ -144,7 +144,10 @@ def refresh(notebook: str, profile: Profile) -> list[Path]:
     if len(rows) and not states["stale"]:
         update_verdicts(folder / "verdicts.csv", judge_study(chosen, rows, curves, profile, states=states))
         touched.append(folder / "verdicts.csv")
-    touched += notebook_figures(chosen.notebook, profile.name, folder)
+    try:
+        touched += notebook_figures(chosen.notebook, profile.name, folder)
+    except Exception as error:  # a figure must never cost the campaign a run: say so, `make figures` redraws
+        print(f"campaign: the figures of {chosen.notebook} @ {profile.name} were not drawn ({error!r})", flush=True)
     report.main([])
     return [*touched, REPO_ROOT / "experiments" / "README.md", REPO_ROOT / "README.md"]
 

@@ -173,7 +173,7 @@ def plot_loss_by_sigma(files: ResultsFiles, reference: str):
         rows = files.runs[files.runs["variant"] == arm]
         absolute.plot(sigmas, [rows[sigma_column(s)].mean() for s in sigmas], color=look.colour,
                       marker=look.marker, ms=3)
-        if arm == reference:
+        if arm == reference or reference not in arms:  # no reference filed yet (a campaign under way): no pairs
             continue
         found = [compare(files.runs, Comparison("", "", arm, reference, sigma_column(s))) for s in sigmas]
         relative.plot(sigmas, [f["mean_diff"] for f in found], color=look.colour, marker=look.marker, ms=3)
