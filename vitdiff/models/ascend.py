@@ -23,9 +23,11 @@ known to be the paper's.
    conv + pixel shuffle and refining with ``decoder_block`` blocks, either "window" (Swin-style attention
    in w x w windows, shifted by w/2 on every other block) or "conv" (GroupNorm-SiLU-conv residual
    blocks). A shallow conv stem on the noisy input is concatenated in before the full-resolution blocks
-   (the high-resolution skip). The decoder is conditioned by its own time MLP (+ the label embedding):
-   adaLN-Zero shift/scale/gate in window blocks, an added per-channel bias in conv blocks (DDPM's way).
-   Text conditions the encoder only.
+   (the high-resolution skip). The decoder is conditioned by its own time MLP (+ the label embedding, + the
+   pooled caption with ``pooled_text``): adaLN-Zero shift/scale/gate in window blocks, an added per-channel
+   bias in conv blocks (DDPM's way). With ``decoder_film`` every stage also scales and shifts its upsampled
+   features by that condition (FiLM, zero-initialised), so the caption reaches the pixel path even with no
+   refining blocks. The caption's tokens condition the encoder only.
 
 Both reuse :mod:`vitdiff.models.vit`'s token front end, blocks and skip fusion.
 """
@@ -163,12 +165,14 @@ class WindowBlock(nn.Module):
 
 
 class DecoderStage(nn.Module):
-    """x2 upsampling (1x1 conv to 4C, pixel shuffle) followed by refining blocks at the new resolution."""
+    """x2 upsampling (1x1 conv to 4C, pixel shuffle) followed by refining blocks at the new resolution; with
+    ``film``, the upsampled features are first scaled and shifted per channel by the condition."""
 
     def __init__(self, in_channels: int, channels: int, resolution: int, num_blocks: int, block: str,
-                 cond_dim: int, window: int):
+                 cond_dim: int, window: int, film: bool = False):
         super().__init__()
         self.upsample = nn.Sequential(nn.Conv2d(in_channels, 4 * channels, 1), nn.PixelShuffle(2))
+        self.film = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * channels)) if film else None
         window = min(window, resolution)
         if resolution % window:
             raise ValueError(f"decoder resolution {resolution} is not divisible by window={window}: "
@@ -179,6 +183,13 @@ class DecoderStage(nn.Module):
                 for i in range(num_blocks))
         else:
             self.blocks = nn.ModuleList(ConvResBlock(channels, cond_dim) for _ in range(num_blocks))
+
+    def modulate(self, h: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+        """FiLM of a (B, C, H, W) map by the condition: h * (1 + scale) + shift (the identity without ``film``)."""
+        if self.film is None:
+            return h
+        scale, shift = self.film(c)[:, :, None, None].chunk(2, dim=1)
+        return h * (1 + scale) + shift
 
 
 class HierarchicalASCEND(TokenBackbone):
@@ -192,6 +203,8 @@ class HierarchicalASCEND(TokenBackbone):
         window: attention window side (clipped to the stage's resolution).
         hires_channels: width of the conv stem whose full-resolution features join the last stage; 0: no
             high-resolution skip (the decoder sees the noisy input only through the encoder's tokens).
+        decoder_film: FiLM every stage's upsampled features by the decoder's condition (time, label, pooled
+            caption); off: the condition reaches the pixel path only through the refining blocks.
         **options: shared switches of :class:`TokenBackbone` (conditioning, text, positions, ...).
     """
 
@@ -200,7 +213,8 @@ class HierarchicalASCEND(TokenBackbone):
     def __init__(self, *, image_size: int = 64, in_channels: int = 3, patch_size: int = 8, dim: int = 512,
                  depth: int = 12, num_heads: int = 8, skip: str = "concat_linear",
                  decoder_channels: tuple[int, ...] = (256, 128, 64), decoder_blocks: int = 2,
-                 decoder_block: str = "window", window: int = 8, hires_channels: int = 32, **options):
+                 decoder_block: str = "window", window: int = 8, hires_channels: int = 32,
+                 decoder_film: bool = False, **options):
         super().__init__(image_size=image_size, in_channels=in_channels, patch_size=patch_size, dim=dim, **options)
         check_choice("decoder_block", decoder_block, DECODER_BLOCKS)
         stages = int(math.log2(patch_size))
@@ -219,7 +233,7 @@ class HierarchicalASCEND(TokenBackbone):
         for i in range(stages):
             resolution *= 2
             self.decoder_stages.append(DecoderStage(widths[i], widths[i + 1], resolution, decoder_blocks,
-                                                    decoder_block, dim, window))
+                                                    decoder_block, dim, window, decoder_film))
         if hires_channels < 0:
             raise ValueError(f"hires_channels must be >= 0 (0: no high-resolution skip), got {hires_channels}")
         self.hires_channels = hires_channels
@@ -237,6 +251,9 @@ class HierarchicalASCEND(TokenBackbone):
         for stage in self.decoder_stages:
             for block in stage.blocks:
                 block.zero_init()
+            if stage.film is not None:  # starts as the identity
+                nn.init.zeros_(stage.film[-1].weight)
+                nn.init.zeros_(stage.film[-1].bias)
 
     def decoder_condition(self, t: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         """Time (+ label, + pooled caption with ``pooled_text``) for the decoder's conv/window blocks."""
@@ -258,6 +275,7 @@ class HierarchicalASCEND(TokenBackbone):
             h = stage.upsample(h)
             if i == last and self.hires_channels:
                 h = self.hires_fuse(torch.cat([h, self.hires_stem(x)], dim=1))
+            h = stage.modulate(h, c_dec)
             for block in stage.blocks:
                 h = self.run_block(block, h, c_dec)
         return self.out(h)
