@@ -91,8 +91,8 @@ def search_step(args: argparse.Namespace) -> None:
                                       changes=json.dumps({**config_changes, **model_changes}))
     if RESULTS.is_file():
         old = pd.read_csv(RESULTS)
-        # A row is one (recipe, seed): a second seed of a recipe joins its first.
-        same = (old["recipe"] == args.recipe) & (old["seed"] == args.seed)
+        # Rows are per (recipe, seed, steps): a second seed joins the first, a longer run keeps the shorter one.
+        same = (old["recipe"] == args.recipe) & (old["seed"] == args.seed) & (old["steps"] == args.steps)
         frame = pd.concat([old[~same], frame], ignore_index=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(RESULTS, index=False, float_format="%.6g")

@@ -185,3 +185,20 @@ def test_text_profiles_name_their_size_and_shift_the_noise_with_it():
     assert tw.text_profile("cpu-64").seeds == (0, 1, 2) and tw.text_profile("cpu-128").seeds == (0,)
     with pytest.raises(ValueError, match="cpu-64"):
         tw.text_profile("cpu-long")
+
+
+def test_alignment_arms_carry_each_arms_counts():
+    import pandas as pd
+
+    rows = [{"seed": 0, "split": "val", "guidance": 3.0, "attribute": name, "accuracy": 0.5, "shuffled_baseline": 0.25,
+             "shape_shuffled_baseline": 0.3 if name == "shape" else float("nan"), "n_judged": 8, "k": 4,
+             "k_shuffled": 2, "k_shape_shuffled": 3 if name == "shape" else None}
+            for name in ("shape", "colour")]
+    arms = tw.alignment_arms(pd.DataFrame(rows)).set_index("variant")
+    own, shape_only = (tw.alignment_arm("val", 3.0, captions) for captions in (tw.OWN, tw.SHAPE_SHUFFLED))
+    assert arms.loc[own, "k_shape"] == 4 and arms.loc[own, "n_colour"] == 8
+    assert arms.loc[shape_only, "k_shape"] == 3 and arms.loc[shape_only, "shape"] == 0.3
+    # Filed rows without counts (or without the shape-shuffled baseline) still make arms, without those columns.
+    old = tw.alignment_arms(pd.DataFrame(rows).drop(columns=["k", "k_shuffled", "k_shape_shuffled", "n_judged",
+                                                              "shape_shuffled_baseline"]))
+    assert len(old) == 2 and not any(column.startswith("k_") for column in old)

@@ -299,7 +299,9 @@ def run_text_seeds(profile: Profile, out_dir: Path, *, notebook: str | None = No
 # of the split: each attribute is an arm ("<split>, w=<g>: own captions") against its shuffled-caption baseline;
 # shape also against captions with only the shape word shuffled (what a model scores that follows every other word).
 OWN, SHUFFLED, SHAPE_SHUFFLED = "own captions", "shuffled captions", "shape word shuffled"
-_ARM_COLUMNS = ((OWN, "accuracy"), (SHUFFLED, "shuffled_baseline"), (SHAPE_SHUFFLED, "shape_shuffled_baseline"))
+# Each arm's rate column and count column (of n_judged) in the alignment rows.
+_ARM_COLUMNS = ((OWN, "accuracy", "k"), (SHUFFLED, "shuffled_baseline", "k_shuffled"),
+                (SHAPE_SHUFFLED, "shape_shuffled_baseline", "k_shape_shuffled"))
 
 
 def alignment_arm(split: str, guidance: float, captions: str) -> str:
@@ -308,14 +310,21 @@ def alignment_arm(split: str, guidance: float, captions: str) -> str:
 
 def alignment_arms(frame):
     """The alignment rows as arms for :mod:`vitdiff.findings`: per seed, one row per (split, guidance, captions)
-    variant with one column per attribute."""
+    variant with one column per attribute (its rate) and, where the rows carry counts, ``k_<attribute>`` correct
+    of ``n_<attribute>`` judged."""
     import pandas as pd
 
     arms = []
     for (seed, split, guidance), group in frame.groupby(["seed", "split", "guidance"], sort=False):
-        for captions, column in ((captions, column) for captions, column in _ARM_COLUMNS if column in frame):
-            arms.append({"seed": seed, "variant": alignment_arm(split, guidance, captions),
-                         **dict(zip(group["attribute"], group[column]))})
+        for captions, rate, count in _ARM_COLUMNS:
+            if rate not in frame:
+                continue
+            arm = {"seed": seed, "variant": alignment_arm(split, guidance, captions),
+                   **dict(zip(group["attribute"], group[rate]))}
+            if count in frame and "n_judged" in frame:
+                arm |= {f"k_{name}": k for name, k in zip(group["attribute"], group[count])}
+                arm |= {f"n_{name}": n for name, n in zip(group["attribute"], group["n_judged"])}
+            arms.append(arm)
     return pd.DataFrame(arms)
 
 
