@@ -1,4 +1,5 @@
-"""Paired comparisons: the decision rule, intervals against scipy's paired t-test, the verdicts file."""
+"""Findings: each claim's test (superiority, equivalence, rates on counts), Holm, confounds, two metrics, the
+verdicts file; checked against scipy / statsmodels and on simulated data with a known truth."""
 import math
 
 import numpy as np
@@ -6,7 +7,8 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from vitdiff.findings import Comparison, compare, update_verdicts, verdict, verdict_table
+from vitdiff.findings import (Comparison, answers, compare, compare_counts, decide, holm, paired_stats, read_verdicts,
+                              update_verdicts, verdict, verdict_table)
 
 
 def frame_from(arms: dict[str, list[float]]) -> pd.DataFrame:
@@ -69,3 +71,117 @@ def test_verdicts_file_replaces_only_its_notebook_and_profile(tmp_path):
     saved = pd.read_csv(path)
     assert list(saved["notebook"]) == ["02_x", "02_x", "03_y"]
     assert set(saved["verdict"]) == {"supported"}
+
+
+def two_metric_frame(rng, n, loss_shift, fd_shift):
+    rows = []
+    for seed in range(n):
+        base_loss, base_fd = rng.normal(1.0, 0.2), rng.normal(500, 80)
+        rows += [{"variant": "ref", "seed": seed, "loss": base_loss, "fd": base_fd},
+                 {"variant": "arm", "seed": seed, "loss": base_loss + loss_shift + rng.normal(0, 0.01),
+                  "fd": base_fd + fd_shift + rng.normal(0, 5)}]
+    return pd.DataFrame(rows)
+
+
+def test_superiority_is_a_one_sided_paired_t_test():
+    frame = two_metric_frame(np.random.default_rng(3), 4, -0.02, 0.0)
+    row = compare(frame, Comparison("q", "c", "arm", "ref", "loss"))
+    arm = frame[frame.variant == "arm"].loss.to_numpy()
+    ref = frame[frame.variant == "ref"].loss.to_numpy()
+    assert row["p"] == pytest.approx(stats.ttest_rel(arm, ref, alternative="less").pvalue)
+    assert row["p_adj"] == pytest.approx(row["p"]) and row["correction"] == "holm over 1"
+    assert row["verdict"] == "supported"
+
+
+def test_equivalence_holds_its_false_positive_rate_at_the_margin_and_finds_true_equivalence():
+    """Simulated paired differences: at the margin itself (true difference = +margin) TOST may call parity at most
+    alpha = 5% of the time; with no true difference and enough seeds it finds parity most of the time."""
+    rng = np.random.default_rng(0)
+    comparison = Comparison("q", "c", "arm", "ref", "loss", test="equivalence", margins={"loss": 0.02})
+
+    def rate(true_diff, n, trials=1000):
+        hits = 0
+        for _ in range(trials):
+            reference = rng.normal(1.0, 0.1, n)  # mean ~1.0: the margin is ~0.02 in loss units
+            arm = reference + true_diff + rng.normal(0, 0.01, n)
+            row = paired_stats(arm, reference, comparison, "loss")
+            hits += decide(comparison, row["p_support"], row["p_contradict"]) == "supported"
+        return hits / trials
+
+    # At the margin (true difference = +margin of a reference mean of 1) TOST calls parity in at most
+    # alpha = 5% of runs, within Monte-Carlo error; slightly inside the margin's edge it still must not exceed it.
+    assert rate(0.02, 8) <= 0.05 + 3 * math.sqrt(0.05 * 0.95 / 1000)
+    assert rate(0.0, 8) > 0.8
+    # A clear difference far beyond the margin is never called parity.
+    assert rate(0.08, 8, trials=100) == 0.0
+    far = frame_from({"arm": [1.1, 1.12, 1.09, 1.11], "ref": [1.0, 1.01, 0.99, 1.0]})
+    assert compare(far, comparison)["verdict"] == "contradicted"
+
+
+def test_equivalence_is_never_read_from_a_non_significant_superiority_test():
+    frame = frame_from({"arm": [1.0, 1.2, 0.8, 1.1], "ref": [1.05, 1.0, 1.0, 1.0]})  # noisy, no clear difference
+    superiority = compare(frame, Comparison("q", "c", "arm", "ref", "loss"))
+    parity = compare(frame, Comparison("q", "c", "arm", "ref", "loss", test="equivalence"))
+    assert superiority["verdict"] == "unresolved" and parity["verdict"] == "unresolved"
+
+
+def test_count_test_on_three_seeds_of_one_in_96_is_not_supported():
+    """Three seeds with 1 of 96 correct each, against a baseline with 0 of 96 each: the per-seed proportions are
+    identical, so a t-interval collapses to a point and calls it supported; pooled counts (3 of 288 vs 0 of 288)
+    are not evidence of anything."""
+    frame = pd.DataFrame([{"variant": name, "seed": seed, "all_correct": k / 96, "k_all_correct": k,
+                           "n_all_correct": 96} for name, k in (("arm", 1), ("ref", 0)) for seed in range(3)])
+    t_row = compare(frame, Comparison("q", "c", "arm", "ref", "all_correct", direction="higher"))
+    assert t_row["ci_low"] == t_row["ci_high"]  # the collapse the count test exists for
+    row = compare(frame, Comparison("q", "c", "arm", "ref", "all_correct", direction="higher", test="rate"))
+    assert row["verdict"] == "unresolved" and row["ci_low"] < 0 < row["ci_high"]
+    assert row["signs"] == "1/96 1/96 1/96 vs 0/288"
+    assert row["p"] == pytest.approx(stats.boschloo_exact([[3, 0], [285, 288]], alternative="greater").pvalue)
+    # The same test does resolve a real difference in counts.
+    strong = compare_counts(60, 288, 20, 288, "higher")
+    assert strong["ci_low"] > 0 and strong["p_support"] < 0.001 and strong["p_contradict"] > 0.5
+    with pytest.raises(ValueError, match="0 <= k <= n"):
+        compare_counts(5, 4, 0, 4)
+
+
+def test_a_confounded_comparison_carries_no_verdict_and_leaves_the_claims_family():
+    frame = two_metric_frame(np.random.default_rng(4), 6, -0.2, -100)
+    confounded = Comparison("q", "c", "arm", "ref", "loss", confound="1 vs 3 long skips")
+    clean = Comparison("q", "c", "arm", "ref", "loss")
+    table = verdict_table(frame, [confounded, clean], notebook="n", profile="p")
+    assert list(table["verdict"]) == ["descriptive", "supported"]
+    assert table["correction"].iloc[1] == "holm over 1"  # the confounded row is not in the family
+    assert math.isnan(table["p_adj"].iloc[0]) and table["confound"].iloc[0] == "1 vs 3 long skips"
+
+
+def test_holm_adjusts_within_each_claims_family():
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert math.isnan(holm([0.01, float("nan")])[1])
+    rng = np.random.default_rng(5)
+    frame = two_metric_frame(rng, 4, -0.02, 0.0)
+    comparisons = [Comparison("q", "claim A", "arm", "ref", "loss"), Comparison("q", "claim A", "arm", "ref", "loss"),
+                   Comparison("q", "claim B", "arm", "ref", "loss")]
+    table = verdict_table(frame, comparisons, notebook="n", profile="p")
+    assert list(table["correction"]) == ["holm over 2", "holm over 2", "holm over 1"]
+    assert table["p_adj"].iloc[0] == pytest.approx(min(1.0, 2 * table["p"].iloc[0]))
+
+
+def test_the_secondary_metric_is_shown_and_disagreement_is_said():
+    frame = two_metric_frame(np.random.default_rng(6), 6, -0.1, +60)  # loss better, FD worse
+    row = compare(frame, Comparison("q", "c", "arm", "ref", "loss", secondary="fd"))
+    assert row["verdict"] == "supported" and row["secondary_verdict"] == "contradicted"
+    assert row["agreement"] == "loss supports, fd contradicts (disagree)"
+    assert row["secondary_ci_low"] > 0
+
+
+def test_answers_give_one_sentence_per_question_at_the_largest_budget(tmp_path):
+    frame = two_metric_frame(np.random.default_rng(7), 4, -0.1, -50)
+    comparisons = [Comparison("does it help?", "c", "arm", "ref", "loss", secondary="fd")]
+    early = verdict_table(frame, comparisons, notebook="n", profile="p", steps=400)
+    late = verdict_table(frame, comparisons, notebook="n", profile="p", steps=4000)
+    both = pd.concat([early, late])
+    [sentence] = answers(both)
+    assert sentence.startswith("*does it help?* at 4000 steps: arm - ref (superiority): **supported** on loss")
+    path = tmp_path / "verdicts.csv"
+    update_verdicts(path, both)
+    assert list(read_verdicts(path)["steps"]) == [400, 4000]

@@ -14,7 +14,8 @@ from vitdiff.config import ConfigError, load_config
 from vitdiff.diffusion import ContinuousVP, DiffusionLoss, DiscreteVP, GaussianData, make_denoiser, make_process
 from vitdiff.models.base import DiffusionBackbone
 from vitdiff.sampling import (
-    ClassifierFreeGuidance, get_sigmas, get_sigmas_karras, sample, sample_ddpm, sample_euler, sample_euler_maruyama,
+    ClassifierFreeGuidance, ClipDenoised, get_sigmas, get_sigmas_karras, sample, sample_ddim, sample_ddpm,
+    sample_euler, sample_euler_maruyama,
 )
 
 
@@ -41,7 +42,8 @@ class ToyLearnSigma(DiffusionBackbone):
 
 # --------------------------------------------------------------------------- DiT, written from its formulas
 def dit_forward_with_cfg(model, x, t, labels, scale):
-    """DiT's forward_with_cfg: eps of the first 3 channels guided, the 4th and the variance conditional."""
+    """DiT's forward_with_cfg: the raw output's first 3 channels guided (all eps channels and, with fewer than 3
+    data channels, variance channels too), the rest conditional."""
     out = model(torch.cat([x, x]), torch.cat([t, t]), torch.cat([labels, torch.full_like(labels, model.num_classes)]))
     eps, rest = out[:, :3], out[:, 3:]
     cond_eps, uncond_eps = eps.chunk(2)
@@ -75,18 +77,19 @@ def dit_p_sample_loop(model_fn, x_t, timesteps, alphas_cumprod, variance, genera
     return states
 
 
-@pytest.mark.parametrize("variance, spacing, guidance", [
-    ("learned_range", "linspace", 4.0), ("learned_range", "leading", 1.0), ("fixed_large", "linspace", 1.5),
-    ("fixed_small", "trailing", 4.0)])
-def test_ddpm_matches_dit_step_by_step(variance, spacing, guidance):
+@pytest.mark.parametrize("variance, spacing, guidance, channels", [
+    ("learned_range", "linspace", 4.0, 4), ("learned_range", "leading", 1.0, 4), ("fixed_large", "linspace", 1.5, 4),
+    ("fixed_small", "trailing", 4.0, 4), ("learned_range", "linspace", 4.0, 2), ("learned_range", "linspace", 4.0, 1)])
+def test_ddpm_matches_dit_step_by_step(variance, spacing, guidance, channels):
     """sample(sampler='ddpm', variance=..., spacing=..., guidance_convention='dit_official') is DiT's sampler."""
-    model, process = ToyLearnSigma(), DiscreteVP()
+    model, process = ToyLearnSigma(channels), DiscreteVP()
+    shape = (2, channels, 4, 4)
     labels, steps = torch.tensor([0, 2]), 25
     timesteps = process.sigma_to_t(get_sigmas(process, steps, spacing=spacing)[:-1]).round().long().flip(0)
     if spacing == "linspace":
         assert timesteps[0] == 0 and timesteps[-1] == 999  # DiT's "25": the respaced chain reaches t = 0
     generator = torch.Generator().manual_seed(1)
-    x_vp = torch.randn(2, 4, 4, 4, generator=generator).double()  # sample() draws its (float32) prior first too
+    x_vp = torch.randn(shape, generator=generator).double()  # sample() draws its (float32) prior first too
     after_prior = generator.get_state()
 
     def model_fn(x, t):
@@ -102,27 +105,74 @@ def test_ddpm_matches_dit_step_by_step(variance, spacing, guidance):
     for i, (a, b) in enumerate(zip(states[1:] + [ours], reference)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-11, msg=lambda m: f"step {i}: {m}")
     # sample() (float32) builds exactly this sampler: its grid, prior, guidance and variance
-    through_sample = sample(model, process, (2, 4, 4, 4), sampler="ddpm", steps=steps, cond=labels,
+    through_sample = sample(model, process, shape, sampler="ddpm", steps=steps, cond=labels,
                             guidance=guidance, guidance_convention="dit_official", spacing=spacing, variance=variance,
                             generator=torch.Generator().manual_seed(1), progress=False)
     generator = torch.Generator().manual_seed(1)
-    prior = torch.randn(2, 4, 4, 4, generator=generator) * float(process.prior_std(sigmas[0]))
+    prior = torch.randn(shape, generator=generator) * float(process.prior_std(sigmas[0]))
     # (w = 1 skips the guidance wrapper in sample(): equal up to the rounding of u + 1 (c - u))
     torch.testing.assert_close(through_sample, sample_ddpm(denoiser, prior, sigmas, cond=labels, variance=variance,
                                                            generator=generator, progress=False), rtol=1e-5, atol=1e-5)
 
 
-def test_dit_official_guidance_matches_forward_with_cfg():
-    model, process = ToyLearnSigma(), DiscreteVP()
+@pytest.mark.parametrize("channels", [4, 3, 2, 1])
+def test_dit_official_guidance_matches_forward_with_cfg(channels):
+    """dit_official is DiT's raw-output slice [:, :3] for any number of data channels: with 4 the 4th data channel
+    stays conditional; with 1 or 2 and a learned variance, the first 3 - C variance channels are guided too."""
+    model, process = ToyLearnSigma(channels), DiscreteVP()
     denoiser = make_denoiser(model, process, "eps")
-    x, sigma, labels = torch.randn(3, 4, 4, 4, dtype=torch.float64), torch.tensor(2.0), torch.tensor([0, 1, 2])
+    x, sigma, labels = torch.randn(3, channels, 4, 4, dtype=torch.float64), torch.tensor(2.0), torch.tensor([0, 1, 2])
     x_in, t = x / math.sqrt(5.0), process.model_time(sigma.expand(3).double())
     out = dit_forward_with_cfg(model, x_in, t, labels, 3.0)
     x0, variance = ClassifierFreeGuidance(denoiser, model.null_cond, 3.0, "dit_official").denoise(x, sigma, labels)
-    torch.testing.assert_close(x0, x - sigma * out[:, :4])
-    torch.testing.assert_close(variance, out[:, 4:])
-    standard = ClassifierFreeGuidance(denoiser, model.null_cond, 3.0, "dit")(x, sigma, labels)
-    assert not torch.allclose(standard[:, 3], x0[:, 3]) and torch.allclose(standard[:, :3], x0[:, :3])
+    torch.testing.assert_close(x0, x - sigma * out[:, :channels], rtol=0, atol=1e-12)
+    torch.testing.assert_close(variance, out[:, channels:], rtol=0, atol=1e-12)
+    standard, conditional_variance = ClassifierFreeGuidance(denoiser, model.null_cond, 3.0, "dit").denoise(
+        x, sigma, labels)
+    guided = min(channels, 3)
+    torch.testing.assert_close(standard[:, :guided], x0[:, :guided])
+    assert (standard[:, guided:] - x0[:, guided:]).abs().amin(dim=(0, 2, 3)).gt(1e-3).all()  # the 4th: conditional
+    # the standard rule keeps the variance conditional; DiT's slice guides the variance channels below index 3
+    torch.testing.assert_close(conditional_variance, model(x_in, t, labels)[:, channels:])
+    torch.testing.assert_close(variance[:, 3 - guided:], conditional_variance[:, 3 - guided:])
+    assert (variance[:, :3 - guided] - conditional_variance[:, :3 - guided]).abs().amin(dim=(0, 2, 3)).gt(1e-3).all()
+
+
+def dit_ddim_sample_loop(eps_fn, x_t, timesteps, alphas_cumprod, clip_denoised):
+    """iDDPM/DiT's ddim_sample_loop with eta = 0 on the respaced chain of `timesteps` (increasing), VP coordinates;
+    a clipped x0 estimate gives the eps the step uses."""
+    abar = alphas_cumprod[timesteps]
+    abar_prev = torch.cat([abar.new_ones(1), abar[:-1]])
+    states = []
+    for i in reversed(range(len(timesteps))):
+        eps = eps_fn(x_t, torch.full((x_t.shape[0],), float(timesteps[i]), dtype=torch.float64))
+        x0 = (1 / abar[i]).sqrt() * x_t - (1 / abar[i] - 1).sqrt() * eps
+        if clip_denoised:
+            x0 = x0.clamp(-1, 1)
+        eps = ((1 / abar[i]).sqrt() * x_t - x0) / (1 / abar[i] - 1).sqrt()
+        x_t = abar_prev[i].sqrt() * x0 + (1 - abar_prev[i]).sqrt() * eps
+        states.append(x_t)
+    return states
+
+
+@pytest.mark.parametrize("clip_denoised", [False, True])
+def test_ddim_matches_dit_step_by_step(clip_denoised):
+    """sample_ddim (eta 0) on the leading grid, with or without ClipDenoised, is DiT's ddim_sample_loop on
+    create_diffusion("ddim25") with that clip_denoised (the loop's own default is True)."""
+    model, process, steps = ToyLearnSigma(channels=3, num_classes=0), DiscreteVP(), 25
+    sigmas = get_sigmas(process, steps, spacing="leading")
+    timesteps = process.sigma_to_t(sigmas[:-1]).round().long().flip(0)
+    assert torch.equal(timesteps, torch.arange(0, 1000, 1000 // steps))  # DiT's "ddim25"
+    x_vp = 1.5 * torch.randn(2, 3, 4, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    reference = dit_ddim_sample_loop(lambda x, t: model(x, t)[:, :3], x_vp, timesteps, process.alphas_cumprod,
+                                     clip_denoised)
+    denoiser, states = make_denoiser(model, process, "eps"), []
+    ours = sample_ddim(ClipDenoised(denoiser) if clip_denoised else denoiser, x_vp * (1 + sigmas[0] ** 2).sqrt(),
+                       sigmas, progress=False, callback=lambda d: states.append(d["x"] / (1 + d["sigma"] ** 2).sqrt()))
+    for i, (a, b) in enumerate(zip(states[1:] + [ours], reference)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-11, msg=lambda m: f"step {i}: {m}")
+    unclipped = dit_ddim_sample_loop(lambda x, t: model(x, t)[:, :3], x_vp, timesteps, process.alphas_cumprod, False)
+    assert clip_denoised == bool((unclipped[-1] - reference[-1]).abs().max() > 1e-3)  # the clip takes effect
 
 
 # --------------------------------------------------------------------------- the hybrid loss
@@ -362,14 +412,91 @@ def test_trainer_trains_the_variance_with_the_hybrid_loss_and_samples_with_it(tm
     assert out.is_file()
 
 
+UVIT_RUN = {
+    "model": {"preset": "U-ViT-tiny", "dim": 32, "depth": 2, "num_heads": 2},
+    "diffusion": {"process": "vp-sde", "prediction": "eps", "weighting": "uniform"},
+    "data": {"dataset": "digits", "image_size": 8, "batch_size": 8, "num_workers": 0},
+    "train": {"steps": 2, "lr": 1.0e-3, "warmup_steps": 1, "sample_every": 0, "progress": False},
+    "sample": {"sampler": "dpmpp_2m", "steps": 3},
+}
+
+
+def test_uvit_sampler_from_the_command_line_and_the_config(tmp_path, monkeypatch):
+    """`vitdiff sample RUN --sampler euler_maruyama --steps 1000 --beta-dt start` (and the config's
+    sample.beta_dt: start) is sample(..., beta_dt=process.beta_dt_at_start) with the same noise: U-ViT's sde.py."""
+    import torchvision.utils
+    import yaml
+
+    from vitdiff.cli import main as vitdiff
+    from vitdiff.config import Config
+    from vitdiff.generate import generate, load_for_inference
+    from vitdiff.trainer import Trainer
+
+    (tmp_path / "uvit.yaml").write_text(yaml.safe_dump(UVIT_RUN))
+    Trainer(load_config(tmp_path / "uvit.yaml", [f"out_dir={tmp_path / 'run'}"])).fit()
+    grids = []
+    monkeypatch.setattr(torchvision.utils, "save_image", lambda images, *args, **kw: grids.append(images))
+    command = ["sample", str(tmp_path / "run"), "--n", "2", "--sampler", "euler_maruyama", "--steps", "1000",
+               "--no-clip-denoised", "--out", str(tmp_path / "grid.png")]
+    assert vitdiff([*command, "--beta-dt", "start"]) == 0 and vitdiff(command) == 0
+    model, process, config, _, _ = load_for_inference(tmp_path / "run")
+    cond = torch.arange(2) % model.num_classes if model.num_classes else None
+
+    official = sample(model, process, (2, 1, 8, 8), sampler="euler_maruyama", steps=1000, cond=cond,
+                      beta_dt=process.beta_dt_at_start, generator=torch.Generator().manual_seed(0), progress=False)
+    assert torch.equal(grids[0], (official + 1) / 2)  # the grid holds (x + 1) / 2
+    assert (grids[0] - grids[1]).abs().max() > 1e-3  # the default integrates beta over each step
+    raw = config.to_dict()
+    raw["sample"].update(sampler="euler_maruyama", steps=1000, beta_dt="start", clip_denoised=False)
+    assert torch.equal(generate(model, process, Config.from_dict(raw), n=2), official)
+
+
+def test_sample_and_eval_options_are_checked_with_the_config(tmp_path, capsys):
+    """The official settings as options: checked as the config is (exit 2, one line, nothing written); a setting
+    of the config's own sampler is dropped when --sampler picks another; eval records what ran."""
+    import json
+
+    import yaml
+
+    from vitdiff.cli import main as vitdiff
+    from vitdiff.trainer import Trainer
+
+    run = {**UVIT_RUN, "sample": {"sampler": "euler_maruyama", "steps": 3, "beta_dt": "start"}}
+    (tmp_path / "uvit.yaml").write_text(yaml.safe_dump(run))
+    Trainer(load_config(tmp_path / "uvit.yaml", [f"out_dir={tmp_path / 'run'}"])).fit()
+    grid = ["sample", str(tmp_path / "run"), "--n", "2", "--out", str(tmp_path / "grid.png")]
+    for options, message in [
+            (["--sampler", "ddim", "--beta-dt", "start"], "beta_dt=start is read by the euler_maruyama sampler only"),
+            (["--beta-dt", "midpoint"], "sample.beta_dt='midpoint' is not one of: exact, start"),
+            (["--variance", "learned_range"], "sample.variance is read by the ddpm sampler only"),
+            (["--spacing", "leading"], "sample.spacing places the uniform_t grid of a discrete process"),
+            (["--guidance-convention", "uvit"], "pass --guidance in the 'uvit' convention")]:
+        assert vitdiff([*grid, *options]) == 2, options
+        assert message in capsys.readouterr().err, options
+        assert not (tmp_path / "grid.png").exists()
+    assert vitdiff([*grid, "--sampler", "ddim"]) == 0  # the config's beta_dt belongs to euler_maruyama
+    results = tmp_path / "results.jsonl"
+    assert vitdiff(["eval", str(tmp_path / "run"), "--metric", "fd-clf", "--n", "4", "--steps", "2",
+                    "--sampler", "ddpm", "--variance", "fixed_large", "--no-clip-denoised",
+                    "--results", str(results)]) == 0
+    assert vitdiff(["eval", str(tmp_path / "run"), "--metric", "fd-clf", "--n", "4", "--steps", "2",
+                    "--results", str(results)]) == 0
+    ddpm, em = (json.loads(line) for line in results.read_text().splitlines())
+    assert (ddpm["sampler"], ddpm["extra"]["variance"], ddpm["extra"]["beta_dt"], ddpm["extra"]["clip_denoised"]) == (
+        "ddpm", "fixed_large", "exact", False)
+    assert (em["sampler"], em["extra"]["variance"], em["extra"]["beta_dt"], em["extra"]["clip_denoised"]) == (
+        "euler_maruyama", None, "start", True)
+
+
 def test_config_checks_the_new_settings(tmp_path):
-    config = load_config(None, ["sample.sampler=ddpm", "sample.variance=learned_range", "sample.spacing=linspace",
-                                "sample.guidance_convention=dit_official", "diffusion.vlb_weight=0.001"])
+    config = load_config(None, ["diffusion.process=ddpm-linear", "sample.sampler=ddpm", "sample.spacing=linspace",
+                                "sample.variance=learned_range", "sample.guidance_convention=dit_official",
+                                "diffusion.vlb_weight=0.001"])
     assert (config.sample.variance, config.sample.spacing, config.sample.guidance_convention) == (
         "learned_range", "linspace", "dit_official")
     # Names are checked where the registries are (vitdiff.build.check_names), before anything is built.
     with pytest.raises(ConfigError, match="sample.spacing='even' is not one of: leading, linspace, trailing"):
-        load_experiment(None, ["sample.spacing=even"])
+        load_experiment(None, ["diffusion.process=ddpm-linear", "sample.spacing=even"])
     with pytest.raises(ConfigError, match="sample.variance='learned' is not one of: fixed_large, fixed_small, learned"):
         load_experiment(None, ["sample.sampler=ddpm", "sample.variance=learned"])
     with pytest.raises(ConfigError, match="read by the ddpm sampler only"):
@@ -378,6 +505,20 @@ def test_config_checks_the_new_settings(tmp_path):
         load_config(None, ["diffusion.vlb_weight=-1"])
     with pytest.raises(ConfigError, match="dit, dit_official, uvit"):
         load_experiment(None, ["sample.guidance_convention=official"])
+    config = load_config(None, ["sample.sampler=euler_maruyama", "sample.beta_dt=start"])
+    assert (config.sample.beta_dt, load_config(None).sample.beta_dt) == ("start", "exact")
+    with pytest.raises(ConfigError, match="sample.beta_dt='mid' is not one of: exact, start"):
+        load_experiment(None, ["sample.sampler=euler_maruyama", "sample.beta_dt=mid"])
+    with pytest.raises(ConfigError, match="beta_dt=start is read by the euler_maruyama sampler only"):
+        load_config(None, ["sample.beta_dt=start"])  # the default sampler is dpmpp_2m
+    with pytest.raises(ConfigError, match="beta_dt=start is read by the euler_maruyama sampler only"):
+        load_config(None, ["sample.sampler=euler_maruyama", "sample.beta_dt=start", "eval.sampler=heun"])
+    with pytest.raises(ConfigError, match="spacing places the uniform_t grid of a discrete process"):
+        load_config(None, ["sample.spacing=leading"])  # the default process is vp-sde
+    with pytest.raises(ConfigError, match="spacing places the uniform_t grid of a discrete process"):
+        load_config(None, ["sample.spacing=leading", "diffusion.process=ddpm-linear", "sample.grid=karras"])
+    with pytest.raises(ConfigError, match="set diffusion.process=vp-sde"):
+        load_config(None, ["sample.sampler=euler_maruyama", "sample.beta_dt=start", "diffusion.process=ddpm-linear"])
 
 
 # --------------------------------------------------------------------------- grids and small things
@@ -406,6 +547,12 @@ def test_bad_settings_name_the_fix():
     data = GaussianData(torch.zeros(2), torch.eye(2))
     with pytest.raises(ValueError, match="needs a learn_sigma model"):
         sample(data.as_model(process), process, (1, 2, 1, 1), sampler="ddpm", variance="learned_range")
+    with pytest.raises(ValueError, match="euler_maruyama sampler only"):
+        sample(model, ContinuousVP(), shape, sampler="ddim", beta_dt="start")
+    with pytest.raises(ValueError, match="has none: use beta_dt='exact'"):
+        sample(model, process, shape, sampler="euler_maruyama", beta_dt="start")
+    with pytest.raises(ValueError, match="choose one of exact, start"):
+        sample(model, ContinuousVP(), shape, sampler="euler_maruyama", beta_dt="midpoint")
     with pytest.raises(ValueError, match="vlb_weight=0"):
         DiffusionLoss(ContinuousVP())(model, torch.randn(shape))  # the VLB needs a discrete chain
     with pytest.raises(ValueError, match="vlb_weight must be >= 0"):

@@ -166,11 +166,11 @@ def build_diffusion(config: Config):
 
 def check_names(config: Config) -> None:
     """Every registry name in the config exists (preset, data set, process, prediction, weighting, samplers,
-    grid, spacing, variance, guidance convention), checked before anything is trained or written."""
+    grid, spacing, variance, beta reading, guidance convention), checked before anything is trained or written."""
     from .data import DATASETS
     from .diffusion import PREDICTIONS, PROCESSES, VARIANCES, WEIGHTINGS
     from .models import PRESETS
-    from .sampling import GRIDS, NO_GUIDANCE, SAMPLERS, SPACINGS
+    from .sampling import BETA_DTS, GRIDS, NO_GUIDANCE, SAMPLERS, SPACINGS
 
     section_names = [
         ("model.preset", config.model.preset, PRESETS),
@@ -180,6 +180,7 @@ def check_names(config: Config) -> None:
         ("diffusion.weighting", config.diffusion.weighting, WEIGHTINGS),
         ("sample.sampler", config.sample.sampler, SAMPLERS),
         ("sample.guidance_convention", config.sample.guidance_convention, NO_GUIDANCE),
+        ("sample.beta_dt", config.sample.beta_dt, BETA_DTS),
     ]
     optional = [("sample.grid", config.sample.grid, GRIDS), ("eval.sampler", config.eval.sampler, SAMPLERS),
                 ("sample.spacing", config.sample.spacing, SPACINGS), ("sample.variance", config.sample.variance, VARIANCES)]

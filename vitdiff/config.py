@@ -130,6 +130,9 @@ class SampleConfig:
     # The ddpm sampler's variance: fixed_small (null: the posterior's, beta_tilde) | fixed_large (beta) |
     # learned_range (a learn_sigma model's, as DiT samples). Other samplers take none: leave null.
     variance: str | None = None
+    # The euler_maruyama sampler's beta dt per step: exact (its integral over the step) | start (beta read at the
+    # step's start, as U-ViT's sde.py; its final FIDs). Needs the vp-sde process; other samplers: leave exact.
+    beta_dt: str = "exact"
     # Clamp the denoiser's x0 estimates to the data range [-1, 1] (DDPM/ADM's clip_denoised). Pixel data: on;
     # latent models (SD-VAE latents are not bounded by 1): set false.
     clip_denoised: bool = True
@@ -448,6 +451,17 @@ def _validate(config: Config) -> None:
         (config.sample.variance is None or (config.sample.sampler == "ddpm" and config.eval.sampler in (None, "ddpm")),
          "sample.variance is read by the ddpm sampler only: set sample.sampler=ddpm (and eval.sampler=null or ddpm), "
          "or sample.variance=null"),
+        (config.sample.spacing is None or (config.diffusion.process in ("ddpm-linear", "ddpm-cosine")
+                                           and config.sample.grid in (None, "uniform_t")),
+         "sample.spacing places the uniform_t grid of a discrete process (ddpm-linear, ddpm-cosine): set "
+         "sample.spacing=null, or use such a process with sample.grid=null or uniform_t"),
+        (config.sample.beta_dt != "start" or (config.sample.sampler == "euler_maruyama"
+                                              and config.eval.sampler in (None, "euler_maruyama")),
+         "sample.beta_dt=start is read by the euler_maruyama sampler only: set sample.sampler=euler_maruyama (and "
+         "eval.sampler=null or euler_maruyama), or sample.beta_dt=exact"),
+        (config.sample.beta_dt != "start" or config.diffusion.process == "vp-sde",
+         "sample.beta_dt=start reads the beta(t) of the continuous VP-SDE: set diffusion.process=vp-sde, or "
+         "sample.beta_dt=exact"),
         (config.sample.prompts is None or (len(config.sample.prompts) > 0
                                            and all(isinstance(p, str) for p in config.sample.prompts)),
          "sample.prompts must be a non-empty list of captions or null"),

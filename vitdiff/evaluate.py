@@ -47,7 +47,7 @@ def main(argv: list[str] | None = None) -> int:
 def evaluate(args: argparse.Namespace) -> int:
     from .generate import generate, load_for_inference
     from .metrics import MetricResult, save_result
-    from .sample_cli import check_guidance_for, check_sampling_arguments, resolve_device
+    from .sample_cli import check_guidance_for, check_sampling_arguments, resolve_device, sampling_config
 
     if args.n is not None and not 1 <= args.n <= MAX_SAMPLES:
         raise ConfigError(f"--n must lie in 1..{MAX_SAMPLES} (the samples are held in memory), got {args.n}")
@@ -65,6 +65,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if n > MAX_SAMPLES:
         raise ConfigError(f"the config's eval.n={n} is above {MAX_SAMPLES} (the samples are held in memory): pass --n")
     sampler = args.sampler or config.eval.sampler or config.sample.sampler
+    config = sampling_config(args, config, sampler)
     steps = args.steps or config.eval.steps or config.sample.steps
     guidance = next(g for g in (args.guidance, config.eval.guidance, config.sample.guidance) if g is not None)
     check_guidance_for(model, config, guidance)
@@ -93,7 +94,9 @@ def evaluate(args: argparse.Namespace) -> int:
                           checkpoint=str(checkpoint.resolve()), seed=args.seed,
                           extra={"ema": args.ema, "step": state["step"], "config": config.name,
                                  "batch_size": args.batch_size, "grid": config.sample.grid,
-                                 "clip_denoised": config.sample.clip_denoised}, **protocol)
+                                 "spacing": config.sample.spacing, "variance": config.sample.variance,
+                                 "beta_dt": config.sample.beta_dt, "clip_denoised": config.sample.clip_denoised},
+                          **protocol)
     save_result(results, result)
     print(f"{result.label} = {result.value:.4f}  ({dataset}, reference {reference}, {protocol['sampler']} "
           f"{protocol['steps']} steps, seed {args.seed}; saved to {results})")

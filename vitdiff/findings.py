@@ -1,45 +1,91 @@
-"""Findings from ablation runs: paired comparisons over seeds, intervals, verdicts.
+"""Findings from ablation runs: a test that fits each claim, chosen before the runs, and a verdict.
 
-Seed s gives every arm of a notebook the same data order, the same noise draws and (where shapes
-allow) the same initialisation, so arms are compared through their per-seed *differences*: a paired
-design that removes most of the between-run noise.
+Seed s gives every arm of a notebook the same data order, the same noise draws and (where shapes allow)
+the same initialisation, so arms are compared through their per-seed *differences* ``arm - reference``: a
+paired design that removes most of the between-run noise.
 
-The decision rule, written once (:func:`verdict`): a comparison states the direction the claim
-predicts for ``arm - reference`` (``"lower"``: the arm has the lower metric, e.g. the lower loss).
+Each :class:`Comparison` names its test (``test``), chosen with the claim it serves:
 
-* **supported**: the 95% t-interval of the mean paired difference excludes 0 in the claimed direction;
-* **contradicted**: it excludes 0 in the other direction;
-* **unresolved**: it contains 0.
+* ``"superiority"`` ("X beats Y"): a one-sided paired t-test in the direction the claim predicts
+  (``direction="lower"``: the arm has the lower metric). **supported** when its p-value, Holm-adjusted over the
+  claim's rows, is below 0.025 (one-sided; the same as a 95% two-sided interval excluding 0 for a single row);
+  **contradicted** when the one-sided test in the *other* direction is, likewise adjusted.
+* ``"equivalence"`` ("X is on par with Y"): two one-sided tests (TOST, Schuirmann 1987; statsmodels'
+  ``ttost_paired``) against a margin stated before the runs as a fraction of the reference's mean
+  (``margins``). **supported** when the adjusted TOST p is below 0.05 (the 90% interval lies inside
+  ``[-margin, +margin]``); **contradicted** when the difference lies significantly *outside* the margin
+  (one-sided t-test against ±margin, adjusted, below 0.025). A non-significant superiority test is never
+  read as parity.
+* ``"rate"`` (accuracies, all-correct: successes among samples): the unit is the sample, not the seed.
+  Counts are pooled over the seeds both arms ran; the difference of the two proportions gets Newcombe's
+  hybrid score interval and an exact one-sided test (Boschloo's, scipy). A t-interval over per-seed
+  proportions, which collapses when the proportions happen to be equal (three seeds of 1 in 96), is never used.
+  Pooling assumes the seeds share one rate; the per-seed counts are kept in ``signs`` for inspection.
 
-Each comparison also reports its minimum detectable effect (MDE): the true mean difference that a
-paired t-test at alpha = 0.05 (two-sided) would detect with 80% power, given the observed spread of
-the differences, (t_0.975 + t_0.80) * sd / sqrt(n). A difference smaller than the MDE going
-unresolved says little.
+**Multiplicity.** Holm's step-down correction (family-wise error) over the rows of a table that test one paper
+claim (rows without a claim form one family, "the notebook's own questions").
+
+**Confounds.** A comparison that differs in more than the factor its question names carries ``confound`` (what
+else differs). It is filed as ``descriptive``: its interval is shown, it gets no verdict and never enters the
+claim's family.
+
+**Two metrics.** Each row judges its primary ``metric`` and shows the ``secondary`` metric beside it, with the
+same test and margin rule (unadjusted, said so); ``agreement`` says in words whether they agree
+("loss supports, fd contradicts").
+
+Each row also reports its minimum detectable effect (MDE): the true mean difference a two-sided paired t-test at
+0.05 would detect with 80% power given the observed spread, ``(t_0.975 + t_0.80) * sd / sqrt(n)``, and the same as a
+fraction of the reference's mean (``mde_rel``). A difference smaller than the MDE going unresolved says little.
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
-VERDICTS = ("supported", "contradicted", "unresolved")
-VERDICT_COLUMNS = ("notebook", "profile", "question", "paper_claim", "comparison", "metric", "n_seeds", "mean_diff",
-                   "ci_low", "ci_high", "mde", "verdict", "signs")
+VERDICTS = ("supported", "contradicted", "unresolved", "descriptive")
+TESTS = ("superiority", "equivalence", "rate")
+SUPERIORITY_ALPHA = 0.025  # one-sided: a single row decides as a 95% two-sided interval would
+EQUIVALENCE_ALPHA = 0.05   # TOST's usual level: the 90% interval inside the margin
+# Equivalence margins stated before the runs, as a fraction of the reference arm's mean: 2% of the held-out loss
+# (its seed-to-seed sd at 400 steps was 1-5%); 10% of a Fréchet distance (its evaluation noise alone is a few %).
+DEFAULT_MARGINS = {"loss": 0.02, "fd": 0.10}
+_METRIC_STATS = ("mean_diff", "ci_low", "ci_high", "mde", "mde_rel", "p", "verdict")
+VERDICT_COLUMNS = ("notebook", "profile", "steps", "paper_claim", "question", "comparison", "test", "metric",
+                   "margin", "n_seeds", "mean_diff", "ci_low", "ci_high", "mde", "mde_rel", "p", "p_adj",
+                   "correction", "verdict", "signs", "confound", "secondary_metric", "secondary_mean_diff",
+                   "secondary_ci_low", "secondary_ci_high", "secondary_p", "secondary_verdict", "agreement")
 
 
 @dataclass(frozen=True)
 class Comparison:
-    """One pre-registered comparison of a notebook: ``arm - reference`` on ``metric``, expected ``direction``."""
+    """One pre-registered comparison of a notebook: ``arm - reference`` on ``metric``, judged by ``test``."""
     question: str        # what the notebook asks, in a sentence
     paper_claim: str     # what the paper (or the baseline's paper) says, with its source; "" when it says nothing
     arm: str             # variant name
     reference: str       # variant name
-    metric: str          # a results column (lower is better for every metric we report)
-    direction: str = "lower"  # the claim predicts arm - reference is "lower" or "higher" than 0
+    metric: str          # the primary metric: a results column (lower is better for loss and FD)
+    direction: str = "lower"    # superiority/rate: the claim predicts arm - reference "lower" or "higher" than 0
+    test: str = "superiority"   # "superiority" | "equivalence" | "rate" (see the module docstring)
+    secondary: str | None = None  # a second metric shown beside the primary (e.g. "fd" beside "loss")
+    confound: str = ""          # what else differs besides the question's factor; non-empty: descriptive only
+    margins: dict = field(default_factory=lambda: dict(DEFAULT_MARGINS))  # equivalence margin per metric
+
+    def __post_init__(self):
+        if self.direction not in ("lower", "higher"):
+            raise ValueError(f"direction must be 'lower' or 'higher', got {self.direction!r}")
+        if self.test not in TESTS:
+            raise ValueError(f"test must be one of {TESTS}, got {self.test!r}")
+        if self.test == "equivalence" and self.metric not in self.margins:
+            raise ValueError(f"an equivalence test needs a margin for {self.metric!r} (margins={self.margins})")
+
+    @property
+    def name(self) -> str:
+        return f"{self.arm} - {self.reference}"
 
 
 def verdict(ci_low: float, ci_high: float, direction: str) -> str:
-    """The decision rule of the module docstring."""
+    """A 95% interval's reading for a single superiority row (the rule the adjusted p-values reduce to)."""
     if direction not in ("lower", "higher"):
         raise ValueError(f"direction must be 'lower' or 'higher', got {direction!r}")
     if not (math.isfinite(ci_low) and math.isfinite(ci_high)):
@@ -52,40 +98,189 @@ def verdict(ci_low: float, ci_high: float, direction: str) -> str:
 
 def paired_differences(frame, metric: str, arm: str, reference: str):
     """Per-seed ``arm - reference`` on the seeds both arms ran (a pandas Series indexed by seed)."""
-    rows = frame[frame["variant"].isin([arm, reference])]
-    table = rows.pivot_table(index="seed", columns="variant", values=metric, aggfunc="first")
-    missing = [name for name in (arm, reference) if name not in table]
-    if missing:
-        raise KeyError(f"no runs of {missing} in the results (variants: {sorted(set(frame['variant']))})")
+    table = _by_seed(frame, metric, arm, reference)
     return (table[arm] - table[reference]).dropna()
 
 
-def compare(frame, comparison: Comparison) -> dict:
-    """The verdict row of one comparison: n, mean paired difference, 95% t-interval, MDE, verdict, per-seed signs."""
+def _by_seed(frame, column: str, arm: str, reference: str):
+    rows = frame[frame["variant"].isin([arm, reference])]
+    if column not in rows:
+        raise KeyError(f"no column {column!r} in the results (columns: {list(frame.columns)})")
+    table = rows.pivot_table(index="seed", columns="variant", values=column, aggfunc="first")
+    missing = [name for name in (arm, reference) if name not in table]
+    if missing:
+        raise KeyError(f"no runs of {missing} in the results (variants: {sorted(set(frame['variant']))})")
+    return table.dropna()
+
+
+def _signs(diffs) -> str:
+    return "".join("-" if d < 0 else "+" if d > 0 else "0" for d in diffs)
+
+
+def _paired_stats(frame, comparison: Comparison, metric: str) -> dict:
+    table = _by_seed(frame, metric, comparison.arm, comparison.reference)
+    return paired_stats(table[comparison.arm].to_numpy(float), table[comparison.reference].to_numpy(float),
+                        comparison, metric)
+
+
+def paired_stats(arm, reference, comparison: Comparison, metric: str) -> dict:
+    """Interval, MDE and the raw one-sided p-values (support, contradict) of one metric's per-seed values
+    (``arm[i]`` and ``reference[i]`` from seed i), under the comparison's test."""
     from scipy import stats
 
-    diffs = paired_differences(frame, comparison.metric, comparison.arm, comparison.reference)
+    diffs = arm - reference
     n = len(diffs)
     mean = float(diffs.mean()) if n else math.nan
-    if n >= 2:
-        sd = float(diffs.std(ddof=1))
-        half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
-        mde = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * sd / math.sqrt(n)
+    result = {"n_seeds": n, "mean_diff": mean, "signs": _signs(diffs), "margin": math.nan,
+              "ci_low": math.nan, "ci_high": math.nan, "mde": math.nan,
+              "mde_rel": math.nan, "p_support": math.nan, "p_contradict": math.nan}
+    if n < 2:
+        return result
+    sd = float(diffs.std(ddof=1))
+    half = stats.t.ppf(0.975, n - 1) * sd / math.sqrt(n)
+    mde = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * sd / math.sqrt(n)
+    scale = abs(float(reference.mean()))
+    result.update(ci_low=mean - half, ci_high=mean + half, mde=mde, mde_rel=mde / scale if scale else math.nan)
+    if sd == 0:  # identical differences on every seed: no spread to test against
+        return result
+    if comparison.test == "equivalence":
+        from statsmodels.stats.weightstats import ttost_paired
+
+        margin = comparison.margins[metric] * abs(reference.mean())
+        p_tost = float(ttost_paired(arm, reference, -margin, margin)[0])
+        beyond_upper = stats.ttest_1samp(diffs, margin, alternative="greater").pvalue
+        beyond_lower = stats.ttest_1samp(diffs, -margin, alternative="less").pvalue
+        result.update(margin=margin, p_support=p_tost, p_contradict=float(min(beyond_upper, beyond_lower)))
     else:
-        half = mde = math.nan
-    low, high = mean - half, mean + half
-    return {"question": comparison.question, "paper_claim": comparison.paper_claim,
-            "comparison": f"{comparison.arm} - {comparison.reference}", "metric": comparison.metric,
-            "n_seeds": n, "mean_diff": mean, "ci_low": low, "ci_high": high, "mde": mde,
-            "verdict": verdict(low, high, comparison.direction),
-            "signs": "".join("-" if d < 0 else "+" if d > 0 else "0" for d in diffs)}
+        claimed = "less" if comparison.direction == "lower" else "greater"
+        other = "greater" if claimed == "less" else "less"
+        result.update(p_support=float(stats.ttest_1samp(diffs, 0.0, alternative=claimed).pvalue),
+                      p_contradict=float(stats.ttest_1samp(diffs, 0.0, alternative=other).pvalue))
+    return result
 
 
-def verdict_table(frame, comparisons: list[Comparison], *, notebook: str, profile: str):
-    """Every comparison's verdict row, with the notebook and profile that produced it."""
+def compare_counts(k_arm: int, n_arm: int, k_ref: int, n_ref: int, direction: str = "higher") -> dict:
+    """Two pooled proportions ``k_arm/n_arm - k_ref/n_ref``: Newcombe's 95% interval of the difference and the
+    exact one-sided Boschloo p-values for the claimed direction (support) and the other (contradict)."""
+    from scipy import stats
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    if direction not in ("lower", "higher"):
+        raise ValueError(f"direction must be 'lower' or 'higher', got {direction!r}")
+    for k, n in ((k_arm, n_arm), (k_ref, n_ref)):
+        if not (0 <= k <= n) or n < 1:
+            raise ValueError(f"counts must satisfy 0 <= k <= n and n >= 1, got k={k}, n={n}")
+    low, high = confint_proportions_2indep(k_arm, n_arm, k_ref, n_ref, method="newcomb", compare="diff",
+                                           alpha=0.05)
+    table = [[k_arm, k_ref], [n_arm - k_arm, n_ref - k_ref]]
+    greater = float(stats.boschloo_exact(table, alternative="greater").pvalue)
+    less = float(stats.boschloo_exact(table, alternative="less").pvalue)
+    support, contradict = (greater, less) if direction == "higher" else (less, greater)
+    return {"mean_diff": k_arm / n_arm - k_ref / n_ref, "ci_low": float(low), "ci_high": float(high),
+            "p_support": support, "p_contradict": contradict}
+
+
+def _rate_stats(frame, comparison: Comparison, metric: str) -> dict:
+    """Pooled counts over the shared seeds (columns ``k_<metric>`` and ``n_<metric>``) -> :func:`compare_counts`."""
+    k = _by_seed(frame, f"k_{metric}", comparison.arm, comparison.reference)
+    n = _by_seed(frame, f"n_{metric}", comparison.arm, comparison.reference).loc[k.index]
+    counts = [int(round(k[name].sum())) for name in (comparison.arm, comparison.reference)]
+    totals = [int(round(n[name].sum())) for name in (comparison.arm, comparison.reference)]
+    per_seed = " ".join(f"{int(a)}/{int(b)}" for a, b in zip(k[comparison.arm], n[comparison.arm]))
+    result = {"n_seeds": len(k), "signs": f"{per_seed} vs {counts[1]}/{totals[1]}", "margin": math.nan,
+              "mde": math.nan}
+    if not len(k):
+        return {**result, "mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan,
+                "p_support": math.nan, "p_contradict": math.nan}
+    return {**result, **compare_counts(counts[0], totals[0], counts[1], totals[1], comparison.direction)}
+
+
+def _metric_stats(frame, comparison: Comparison, metric: str) -> dict:
+    if comparison.test == "rate":
+        return _rate_stats(frame, comparison, metric)
+    return _paired_stats(frame, comparison, metric)
+
+
+def decide(comparison: Comparison, p_support: float, p_contradict: float) -> str:
+    """The module docstring's rule for one row's (adjusted) one-sided p-values."""
+    alpha = EQUIVALENCE_ALPHA if comparison.test == "equivalence" else SUPERIORITY_ALPHA
+    if math.isfinite(p_support) and p_support < alpha:
+        return "supported"
+    if math.isfinite(p_contradict) and p_contradict < SUPERIORITY_ALPHA:
+        return "contradicted"
+    return "unresolved"
+
+
+def holm(p_values: list[float]) -> list[float]:
+    """Holm-adjusted p-values (statsmodels); NaN stays NaN and is not counted in the family."""
+    import numpy as np
+    from statsmodels.stats.multitest import multipletests
+
+    values = np.asarray(p_values, dtype=float)
+    adjusted = np.full(len(values), np.nan)
+    finite = np.isfinite(values)
+    if finite.any():
+        adjusted[finite] = multipletests(values[finite], method="holm")[1]
+    return adjusted.tolist()
+
+
+def compare(frame, comparison: Comparison) -> dict:
+    """One comparison's row before the family correction (p_adj = p): primary and secondary metric."""
+    return verdict_rows(frame, [comparison])[0]
+
+
+def verdict_rows(frame, comparisons: list[Comparison]) -> list[dict]:
+    """Every comparison's row, Holm-adjusted within each claim's family of controlled rows."""
+    rows = []
+    for comparison in comparisons:
+        primary = _metric_stats(frame, comparison, comparison.metric)
+        row = {"paper_claim": comparison.paper_claim, "question": comparison.question,
+               "comparison": comparison.name, "test": comparison.test, "metric": comparison.metric,
+               "margin": primary["margin"], "n_seeds": primary["n_seeds"], "signs": primary["signs"],
+               "confound": comparison.confound, **{key: primary.get(key, math.nan) for key in _METRIC_STATS[:5]},
+               "p": primary["p_support"], "_p_contradict": primary["p_contradict"], "_comparison": comparison,
+               "secondary_metric": comparison.secondary or ""}
+        if comparison.secondary:
+            second = _metric_stats(frame, comparison, comparison.secondary)
+            row.update(secondary_mean_diff=second["mean_diff"], secondary_ci_low=second["ci_low"],
+                       secondary_ci_high=second["ci_high"], secondary_p=second["p_support"],
+                       secondary_verdict=decide(comparison, second["p_support"], second["p_contradict"]))
+        rows.append(row)
+    families: dict[str, list[int]] = {}
+    for index, row in enumerate(rows):
+        if not row["confound"]:
+            families.setdefault(row["paper_claim"], []).append(index)
+    for members in families.values():
+        support = holm([rows[i]["p"] for i in members])
+        contradict = holm([rows[i]["_p_contradict"] for i in members])
+        for i, p_support, p_contradict in zip(members, support, contradict):
+            rows[i].update(p_adj=p_support, correction=f"holm over {len(members)}",
+                           verdict=decide(rows[i]["_comparison"], p_support, p_contradict))
+    for row in rows:
+        comparison = row.pop("_comparison")
+        row.pop("_p_contradict")
+        if row["confound"]:
+            row.update(p_adj=math.nan, correction="", verdict="descriptive")
+        row["agreement"] = agreement(row, comparison)
+    return rows
+
+
+def agreement(row: dict, comparison: Comparison) -> str:
+    """Whether the two metrics tell the same story, in words: "loss supports, fd contradicts"."""
+    if not comparison.secondary or row["verdict"] == "descriptive":
+        return ""
+    words = {"supported": "supports", "contradicted": "contradicts", "unresolved": "is unresolved"}
+    first, second = words[row["verdict"]], words[row["secondary_verdict"]]
+    same = "agree" if first == second else "disagree"
+    return f"{comparison.metric} {first}, {comparison.secondary} {second} ({same})"
+
+
+def verdict_table(frame, comparisons: list[Comparison], *, notebook: str, profile: str, steps: int | None = None):
+    """Every comparison's verdict row, with the notebook, profile and training budget (steps) that produced it."""
     import pandas as pd
 
-    rows = [{"notebook": notebook, "profile": profile, **compare(frame, c)} for c in comparisons]
+    rows = [{"notebook": notebook, "profile": profile, "steps": steps, **row}
+            for row in verdict_rows(frame, comparisons)]
     return pd.DataFrame(rows, columns=list(VERDICT_COLUMNS))
 
 
@@ -100,18 +295,69 @@ def update_verdicts(path: Path, table) -> None:
         old = old[[key not in keys for key in zip(old["notebook"], old["profile"])]]
         table = pd.concat([old, table], ignore_index=True) if len(old) else table
     path.parent.mkdir(parents=True, exist_ok=True)
-    table = table.sort_values(["notebook", "profile"], kind="stable")
+    table = table.reindex(columns=list(VERDICT_COLUMNS)).sort_values(["notebook", "profile"], kind="stable")
     temporary = path.with_suffix(".tmp")
     table.to_csv(temporary, index=False, float_format="%.6g")
     temporary.replace(path)
 
 
+def read_verdicts(path: Path):
+    """The verdicts file, with empty text cells as "" (not NaN)."""
+    import pandas as pd
+
+    text = ["paper_claim", "signs", "confound", "secondary_metric", "secondary_verdict", "agreement", "correction"]
+    frame = pd.read_csv(path, dtype={column: str for column in text})
+    return frame.fillna({column: "" for column in text})
+
+
+def _interval(mean: float, low: float, high: float) -> str:
+    if not math.isfinite(low):
+        return f"{mean:+.4g}"
+    return f"{mean:+.4g} [{low:+.4g}, {high:+.4g}]"
+
+
 def conclusion_markdown(table) -> str:
-    """The closing cell of a notebook: for each comparison, the paper's claim, what we measured, the verdict."""
-    lines = ["| question | paper's claim | comparison (metric) | n | mean diff [95% CI] | MDE | verdict |",
-             "| --- | --- | --- | --- | --- | --- | --- |"]
+    """A notebook's verdict rows as a table: claim, comparison, test, the primary metric's interval and verdict
+    (Holm-adjusted p), MDE, and the secondary metric beside it."""
+    lines = ["| steps | question | paper's claim | comparison | test | primary: diff [95% CI] | p (Holm) | MDE "
+             "| verdict | secondary: diff [95% CI] | metrics |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for row in table.itertuples():
-        lines.append(f"| {row.question} | {row.paper_claim or '—'} | {row.comparison} ({row.metric}) | {row.n_seeds} "
-                     f"| {row.mean_diff:+.4g} [{row.ci_low:+.4g}, {row.ci_high:+.4g}] | {row.mde:.3g} "
-                     f"| **{row.verdict}** ({row.signs}) |")
+        steps = "" if _missing(row.steps) else f"{int(row.steps)}"
+        margin = f", margin ±{row.margin:.3g}" if math.isfinite(row.margin) else ""
+        p = "—" if not math.isfinite(row.p) else (f"{row.p:.2g}" if not math.isfinite(row.p_adj)
+                                                  else f"{row.p:.2g} ({row.p_adj:.2g})")
+        mde = "—" if not math.isfinite(row.mde) else f"{row.mde:.3g} ({row.mde_rel:.1%})"
+        confound = f" (confound: {row.confound})" if row.confound else ""
+        secondary = ("—" if not row.secondary_metric else
+                     f"{row.secondary_metric}: {_interval(row.secondary_mean_diff, row.secondary_ci_low, row.secondary_ci_high)}")
+        lines.append(f"| {steps} | {row.question} | {row.paper_claim or '—'} | {row.comparison} | {row.test}{margin} "
+                     f"| {row.metric}: {_interval(row.mean_diff, row.ci_low, row.ci_high)} | {p} | {mde} "
+                     f"| **{row.verdict}**{confound} ({row.signs}) | {secondary} | {row.agreement or '—'} |")
     return "\n".join(lines)
+
+
+def _missing(value) -> bool:
+    return value is None or (isinstance(value, float) and math.isnan(value))
+
+
+def answers(table) -> list[str]:
+    """One generated sentence per question of a verdict table (at its largest budget when it has several):
+    what the controlled rows say, with the MDE as a share of the reference's metric and the other metric's view."""
+    if "steps" in table and table["steps"].notna().any():
+        table = table[table["steps"] == table["steps"].max()]
+    sentences = []
+    for question, rows in table.groupby("question", sort=False):
+        parts = []
+        for row in rows.itertuples():
+            if row.verdict == "descriptive":
+                parts.append(f"{row.comparison}: descriptive only (confound: {row.confound}), "
+                             f"{row.metric} {_interval(row.mean_diff, row.ci_low, row.ci_high)}")
+                continue
+            mde = f", MDE {row.mde_rel:.1%} of the {row.metric}" if math.isfinite(row.mde_rel) else ""
+            extra = f"; {row.agreement}" if row.agreement else ""
+            parts.append(f"{row.comparison} ({row.test}): **{row.verdict}** on {row.metric} "
+                         f"{_interval(row.mean_diff, row.ci_low, row.ci_high)}{mde}{extra}")
+        steps = "" if _missing(rows["steps"].iloc[0]) else f" at {int(rows['steps'].iloc[0])} steps"
+        sentences.append(f"*{question}*{steps}: " + "; ".join(parts) + ".")
+    return sentences

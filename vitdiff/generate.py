@@ -64,8 +64,8 @@ def generate(model: nn.Module, process, config: Config, *, n: int, batch_size: i
                     prediction=config.diffusion.prediction, cond=cond,
                     guidance=section.guidance if guidance is None else guidance,
                     guidance_convention=section.guidance_convention, grid=grid or section.grid,
-                    spacing=section.spacing, variance=section.variance, clip_denoised=section.clip_denoised, generator=generator, progress=progress,
-                    device=device).cpu())
+                    spacing=section.spacing, variance=section.variance, beta_dt=section.beta_dt,
+                    clip_denoised=section.clip_denoised, generator=generator, progress=progress, device=device).cpu())
     finally:
         model.train(was_training)
     return torch.cat(chunks)

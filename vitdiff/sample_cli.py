@@ -11,7 +11,7 @@ import sys
 from pathlib import Path
 
 from .cli import run_command
-from .config import ConfigError, check_guidance, check_writable
+from .config import Config, ConfigError, check_guidance, check_writable
 
 MAX_GRID_IMAGES = 4096  # one PNG of a 64 x 64 grid; past that the grid is no longer a picture to look at
 
@@ -46,8 +46,27 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--sampler", help="sampler name (vitdiff.sampling.SAMPLERS); default: the config's sample.sampler")
     parser.add_argument("--steps", type=int, help="sampler steps; default: the config's sample.steps")
     parser.add_argument("--guidance", type=float,
-                        help="classifier-free guidance scale, in the config's sample.guidance_convention; "
-                             "default: the config's sample.guidance")
+                        help="classifier-free guidance scale, read in --guidance-convention; default: the config's "
+                             "sample.guidance")
+    parser.add_argument("--spacing", metavar="{trailing,leading,linspace}",
+                        help="discrete processes: where the uniform_t grid's steps lie (trailing: t = T-1 ... "
+                             "T/steps - 1; leading: multiples of T/steps, as DDIM and DiT's 'ddim50'; linspace: "
+                             "T-1 ... 0, as DiT's '250'); default: the config's sample.spacing (unset: trailing)")
+    parser.add_argument("--variance", metavar="{fixed_small,fixed_large,learned_range}",
+                        help="the ddpm sampler's variance: fixed_small (beta_tilde), fixed_large (beta) or "
+                             "learned_range (a learn_sigma model's, as DiT); default: the config's sample.variance "
+                             "(unset: fixed_small)")
+    parser.add_argument("--beta-dt", metavar="{exact,start}",
+                        help="the euler_maruyama sampler's beta dt: exact (integrated over each step) or start "
+                             "(beta at the step's start, as U-ViT's sde.py); default: the config's sample.beta_dt "
+                             "(unset: exact)")
+    parser.add_argument("--guidance-convention", metavar="{dit,dit_official,uvit}",
+                        help="how --guidance is read: dit (u + w (c - u)), dit_official (the same on the network "
+                             "output's first 3 channels, as DiT's forward_with_cfg) or uvit ((1 + s) c - s u); "
+                             "default: the config's sample.guidance_convention (unset: dit)")
+    parser.add_argument("--clip-denoised", action=argparse.BooleanOptionalAction,
+                        help="clamp x0 estimates to [-1, 1] (pixel models; --no-clip-denoised for latent models, "
+                             "as DiT's sample.py); default: the config's sample.clip_denoised (unset: on)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the sampling noise")
     parser.add_argument("--batch-size", type=int, default=256, help="images per sampler call (memory vs speed)")
     parser.add_argument("--ema", action=argparse.BooleanOptionalAction, default=True,
@@ -83,6 +102,36 @@ def check_sampling_arguments(args: argparse.Namespace) -> None:
         raise ConfigError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.guidance is not None and not math.isfinite(args.guidance):
         raise ConfigError(f"--guidance must be a finite number, got {args.guidance}")
+
+
+SAMPLE_OPTIONS = ("spacing", "variance", "beta_dt", "guidance_convention", "clip_denoised")  # --X: sample.X
+
+
+def sampling_config(args: argparse.Namespace, config: Config, sampler: str) -> Config:
+    """The checkpoint's config with the sampler that runs and the sample settings given as options, checked as a
+    config file is. A setting the config holds for its own sampler only (sample.variance: ddpm, sample.beta_dt:
+    euler_maruyama) is dropped when --sampler picks another one."""
+    from .build import check_names
+    from .sampling import NO_GUIDANCE, SAMPLER_SETTINGS
+
+    given = {key: getattr(args, key) for key in SAMPLE_OPTIONS if getattr(args, key) is not None}
+    raw = config.to_dict()
+    section = raw["sample"]
+    for key, (reader, unset) in SAMPLER_SETTINGS.items():
+        if sampler != reader and key not in given:
+            section[key] = unset
+    section.update(given, sampler=sampler)
+    raw["eval"]["sampler"] = None  # `sampler` is the one that runs
+    try:
+        checked = Config.from_dict(raw)
+        check_names(checked)
+    except ConfigError as error:
+        raise ConfigError(f"the checkpoint's sample settings with these options: {error} (--X sets sample.X)") from None
+    convention, saved = checked.sample.guidance_convention, config.sample.guidance_convention
+    if args.guidance is None and NO_GUIDANCE[convention] != NO_GUIDANCE[saved]:
+        raise ConfigError(f"--guidance-convention {convention} reads a guidance scale differently from the config's "
+                          f"{saved!r}: pass --guidance in the {convention!r} convention too")
+    return checked
 
 
 def check_guidance_for(model, config, guidance: float) -> None:
@@ -132,10 +181,6 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--n", type=int, default=64, help="number of images")
     parser.add_argument("--out", type=Path,
                         help="output PNG; default: grid_<sampler><steps>_seed<seed>.png beside the checkpoint")
-    parser.add_argument("--spacing",
-                        help="discrete processes: where the uniform_t grid's steps lie (trailing: t = T-1 ... "
-                             "T/steps - 1; leading: multiples of T/steps, as DDIM and DiT's 'ddim50'; linspace: "
-                             "T-1 ... 0, as DiT's '250'); default: the config's sample.spacing")
     parser.add_argument("--prompt", action="append", dest="prompts", metavar="TEXT",
                         help="text models: a caption (repeat for several; they cycle over the images); default: the "
                              "sample prompts saved with the checkpoint")
@@ -148,21 +193,18 @@ def sample_grid(args: argparse.Namespace) -> int:
 
     from torchvision.utils import save_image
 
-    from .build import check_names
     from .generate import generate, load_for_inference
 
     device = resolve_device(args.device)
     model, process, config, state, checkpoint = load_for_inference(args.checkpoint, ema=args.ema, device=device)
+    sampler = args.sampler or config.sample.sampler
+    config = sampling_config(args, config, sampler)
     check_against_checkpoint(args, model, config, checkpoint)
     prompts = checkpoint_prompts(model, state, args.prompts)
     if prompts is None and args.prompts:
         raise ConfigError(f"--prompt: this checkpoint's model ({config.model.preset} on {config.data.dataset}) "
                           "takes no text")
-    sampler = args.sampler or config.sample.sampler
     steps = args.steps or config.sample.steps
-    if args.spacing:
-        config.sample.spacing = args.spacing
-        check_names(config)
     images = generate(model, process, config, n=args.n, batch_size=args.batch_size, seed=args.seed, device=device,
                       sampler=sampler, steps=steps, guidance=args.guidance, prompts=prompts, progress=True)
     out = args.out or checkpoint.parent / f"grid_{sampler}{steps}_seed{args.seed}.png"

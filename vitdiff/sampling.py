@@ -23,10 +23,11 @@ Correspondences (all exact, in VE coordinates; tested against diffusers):
   VP-SDE written in VP coordinates. By default the step's ``beta(t) dt`` is its exact
   integral ``log((1 + sigma^2) / (1 + sigma_next^2))`` (U-ViT's scheme with beta read at
   the step's midpoint), so the sampler needs only sigmas; ``beta_dt=process.beta_dt_at_start``
-  (:class:`vitdiff.diffusion.ContinuousVP`) reads beta at the step's start as U-ViT's
-  ``sde.py`` does. The two differ by ``beta' dt^2 / 2`` per step, which adds up to a
-  first-order difference of the samples; both are first-order weak schemes of the same
-  SDE. As U-ViT, the last step (to sigma = 0) adds no noise.
+  (:class:`vitdiff.diffusion.ContinuousVP`; ``sample(..., beta_dt="start")``, the config's
+  ``sample.beta_dt: start``) reads beta at the step's start as U-ViT's ``sde.py`` does. The two differ
+  by ``beta' dt^2 / 2`` per step, which adds up to a first-order difference of the samples;
+  both are first-order weak schemes of the same SDE. As U-ViT, the last step (to sigma = 0)
+  adds no noise.
 
 Step counts: ``steps`` grid points plus a final 0, so ``steps`` sampler iterations;
 ``heun`` costs ``2 * steps - 1`` network evaluations, the others ``steps``.
@@ -298,6 +299,10 @@ def sample_dpmpp_2m(denoiser: DenoiserFn, x: torch.Tensor, sigmas: torch.Tensor,
     return x
 
 
+BETA_DTS = ("exact", "start")  # euler_maruyama's beta dt: its integral over the step, or U-ViT's step-start beta
+# Settings read by one sampler only: name -> (that sampler, the value that leaves the setting unset).
+SAMPLER_SETTINGS = {"variance": ("ddpm", None), "beta_dt": ("euler_maruyama", "exact")}
+
 SAMPLERS: dict[str, Callable[..., torch.Tensor]] = {
     "ddpm": sample_ddpm,
     "ddim": sample_ddim,
@@ -326,15 +331,19 @@ class ClassifierFreeGuidance(BaseDenoiser):
     * ``"dit"`` (default): ``out = uncond + w * (cond - uncond)`` on every channel; w = 1 is no
       guidance. This is the standard rule, which DiT's code mentions but does not run.
     * ``"dit_official"``: what DiT's ``forward_with_cfg`` runs and its FIDs were measured with: the
-      same rule on the first 3 channels only, the remaining channels (the 4th latent channel)
-      left conditional.
+      same rule on the first 3 channels of the network's raw output only (counted over the data
+      channels, then a learned variance's channels), the rest left conditional. With 4 latent
+      channels the 4th data channel and the variance stay conditional; with fewer than 3 data
+      channels and a learned variance, DiT's slice also guides the first ``3 - C`` variance
+      channels, and so does this convention.
     * ``"uvit"``: ``eps = (1 + s) * eps_c - s * eps_u``, i.e. w = 1 + s on every channel; s = 0 is
       no guidance (U-ViT's s = 0.4 equals DiT's w = 1.4).
 
     The combination is applied to x0_hat. x0_hat is affine in the network output channel by
     channel with the same x (for eps, x0 and v), so this equals guiding the network output as
     DiT and U-ViT do, channel for channel. A learned variance comes from the conditional pass (as
-    in DiT). Conditional and unconditional passes share one batched forward.
+    in DiT), but for the channels ``dit_official`` guides. Conditional and unconditional passes
+    share one batched forward.
     """
 
     def __init__(self,
@@ -350,12 +359,19 @@ class ClassifierFreeGuidance(BaseDenoiser):
         sigma = torch.as_tensor(sigma, dtype=x.dtype, device=x.device).reshape(-1).expand(x.shape[0])
         both, variance = self.denoiser.denoise(torch.cat([x, x]), torch.cat([sigma, sigma]),
                                                torch.cat([cond, self.null_cond(cond)]))
-        conditional, unconditional = both.chunk(2)
-        guided = unconditional + self.scale * (conditional - unconditional)
-        if self.convention == "dit_official":
-            split = DIT_OFFICIAL_GUIDED_CHANNELS
-            guided = torch.cat([guided[:, :split], conditional[:, split:]], dim=1)
-        return guided, None if variance is None else variance.chunk(2)[0]
+        channels = x.shape[1]
+        official = self.convention == "dit_official"
+        guided = self._guide_first(*both.chunk(2), DIT_OFFICIAL_GUIDED_CHANNELS if official else channels)
+        if variance is None:
+            return guided, None
+        # DiT's slice of the raw output, [:, :3], reaches into the variance channels when C < 3
+        return guided, self._guide_first(*variance.chunk(2), max(0, DIT_OFFICIAL_GUIDED_CHANNELS - channels)
+                                         if official else 0)
+
+    def _guide_first(self, conditional: torch.Tensor, unconditional: torch.Tensor, count: int) -> torch.Tensor:
+        """The first ``count`` channels guided, the others conditional."""
+        guided = unconditional[:, :count] + self.scale * (conditional[:, :count] - unconditional[:, :count])
+        return torch.cat([guided, conditional[:, count:]], dim=1)
 
 
 class ClipDenoised(BaseDenoiser):
@@ -370,11 +386,26 @@ class ClipDenoised(BaseDenoiser):
 
 
 # --------------------------------------------------------------------------- high level
+def _beta_dt_function(beta_dt: str | Callable, process: NoiseProcess, sampler: str) -> Callable:
+    """The euler_maruyama sampler's ``beta_dt(sigma, sigma_next)`` for :func:`sample`'s ``beta_dt`` other than exact."""
+    if sampler != "euler_maruyama":
+        raise ValueError(f"beta_dt={beta_dt!r} is read by the euler_maruyama sampler only, not {sampler!r}: pass "
+                         "sampler='euler_maruyama' or leave beta_dt unset (sample.beta_dt=exact)")
+    if callable(beta_dt):
+        return beta_dt
+    if beta_dt not in BETA_DTS:
+        raise ValueError(f"unknown beta_dt {beta_dt!r}; choose one of {', '.join(BETA_DTS)}")
+    if not hasattr(process, "beta_dt_at_start"):
+        raise ValueError(f"beta_dt='start' reads the beta(t) of the continuous VP-SDE (vp-sde); "
+                         f"{type(process).__name__} has none: use beta_dt='exact'")
+    return process.beta_dt_at_start
+
+
 @torch.no_grad()
 def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str = "dpmpp_2m", steps: int = 50,
            prediction: str = "eps", cond=None, guidance: float = 1.0, guidance_convention: str = "dit",
            grid: str | None = None, spacing: str | None = None, variance: str | None = None,
-           clip_denoised: bool = False, generator: torch.Generator | None = None,
+           beta_dt: str | Callable | None = None, clip_denoised: bool = False, generator: torch.Generator | None = None,
            progress: bool = True, callback=None, device=None, **sampler_opts) -> torch.Tensor:
     """Draw samples ``shape = (B, C, H, W)``; returns x0 in data space.
 
@@ -382,6 +413,9 @@ def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str
     places a discrete process's uniform_t grid: "trailing" (default; t = T-1 ... T/steps - 1),
     "leading" or "linspace" (t = T-1 ... 0; DiT's respacing "250" is linspace, "ddim50" leading).
     ``variance`` is the ddpm sampler's (fixed_small, the default; fixed_large; learned_range).
+    ``beta_dt`` is the euler_maruyama sampler's beta dt per step: "exact" (None, the default; its integral
+    over the step), "start" (beta read at the step's start, as U-ViT's ``sde.py``; the continuous VP
+    process's ``beta_dt_at_start``) or a function ``beta_dt(sigma, sigma_next)``.
     ``clip_denoised`` clamps every x0 estimate to [-1, 1], the data range of pixel models (DDPM's and
     ADM's ``clip_denoised``, diffusers' ``clip_sample``). It rescues young eps-prediction models, whose
     small eps errors at high noise are multiplied by sigma in x0; leave it off for latent models.
@@ -396,6 +430,8 @@ def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str
             raise ValueError(f"variance={variance!r} is read by the ddpm sampler only, not {sampler!r}: "
                              "pass sampler='ddpm' or leave variance unset (sample.variance=null)")
         sampler_opts["variance"] = variance
+    if beta_dt not in (None, "exact"):
+        sampler_opts["beta_dt"] = _beta_dt_function(beta_dt, process, sampler)
     guided = guidance != NO_GUIDANCE[guidance_convention]
     if guided and not getattr(model, "is_conditional", False):
         raise ValueError(f"guidance={guidance} asks for classifier-free guidance, but the model is unconditional: "
@@ -419,7 +455,8 @@ def sample(model: torch.nn.Module, process: NoiseProcess, shape, *, sampler: str
 
 
 __all__ = [
-    "GRIDS", "SPACINGS", "SAMPLERS", "NO_GUIDANCE", "ClassifierFreeGuidance", "ClipDenoised", "get_sigmas",
+    "GRIDS", "SPACINGS", "SAMPLERS", "BETA_DTS", "SAMPLER_SETTINGS", "NO_GUIDANCE", "ClassifierFreeGuidance",
+    "ClipDenoised", "get_sigmas",
     "get_sigmas_uniform_t",
     "get_sigmas_quadratic", "get_sigmas_karras", "sample", "sample_ddpm", "sample_ddim", "sample_euler",
     "sample_heun", "sample_euler_maruyama", "sample_dpmpp_2m",

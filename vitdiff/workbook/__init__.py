@@ -1,0 +1,26 @@
+"""What the notebooks share, in rooms: ``profiles`` (the recipe and sizes every notebook runs), ``runs`` (one
+(variant, seed) trained and measured on one thread; workers; result files), ``figures`` (one style, sample grids,
+the ablation figures) and ``widgets`` (explorers for JupyterLab).
+
+A notebook declares its variants (a name, a model family, switch overrides) and calls :func:`run_ablation`; every
+variant is trained with every seed of the profile through the same :class:`vitdiff.trainer.Trainer` that
+``vitdiff train`` uses, one thread a run, then measured with the same protocol:
+
+* ``loss`` and ``loss@<sigma>``: the training objective of the EMA model on the same held-out images with the same
+  noise at fixed noise levels (:data:`LOSS_SIGMAS`), and their mean: the primary, low-noise metric, also measured
+  during training (the learning curves);
+* ``fd``: the Fréchet distance of n EMA samples: ``FD-<data>-clf@n`` on the features of a pinned small classifier
+  for the embedded sets (it is *not* FID), Inception FID from local weights for the others
+  (:func:`vitdiff.metrics.frechet_metric`).
+
+Seed s gives every arm the same data order, noise draws and (where shapes allow) initialisation, so arms are
+compared by paired differences (:mod:`vitdiff.findings`).
+"""
+from .profiles import (PROFILES, QUICKSTART_PROFILE_CHANGES, REPO_ROOT, Profile, ProfileChanges, fd_label,
+                       get_profile, output_dir, protocol, quickstart_profile, sampling_protocol, training_protocol)
+from .runs import (CURVE_FRACTIONS, CURVE_IMAGES, LOSS_SIGMAS, Variant, config_key, evaluate_run, judge, make_config,
+                   map_runs, match_flops, model_cost, model_cost_of, one_thread, results_dir, run_ablation,
+                   run_variant, save_results, setup, sigma_column, sigma_losses, summarize)
+from .figures import (check_outputs, class_labels, paper_style, plot_findings, plot_quality_vs_gflops, save_figure,
+                      show_class_rows, show_conclusion, show_grid)
+from .widgets import explorer, sample_explorer
