@@ -157,9 +157,16 @@ def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_basel
              "shape_shuffled_baseline": 0.3 + 0.03 * (seed % 2) if name == "shape" else float("nan"),
              "empty_caption_baseline": 0.2, "fd": 100.0, "fd_floor": 50.0}
             for seed in range(3) for split in ("val", "test") for name in tw.ALIGNMENT_METRICS]
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows).assign(n_judged=100)  # counts of 100 samples (or objects) a seed
+    for rate, count in (("accuracy", "k"), ("shuffled_baseline", "k_shuffled"),
+                        ("shape_shuffled_baseline", "k_shape_shuffled")):
+        frame[count] = (frame[rate] * 100).round()
     table = verdict_table(tw.alignment_arms(frame), tw.alignment_comparisons(3.0), notebook="07", profile="test")
-    verdicts = {(row.comparison.split(",")[0], row.metric): row.verdict for row in table.itertuples()}
+    assert set(table["test"]) == {"rate"}
+    # The count test pools the seeds: val shape is 183 of 300 against 61 of 300.
+    val_shape = table[(table["comparison"] == "val, w=3: own captions - val, w=3: shuffled captions")
+                      & (table["metric"] == "shape")].iloc[0]
+    assert val_shape["mean_diff"] == pytest.approx((183 - 61) / 300) and val_shape["n_seeds"] == 3
     verdicts = {(row.comparison, row.metric): row.verdict for row in table.itertuples()}
     own, shuffled, shape_only = (f"{{}}, w=3: {captions}" for captions in (tw.OWN, tw.SHUFFLED, tw.SHAPE_SHUFFLED))
     assert verdicts[(f"{own} - {shuffled}".format("val", "val"), "shape")] == "supported"

@@ -331,7 +331,11 @@ def alignment_arms(frame):
 def alignment_comparisons(guidance: float) -> list:
     """The pre-registered comparisons at one guidance scale: every attribute on val (seen colour-shape pairs),
     shape and all-correct on test (held-out pairs), each against its shuffled-caption baseline; then shape on val
-    and test against its shape-shuffled baseline (composition: shape follows the caption on held-out pairs)."""
+    and test against its shape-shuffled baseline (composition: shape follows the caption on held-out pairs).
+
+    Each is a count test (``test="rate"``): correct samples or objects pooled over the seeds, the own captions'
+    count against the baseline's (the mean over its derangements, rounded) of the same number judged. Both counts
+    come from the same samples and the test treats them as independent, which is conservative when they agree."""
     from .findings import Comparison
 
     claim = "one pixel-space diffusion model does text-to-image (Cao et al. 2022)"
@@ -341,7 +345,7 @@ def alignment_comparisons(guidance: float) -> list:
         ("test", "shape", SHUFFLED), ("test", "all_correct", SHUFFLED),
         ("val", "shape", SHAPE_SHUFFLED), ("test", "shape", SHAPE_SHUFFLED)]
     return [Comparison(questions[split], claim, alignment_arm(split, guidance, OWN),
-                       alignment_arm(split, guidance, baseline), metric, direction="higher")
+                       alignment_arm(split, guidance, baseline), metric, direction="higher", test="rate")
             for split, metric, baseline in chosen]
 
 
