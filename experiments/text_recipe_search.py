@@ -1,13 +1,15 @@
-"""One step of the text-to-image recipe search (notebook 07, experiments/README.md): train the cpu text setup with
-some changes for one seed, judge it like the notebook does (val and test captions, w = 1 and 3, shuffled-caption and
-empty-caption baselines), and add its rows to experiments/results/07_text_to_image/recipe_search.csv.
+"""One step of the text-to-image recipe search (notebook 07, experiments/README.md): train a text profile's setup
+(cpu: 32x32, cpu-64, cpu-128) with some changes for one seed, judge it like the notebook does (val and test captions,
+w = 1 and 3, shuffled-caption, shape-shuffled and empty-caption baselines, with counts), and add its rows to
+experiments/results/07_text_to_image/recipe_search.csv.
 
     python experiments/text_recipe_search.py "noise: ln sigma ~ N(-0.2, 1.4)" --steps 1500 \\
         --set 'diffusion.process_kwargs={"p_mean": -0.2, "p_std": 1.4}'
-    python experiments/text_recipe_search.py "64x64, patch 8" --steps 1500 --image-size 64 \\
-        --model patch_size=8 --model 'decoder_channels=[64, 32, 16]' --model decoder_blocks=0
+    python experiments/text_recipe_search.py "64x64, FiLM in the pixel path" --profile cpu-64 --steps 3600 \\
+        --model decoder_film=true
 
-A run that exists (same recipe) is read back, with the training time measured when it was trained."""
+A run that exists (same recipe) is read back, with the training time (wall and CPU seconds) measured when it was
+trained; more steps extend it from its checkpoint, and the times add up."""
 from __future__ import annotations
 
 import argparse
@@ -38,10 +40,9 @@ def key_value(text: str) -> tuple[str, object]:
         raise argparse.ArgumentTypeError(f"the value of {key} is not valid YAML: {value!r}") from error
 
 
-def record_training_time(run_dir: Path, steps: int, elapsed: float) -> float:
+def record_training_time(path: Path, steps: int, elapsed: float) -> float:
     """Training seconds to reach ``steps``: this call's time plus that of the checkpoint it resumed from (runs are
-    extended in place when only the step count changes), kept in ``run_dir/train_time.json`` (steps -> seconds)."""
-    path = run_dir / "train_time.json"
+    extended in place when only the step count changes), kept in ``path`` (steps -> seconds)."""
     times = {int(k): v for k, v in json.loads(path.read_text()).items()} if path.is_file() else {}
     if steps not in times:
         earlier = [k for k in times if k < steps]
@@ -55,6 +56,8 @@ def main() -> int:
     parser.add_argument("recipe", help="what this step changes, in words (the table's row label)")
     parser.add_argument("--steps", type=int, required=True)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--profile", default="cpu", choices=("cpu", "cpu-64", "cpu-128"),
+                        help="the text profile whose setup and recipe the changes apply to")
     parser.add_argument("--set", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                         help="config override")
     parser.add_argument("--model", action="append", default=[], type=key_value, metavar="KEY=VALUE",
@@ -68,24 +71,29 @@ def main() -> int:
 
 def search_step(args: argparse.Namespace) -> None:
     config_changes, model_changes = dict(args.set), dict(args.model)
-    setup = tw.TEXT_SETUPS["cpu"]
-    tw.TEXT_SETUPS["cpu"] = replace(setup, image_size=args.image_size or setup.image_size,
-                                    model={**setup.model, **model_changes})
-    profile = tw.text_profile("cpu", steps=args.steps, seeds=[args.seed]).with_overrides(**config_changes)
+    setup = tw.TEXT_SETUPS[args.profile]
+    tw.TEXT_SETUPS[args.profile] = replace(setup, image_size=args.image_size or setup.image_size,
+                                           model={**setup.model, **model_changes})
+    profile = tw.text_profile(args.profile, steps=args.steps, seeds=[args.seed]).with_overrides(**config_changes)
     with one_thread():
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         trainer = tw.train_text_model(profile, args.seed, args.runs_dir, progress=True)
-        train_s = record_training_time(trainer.out_dir, args.steps, time.perf_counter() - start)
+        train_s = record_training_time(trainer.out_dir / "train_time.json", args.steps, time.perf_counter() - start)
+        cpu_s = record_training_time(trainer.out_dir / "train_cpu_time.json", args.steps,
+                                     time.process_time() - start_cpu)
         rows = [row for split in ("val", "test")
                 for row in tw.alignment_rows(trainer.ema.module, trainer.process, trainer.config, split=split,
                                              guidances=(1.0, 3.0), n=profile.eval_n, seed=args.seed)]
     frame = pd.DataFrame(rows).assign(recipe=args.recipe, seed=args.seed, steps=args.steps, train_s=train_s,
-                                      image_size=tw.TEXT_SETUPS["cpu"].image_size,
+                                      cpu_s=cpu_s, profile=args.profile,
+                                      image_size=tw.TEXT_SETUPS[args.profile].image_size,
                                       noise=json.dumps(profile.process_kwargs),
                                       changes=json.dumps({**config_changes, **model_changes}))
     if RESULTS.is_file():
         old = pd.read_csv(RESULTS)
-        frame = pd.concat([old[old["recipe"] != args.recipe], frame], ignore_index=True)
+        # Rows are per (recipe, seed, steps): a second seed joins the first, a longer run keeps the shorter one.
+        same = (old["recipe"] == args.recipe) & (old["seed"] == args.seed) & (old["steps"] == args.steps)
+        frame = pd.concat([old[~same], frame], ignore_index=True)
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     frame.to_csv(RESULTS, index=False, float_format="%.6g")
     print(tw.alignment_summary(frame[frame["recipe"] == args.recipe]).round(3).to_string())

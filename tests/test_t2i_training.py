@@ -126,6 +126,19 @@ def test_alignment_rows_hold_accuracy_beside_its_measured_baselines(tmp_path):
         assert {"accuracy", "shuffled_baseline", "empty_caption_baseline"} <= row.keys()
         assert all(0.0 <= row[key] <= 1.0 for key in ("accuracy", "shuffled_baseline", "empty_caption_baseline"))
         assert row["fd"] > 0 and row["fd_floor"] > 0
+        # Counts for a count-based test: correct of judged, samples for count and all-correct, objects otherwise.
+        assert row["accuracy"] == row["k"] / row["n_judged"] and row["empty_caption_baseline"] * row["n_judged"] \
+            == row["k_empty"]
+        assert abs(row["k_shuffled"] - row["shuffled_baseline"] * row["n_judged"]) <= 0.5
+        if row["attribute"] in ("count", "all_correct"):
+            assert row["n_judged"] == 6
+        else:
+            assert 6 <= row["n_judged"] <= 12
+        # Shuffling the shape word changes shape and all-correct only; the other rows carry no such baseline.
+        if row["attribute"] in tw.SHAPE_SHUFFLED_METRICS:
+            assert 0.0 <= row["shape_shuffled_baseline"] <= 1.0 and row["k_shape_shuffled"] is not None
+        else:
+            assert row["shape_shuffled_baseline"] != row["shape_shuffled_baseline"] and row["k_shape_shuffled"] is None
     # The caption-free samples do not depend on guidance: one baseline per split.
     assert len({row["empty_caption_baseline"] for row in rows if row["attribute"] == "colour"}) == 1
 
@@ -141,13 +154,58 @@ def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_basel
              "accuracy": accuracy.get((split, name), 0.5) + 0.01 * seed,
              "shuffled_baseline": {"shape": 0.2 if split == "val" else 0.3 + 0.01 * seed,
                                    "all_correct": 0.01}.get(name, 0.25) + 0.01 * (seed % 2),
+             "shape_shuffled_baseline": 0.3 + 0.03 * (seed % 2) if name == "shape" else float("nan"),
              "empty_caption_baseline": 0.2, "fd": 100.0, "fd_floor": 50.0}
             for seed in range(3) for split in ("val", "test") for name in tw.ALIGNMENT_METRICS]
-    frame = pd.DataFrame(rows)
+    frame = pd.DataFrame(rows).assign(n_judged=100)  # counts of 100 samples (or objects) a seed
+    for rate, count in (("accuracy", "k"), ("shuffled_baseline", "k_shuffled"),
+                        ("shape_shuffled_baseline", "k_shape_shuffled")):
+        frame[count] = (frame[rate] * 100).round()
     table = verdict_table(tw.alignment_arms(frame), tw.alignment_comparisons(3.0), notebook="07", profile="test")
-    verdicts = {(row.comparison.split(",")[0], row.metric): row.verdict for row in table.itertuples()}
-    assert verdicts[("val", "shape")] == "supported" and verdicts[("test", "shape")] == "unresolved"
+    assert set(table["test"]) == {"rate"}
+    # The count test pools the seeds: val shape is 183 of 300 against 61 of 300.
+    val_shape = table[(table["comparison"] == "val, w=3: own captions - val, w=3: shuffled captions")
+                      & (table["metric"] == "shape")].iloc[0]
+    assert val_shape["mean_diff"] == pytest.approx((183 - 61) / 300) and val_shape["n_seeds"] == 3
+    verdicts = {(row.comparison, row.metric): row.verdict for row in table.itertuples()}
+    own, shuffled, shape_only = (f"{{}}, w=3: {captions}" for captions in (tw.OWN, tw.SHUFFLED, tw.SHAPE_SHUFFLED))
+    assert verdicts[(f"{own} - {shuffled}".format("val", "val"), "shape")] == "supported"
+    assert verdicts[(f"{own} - {shuffled}".format("test", "test"), "shape")] == "unresolved"
+    assert verdicts[(f"{own} - {shape_only}".format("val", "val"), "shape")] == "supported"   # 0.6 vs 0.3
+    assert verdicts[(f"{own} - {shape_only}".format("test", "test"), "shape")] == "unresolved"  # +0, -0.02, +0.02
     lines = tw.target_lines(frame, table, 3.0)
     assert "val shape" in lines[0] and lines[0].endswith("**met**")
-    assert "5.0 of 100 samples a seed" in lines[1] and lines[1].endswith("**not met**")  # 0.05 / 0.0133 < 5
-    assert lines[2].startswith("test (held-out pairs) shape") and lines[2].endswith("**not met**")
+    assert "5.0 of 100 samples a seed" in lines[1] and lines[1].endswith("**not met**")  # 0.05 < 0.25
+    assert lines[2].startswith("test (held-out pairs) shape minus its shape-shuffled") and lines[2].endswith(
+        "**not met**")
+
+
+def test_text_profiles_name_their_size_and_shift_the_noise_with_it():
+    import math
+
+    for name, size in (("cpu", 32), ("cpu-64", 64), ("cpu-128", 128)):
+        profile = tw.text_profile(name)
+        assert profile.name == name and profile.recipe.data.image_size == size == tw.TEXT_SETUPS[name].image_size
+        # ln sigma's mean moves by ln 2 per doubling of the side, from the 32x32 recipe.
+        assert profile.process_kwargs["p_mean"] == pytest.approx(-0.2 + math.log(size / 32), abs=1e-3)
+        assert f"profile={name}" in tw.text_protocol(profile)
+    assert tw.text_profile("cpu-64").seeds == (0, 1, 2) and tw.text_profile("cpu-128").seeds == (0,)
+    with pytest.raises(ValueError, match="cpu-64"):
+        tw.text_profile("cpu-long")
+
+
+def test_alignment_arms_carry_each_arms_counts():
+    import pandas as pd
+
+    rows = [{"seed": 0, "split": "val", "guidance": 3.0, "attribute": name, "accuracy": 0.5, "shuffled_baseline": 0.25,
+             "shape_shuffled_baseline": 0.3 if name == "shape" else float("nan"), "n_judged": 8, "k": 4,
+             "k_shuffled": 2, "k_shape_shuffled": 3 if name == "shape" else None}
+            for name in ("shape", "colour")]
+    arms = tw.alignment_arms(pd.DataFrame(rows)).set_index("variant")
+    own, shape_only = (tw.alignment_arm("val", 3.0, captions) for captions in (tw.OWN, tw.SHAPE_SHUFFLED))
+    assert arms.loc[own, "k_shape"] == 4 and arms.loc[own, "n_colour"] == 8
+    assert arms.loc[shape_only, "k_shape"] == 3 and arms.loc[shape_only, "shape"] == 0.3
+    # Filed rows without counts (or without the shape-shuffled baseline) still make arms, without those columns.
+    old = tw.alignment_arms(pd.DataFrame(rows).drop(columns=["k", "k_shuffled", "k_shape_shuffled", "n_judged",
+                                                              "shape_shuffled_baseline"]))
+    assert len(old) == 2 and not any(column.startswith("k_") for column in old)

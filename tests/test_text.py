@@ -12,8 +12,8 @@ from vitdiff.diffusion import DiffusionLoss, make_process
 from vitdiff.models import create_model
 from vitdiff.sampling import sample
 from vitdiff.shapes import (ABSENT, COLOURS, HELD_OUT_PAIRS, SHAPES, ShapesDataset, parse_caption, predict_attributes,
-                            sample_scenes, score_predictions, shapes_tokenizer, shuffled_caption_baseline,
-                            text_alignment_accuracy, train_attribute_classifier)
+                            sample_scenes, score_counts, score_predictions, shape_shuffled_baseline, shapes_tokenizer,
+                            shuffled_caption_baseline, text_alignment_accuracy, train_attribute_classifier)
 from vitdiff.text import (FrozenCLIPEncoder, PrecomputedTextEmbeddings, TextEncoder, TextToImage, WordTokenizer)
 
 CONTEXT_DIM = 32
@@ -132,6 +132,23 @@ def test_pooled_text_reaches_the_hierarchical_decoder(tokenizer):
         backbone.pooled_text_embed.bias.zero_()
     c0, c1 = backbone.decoder_condition(torch.ones(2), context).unbind()
     torch.testing.assert_close(c0, c1)
+
+
+def test_decoder_film_starts_as_identity_and_learns(tokenizer):
+    """decoder_film adds a zero-initialised FiLM per decoder stage: off, the model has no such weights; on, it draws
+    what the same weights without it draw, and the FiLM weights get gradients (the caption reaches the pixels)."""
+    options = dict(pooled_text=True, decoder_block="conv", decoder_blocks=0)
+    plain = tiny_text_model(tokenizer, "ASCEND-H-tiny", **options).backbone
+    film = tiny_text_model(tokenizer, "ASCEND-H-tiny", decoder_film=True, **options).backbone
+    assert not any("film" in key for key in plain.state_dict())
+    missing, unexpected = film.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(".film." in key for key in missing)
+    for stage in film.decoder_stages:  # loading left the zero initialisation in place
+        assert not stage.film[-1].weight.any() and not stage.film[-1].bias.any()
+    x, t, context = torch.randn(2, 3, 32, 32), torch.rand(2), torch.randn(2, tokenizer.max_length, CONTEXT_DIM)
+    torch.testing.assert_close(film(x, t, context), plain(x, t, context), rtol=0, atol=0)
+    film(x, t, context).square().mean().backward()
+    assert all(stage.film[-1].weight.grad.abs().sum() > 0 for stage in film.decoder_stages)
 
 
 def test_pooled_text_needs_a_text_model():
@@ -266,6 +283,26 @@ def test_shuffled_caption_baseline_is_the_score_against_other_captions():
     # one-object one, so 5/16. Half the captions name two objects: per named object (1/4 + 2 * 5/16) / 3 = 7/24.
     scenes = ShapesDataset("val", num_samples=1000).attributes
     assert shuffled_caption_baseline(scenes, scenes)["position"] == pytest.approx(7 / 24, abs=0.015)
+
+
+def test_counts_and_the_shape_shuffled_baseline():
+    # Three one-object captions with three shapes, drawn perfectly: every object is judged once.
+    one = torch.tensor([[[shape, 1, 0, 2], [ABSENT] * 4] for shape in range(3)])
+    two = torch.tensor([[[0, 0, 0, 0], [1, 1, 1, 1]]])
+    captions = torch.cat([one, two])
+    counts = score_counts(captions, captions)
+    assert counts["shape"] == (5, 5) and counts["count"] == (4, 4) and counts["all_correct"] == (4, 4)
+    assert score_predictions(captions, captions) == {name: k / n for name, (k, n) in counts.items()}
+    # Shuffling only the shape word keeps every other word: colour, size, position and count stay right.
+    shape_only = shape_shuffled_baseline(captions, captions, draws=8)
+    assert all(shape_only[name] == 1.0 for name in ("colour", "size", "position", "count"))
+    # Shapes 0, 1, 2, 0, 1 over five objects: a derangement keeps an object's shape only by moving an equal shape
+    # onto it, so shape is right on some draws, never on all.
+    assert 0.0 < shape_only["shape"] < 1.0 and shape_only["all_correct"] < 1.0
+    # With distinct shapes (the three one-object captions), every derangement changes every shape.
+    assert shape_shuffled_baseline(one, one)["shape"] == 0.0 == shape_shuffled_baseline(one, one)["all_correct"]
+    # The whole-caption shuffle also scores shape against slots the other caption names: it sits lower here.
+    assert shuffled_caption_baseline(captions, captions)["count"] < 1.0
 
 
 # --------------------------------------------------------------------------- resolution

@@ -382,17 +382,24 @@ def text_alignment_accuracy(images: torch.Tensor, attributes: torch.Tensor,
     return score_predictions(predict_attributes(images, classifier), attributes)
 
 
-def score_predictions(predicted: torch.Tensor, attributes: torch.Tensor) -> dict[str, float]:
-    """:func:`text_alignment_accuracy` on attributes already predicted by :func:`predict_attributes`."""
+def score_counts(predicted: torch.Tensor, attributes: torch.Tensor) -> dict[str, tuple[int, int]]:
+    """(number correct, number judged) per metric: samples for ``count`` and ``all_correct``, the objects the
+    captions name for each attribute. The unit a count-based test needs (:func:`score_predictions`: the rates)."""
     present = attributes[:, :, 0] != ABSENT
     count_ok = (predicted[:, 1, 0] != ABSENT) == present[:, 1]
     matches = predicted == attributes  # (N, 2, 4)
-    result = {"count": count_ok.float().mean().item()}
+    n_samples, n_objects = len(attributes), int(present.sum())
+    result = {"count": (int(count_ok.sum()), n_samples)}
     for column, name in enumerate(ATTRIBUTES):
-        result[name] = matches[:, :, column][present].float().mean().item()
+        result[name] = (int(matches[:, :, column][present].sum()), n_objects)
     object_ok = matches.all(2) | ~present
-    result["all_correct"] = (count_ok & object_ok.all(1)).float().mean().item()
+    result["all_correct"] = (int((count_ok & object_ok.all(1)).sum()), n_samples)
     return result
+
+
+def score_predictions(predicted: torch.Tensor, attributes: torch.Tensor) -> dict[str, float]:
+    """:func:`text_alignment_accuracy` on attributes already predicted by :func:`predict_attributes`."""
+    return {name: k / n for name, (k, n) in score_counts(predicted, attributes).items()}
 
 
 def shuffled_caption_baseline(predicted: torch.Tensor, attributes: torch.Tensor, *, draws: int = 16,
@@ -404,12 +411,43 @@ def shuffled_caption_baseline(predicted: torch.Tensor, attributes: torch.Tensor,
     scenes but ignores its caption scores it on average. (Uniform guessing is the wrong chance: a two-object
     caption always names the left or upper object first, so position agreement is far above 1/4.)"""
     generator = torch.Generator().manual_seed(seed)
+    return _mean_score(predicted, (attributes[_derangement(len(attributes), generator)] for _ in range(draws)), draws)
+
+
+def shape_shuffled_baseline(predicted: torch.Tensor, attributes: torch.Tensor, *, draws: int = 16,
+                            seed: int = 0) -> dict[str, float]:
+    """What the same samples score against their own captions with only the shape word shuffled: each named
+    object takes the shape of another named object of the set (a random derangement of the objects, averaged over
+    ``draws``); colour, size, position and the object count stay the caption's own.
+
+    The null of "shape follows the caption" for a model that already follows the other words: unlike
+    :func:`shuffled_caption_baseline` it keeps which objects are named, so shape is not penalised for slots the
+    shuffled caption does not share. Only ``shape`` and ``all_correct`` differ from the own-caption scores."""
+    generator = torch.Generator().manual_seed(seed)
+    present = attributes[:, :, 0] != ABSENT
+
+    def shape_shuffled() -> torch.Tensor:
+        shuffled = attributes.clone()
+        shapes = attributes[:, :, 0][present]
+        shuffled[:, :, 0][present] = shapes[_derangement(len(shapes), generator)]
+        return shuffled
+
+    return _mean_score(predicted, (shape_shuffled() for _ in range(draws)), draws)
+
+
+def _derangement(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of range(n) that moves every index: a cycle through a random order."""
+    order = torch.randperm(n, generator=generator)
+    shifted = torch.empty_like(order)
+    shifted[order] = order.roll(1)
+    return shifted
+
+
+def _mean_score(predicted: torch.Tensor, captions: Iterable[torch.Tensor], draws: int) -> dict[str, float]:
+    """:func:`score_predictions` averaged over ``draws`` alternative caption sets."""
     totals: dict[str, float] = {}
-    for _ in range(draws):
-        order = torch.randperm(len(attributes), generator=generator)
-        shifted = torch.empty_like(order)
-        shifted[order] = order.roll(1)  # a cycle through a random order: a derangement
-        for name, value in score_predictions(predicted, attributes[shifted]).items():
+    for attributes in captions:
+        for name, value in score_predictions(predicted, attributes).items():
             totals[name] = totals.get(name, 0.0) + value / draws
     return totals
 
@@ -424,6 +462,6 @@ __all__ = [
     "ATTRIBUTES", "COLOURS", "HELD_OUT_PAIRS", "POSITIONS", "RELATIONS", "SHAPES", "SIZES",
     "AttributeClassifier", "ShapesDataset", "build_shapes", "caption_of", "caption_vocabulary",
     "load_attribute_classifier", "make_judge_asset", "parse_caption", "predict_attributes", "render_scene",
-    "sample_scenes", "score_predictions", "shapes_tokenizer", "shuffled_caption_baseline", "text_alignment_accuracy",
-    "train_attribute_classifier",
+    "sample_scenes", "score_counts", "score_predictions", "shape_shuffled_baseline", "shapes_tokenizer",
+    "shuffled_caption_baseline", "text_alignment_accuracy", "train_attribute_classifier",
 ]
