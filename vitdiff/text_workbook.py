@@ -333,7 +333,7 @@ def alignment_arms(frame):
     return pd.DataFrame(arms)
 
 
-def alignment_comparisons(guidance: float) -> list:
+def alignment_comparisons(guidance: float, image_size: int | None = None) -> list:
     """The pre-registered comparisons at one guidance scale: every attribute on val (seen colour-shape pairs),
     shape and all-correct on test (held-out pairs), each against its shuffled-caption baseline; then shape on val
     and test against its shape-shuffled baseline (composition: shape follows the caption on held-out pairs).
@@ -343,7 +343,9 @@ def alignment_comparisons(guidance: float) -> list:
     come from the same samples and the test treats them as independent, which is conservative when they agree."""
     from .findings import Comparison
 
-    claim = "one pixel-space diffusion model does text-to-image (Cao et al. 2022)"
+    # The paper's claim is about one pixel-space model *beyond 64x64*: a row says at which size it was measured.
+    size = f" at {image_size}x{image_size}" if image_size else ""
+    claim = f"one pixel-space diffusion model does text-to-image{size} (Cao et al. 2022: beyond 64x64)"
     questions = {"val": "do samples follow their captions (val: seen colour-shape pairs)?",
                  "test": "do samples compose held-out colour-shape pairs (test)?"}
     chosen = [("val", name, SHUFFLED) for name in ALIGNMENT_METRICS] + [
