@@ -91,7 +91,7 @@ def _verdict_points(files: ResultsFiles) -> list[dict]:
         secondary = row.get("secondary_metric")
         if isinstance(secondary, str) and secondary:
             points.append({**row, "role": "secondary", "metric": secondary,
-                           **{key: row[f"secondary_{key}"] for key in ("mean_diff", "ci_low", "ci_high")}})
+                           **{key: row[f"secondary_{key}"] for key in ("mean_diff", "ci_low", "ci_high", "verdict")}})
     return points
 
 
@@ -113,6 +113,8 @@ def plot_comparisons(files: ResultsFiles):
             runs = files.runs
             if _is_number(point.get("steps")) and "steps" in runs:  # the runs of the verdict's budget
                 runs = runs[runs["steps"] == point["steps"]]
+                if not len(runs) and files.curves is not None:  # an earlier budget: the runs' pause there
+                    runs = files.curves[files.curves["step"] == point["steps"]]
             seeds = paired_differences(runs, metric, arm, reference)
             ax.scatter(seeds, [y] * len(seeds), marker="|", s=30, color="#555555", linewidths=0.8, zorder=2)
             low, high = point["ci_low"], point["ci_high"]
