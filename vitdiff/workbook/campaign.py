@@ -291,15 +291,17 @@ def rows_folder(states: dict, out_dir: Path, file_results: bool = False) -> Path
     return results_dir(out_dir, file_results or not states.get("trained"))
 
 
-def file_table(frame, notebook: str, profile: Profile, *, protocol_line: str | None = None) -> Path:
+def file_table(frame, notebook: str, profile: Profile, *, protocol_line: str | None = None,
+               results: Path | None = None) -> Path:
     """File a notebook's own table (one that is not an ablation's runs, e.g. the quick start's row or the samplers'
-    grid) as ``experiments/results/<notebook>/<profile>.csv`` with its protocol (default the workbook's); atomic."""
+    grid) as ``<results>/<notebook>/<profile>.csv`` (default ``experiments/results``) with its protocol (default
+    the workbook's); atomic."""
     import json
     from dataclasses import asdict
 
     from .profiles import protocol
 
-    folder = results_dir(Path(), True) / notebook
+    folder = (results or results_dir(Path(), True)) / notebook
     folder.mkdir(parents=True, exist_ok=True)
     temporary = folder / f"{profile.name}.tmp"
     frame.to_csv(temporary, index=False, float_format="%.6g")
