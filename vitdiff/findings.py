@@ -296,6 +296,7 @@ def update_verdicts(path: Path, table) -> None:
         table = pd.concat([old, table], ignore_index=True) if len(old) else table
     path.parent.mkdir(parents=True, exist_ok=True)
     table = table.reindex(columns=list(VERDICT_COLUMNS)).sort_values(["notebook", "profile"], kind="stable")
+    table["steps"] = table["steps"].astype("Int64")  # "400", whether or not another row has no budget
     temporary = path.with_suffix(".tmp")
     table.to_csv(temporary, index=False, float_format="%.6g")
     temporary.replace(path)
