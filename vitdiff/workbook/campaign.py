@@ -146,6 +146,7 @@ def refresh(notebook: str, profile: Profile) -> list[Path]:
         touched.append(folder / "verdicts.csv")
     try:
         touched += notebook_figures(chosen.notebook, profile.name, folder)
+        touched.append(folder / chosen.notebook / "figures" / f"{profile.name}_figures.json")  # their record
     except Exception as error:  # a figure must never cost the campaign a run: say so, `make figures` redraws
         print(f"campaign: the figures of {chosen.notebook} @ {profile.name} were not drawn ({error!r})", flush=True)
     report.main([])
