@@ -161,16 +161,16 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
     jobs = plan(notebook, profile)
     folder = results_dir(Path(), True)
     name = jobs[0].study.notebook
-    states = status(jobs, filed_rows(name, profile, folder))
+    rows = filed_rows(name, profile, folder)
+    states = status(jobs, rows)
     todo = states["stale"] + states["missing"]
     if budget_only:
         todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
     todo = todo[:limit] if limit else todo
-    print(describe(name, profile, states, filed_rows(name, profile, folder)), f"; training {len(todo)} now",
-          flush=True)
+    print(describe(name, profile, states, rows), f"; training {len(todo)} now", flush=True)
     train_jobs(todo, profile, output_dir(name, profile) / "runs", folder, workers=workers, commit=commit)
-    print(describe(name, profile, status(jobs, filed_rows(name, profile, folder)), filed_rows(name, profile, folder)),
-          flush=True)
+    rows = filed_rows(name, profile, folder)  # with the rows just filed
+    print(describe(name, profile, status(jobs, rows), rows), flush=True)
 
 
 # -- verdicts by budget ---------------------------------------------------------------------------------------
