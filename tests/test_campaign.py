@@ -136,3 +136,54 @@ def test_a_default_rerun_reads_the_committed_rows_back_and_leaves_the_tree_clean
     assert list(table["verdict"]) == list(committed["verdict"])
     wb.notebook_figures(study.notebook, "cpu", wb.REPO_ROOT / "experiments" / "results")
     assert _tree_status() == before
+
+
+_TIMES = ("startup_s", "train_s", "eval_loss_s", "eval_fd_s", "samples_s", "wall_s", "img_per_s")
+
+
+def test_a_run_killed_between_its_checkpoint_and_its_measurement_files_the_same_row(tmp_path, monkeypatch):
+    profile = replace(wb.get_profile("smoke"), budgets=(2,))
+    for name in ("whole", "killed"):
+        monkeypatch.setenv("VITDIFF_OUT_DIR", str(tmp_path / name / "outputs"))
+        monkeypatch.setattr(campaign, "results_dir", lambda out_dir, file_results=False, name=name: tmp_path / name)
+        if name == "killed":  # the checkpoint at the budget is written, then the process dies before measuring
+            real = wb.runs.evaluate_run
+
+            def dies_at_the_budget(trainer, *args, **kwargs):
+                if trainer.step == 2:
+                    raise KeyboardInterrupt
+                return real(trainer, *args, **kwargs)
+
+            with monkeypatch.context() as patch, pytest.raises(KeyboardInterrupt):
+                patch.setattr(wb.runs, "evaluate_run", dies_at_the_budget)
+                campaign.run("04", profile, workers=1, limit=1)
+        campaign.run("04", profile, workers=1, limit=1)
+    whole, killed = (pd.read_csv(tmp_path / name / "04_skip_connections" / "smoke_curves.csv")
+                     for name in ("whole", "killed"))
+    assert list(killed["step"]) == [1, 2, 3, 4] and killed["fd"].notna().sum() == 2
+    columns = [c for c in whole if c not in _TIMES]
+    pd.testing.assert_frame_equal(killed[columns], whole[columns])
+    rows = [pd.read_csv(tmp_path / name / "04_skip_connections" / "smoke.csv") for name in ("whole", "killed")]
+    columns = [c for c in rows[0] if c not in _TIMES]
+    pd.testing.assert_frame_equal(rows[1][columns], rows[0][columns])
+
+
+def test_a_run_two_notebooks_share_is_trained_once(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "results_dir", lambda out_dir, file_results=False: tmp_path)
+    profile = wb.get_profile("smoke")
+    campaign.run("04", profile, workers=1, limit=1)  # skip: concat_linear seed 0, the IU-ViT preset as it is
+    iuvit, unet = campaign.plan("05", profile)[:2]
+    assert (iuvit.arm, unet.arm) == ("IU-ViT", "U-Net (matched params)")
+    assert campaign.share_filed_runs([iuvit, unet], profile, tmp_path) == [unet]
+    filed = campaign.filed_rows("05_vit_vs_unet", profile, tmp_path).iloc[0]
+    source = campaign.filed_rows("04_skip_connections", profile, tmp_path).iloc[0]
+    assert filed["same_run_as"] == "04_skip_connections: skip: concat_linear"
+    assert (filed["loss"], filed["fd"], filed["code_key"]) == (source["loss"], source["fd"], source["code_key"])
+    assert campaign.status([iuvit], campaign.filed_rows("05_vit_vs_unet", profile, tmp_path))["done"] == [iuvit]
+    assert (tmp_path / "05_vit_vs_unet" / "samples" / "smoke" / "iu-vit_seed0.png").is_file()
+    # A switch that changes the network is another run, even where it adds no parameter.
+    runs = tmp_path / "runs"
+    reference = wb.make_config(studies.study("04", profile).variant("skip: concat_linear"), profile, 0, runs)
+    for arm in ("skip: add", "skip: lerp", "pos: sincos", "head: linear (no conv)"):
+        other = wb.make_config(studies.study("04", profile).variant(arm), profile, 0, runs)
+        assert not campaign.same_network(reference, other), arm

@@ -17,6 +17,8 @@ and no verdict is filed while it stands. The budget arms (each study's reference
 from __future__ import annotations
 
 import argparse
+import json
+import shutil
 import subprocess
 import sys
 import time
@@ -25,7 +27,8 @@ from pathlib import Path
 
 from .figures import notebook_figures, paper_style
 from .profiles import REPO_ROOT, Profile, get_profile, output_dir, protocol
-from .runs import _code_key_of, _run_job, config_key, file_run, make_config, map_runs, results_dir, run_rows
+from .runs import (_code_key_of, _run_job, _write_json, config_key, evaluate_run, file_run, make_config, map_runs,
+                   one_thread, pause_points, results_dir, run_rows, slug)
 from .studies import STUDIES, Study, study
 
 BUDGET_SEEDS = (0, 1)
@@ -107,6 +110,14 @@ def _commit(paths: list[Path], message: str) -> None:
     print(f"campaign: could not commit {relative}: {done.stderr.strip()}", file=sys.stderr)
 
 
+def commit_filed(folder: Path, notebook: str, profile: Profile, what: str) -> None:
+    """Commit a notebook's filed rows, curves, samples and protocol with everything they regenerate."""
+    base = folder / notebook
+    _commit([base / f"{profile.name}.csv", base / f"{profile.name}_curves.csv", base / f"{profile.name}.json",
+             base / "samples" / profile.name, *refresh(notebook, profile)],
+            f"campaign {notebook} @ {profile.name}: {what}")
+
+
 def train_jobs(jobs: list[Job], profile: Profile, runs: Path, folder: Path, *, workers: int | None = None,
                commit: bool = False):
     """Train ``jobs`` (one thread each, ``workers`` at a time), filing each run's row under ``folder`` (a results
@@ -116,6 +127,8 @@ def train_jobs(jobs: list[Job], profile: Profile, runs: Path, folder: Path, *, w
     from ..metrics import check_frechet_metric
 
     check_frechet_metric(profile.dataset)  # before any training: the evaluation must be able to run
+    for job in jobs:
+        measure_missed_pause(job, profile, runs)
     name = jobs[0].study.notebook
     specs = [(job.study.variant(job.arm), profile, job.seed, runs, {}) for job in jobs]
 
@@ -124,12 +137,130 @@ def train_jobs(jobs: list[Job], profile: Profile, runs: Path, folder: Path, *, w
         print(f"filed {name} {row['variant']} seed {row['seed']}: loss {row['loss']:.4f}, fd {row['fd']:.1f}, "
               f"{row['wall_s']:.0f} s", flush=True)
         if commit:
-            base = folder / name
-            _commit([base / f"{profile.name}.csv", base / f"{profile.name}_curves.csv", base / f"{profile.name}.json",
-                     base / "samples" / profile.name, *refresh(name, profile)],
-                    f"campaign {name} @ {profile.name}: {row['variant']} seed {row['seed']} filed")
+            commit_filed(folder, name, profile, f"{row['variant']} seed {row['seed']} filed")
 
     return run_rows(map_runs(_run_job, specs, workers=workers, progress=False, on_result=land))
+
+
+def measure_missed_pause(job: Job, profile: Profile, runs: Path) -> bool:
+    """Measure the pause that an interrupted run's checkpoint has reached but its learning curve lacks.
+
+    A run checkpoints at each pause and then measures there; one killed in between would resume past that pause
+    without its point, and the budget's verdict would lack a seed. The measurement is a function of the checkpoint
+    alone (fixed images, noise and sampler seed, one thread), so taking it before resuming files the numbers the
+    run would have filed. The training seconds of the killed segment were never written and stay uncounted.
+    (This lives here rather than in ``run_variant``: an edit to runs.py changes the code key of every filed run.)"""
+    from ..trainer import Trainer
+
+    out = runs / job.arm.replace("/", "_") / f"seed{job.seed}"
+    progress_file = out / "progress.json"
+    if not (out / "last.pt").is_file() or (out / "result.json").is_file():
+        return False
+    progress = json.loads(progress_file.read_text()) if progress_file.is_file() else {"code_key": job.code_key}
+    if progress.get("code_key") != job.code_key:
+        return False  # begun by other code: run_variant starts it afresh
+    with one_thread():
+        trainer = Trainer(make_config(job.study.variant(job.arm), profile, job.seed, out), progress=False)
+        curve = progress.get("curve", [])
+        if trainer.step not in pause_points(profile) or any(point["step"] == trainer.step for point in curve):
+            return False
+        point = {"step": trainer.step, **evaluate_run(trainer, profile, fd=trainer.step in profile.budgets
+                                                      or trainer.step == profile.steps)}
+    seconds = {"startup_s": 0.0, "train_s": 0.0, "eval_loss_s": 0.0, "eval_fd_s": 0.0, **progress.get("seconds", {})}
+    for name in ("eval_loss_s", "eval_fd_s"):
+        seconds[name] += point.pop(name, 0.0)
+    logged = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()
+              if line.strip()] if (out / "metrics.jsonl").is_file() else []
+    losses = [record["loss"] for record in logged if record.get("step", 0) <= trainer.step and "loss" in record]
+    _write_json(progress_file, {"curve": [*curve, point], "seconds": seconds, "code_key": job.code_key,
+                                "train_loss": losses[-1] if losses else progress.get("train_loss")})
+    print(f"measured {job.study.notebook} {job.arm} seed {job.seed} at step {trainer.step}, where it was stopped "
+          "after its checkpoint and before its measurement", flush=True)
+    return True
+
+
+# -- one run, several notebooks -------------------------------------------------------------------------------
+def _training_config(config) -> dict:
+    """A config as training sees it: without the run's name, its folder and the model section (compared by the
+    network it builds, since a switch set to its default builds the same network)."""
+    return {key: value for key, value in config.to_dict().items() if key not in ("name", "out_dir", "model")}
+
+
+def same_network(first, second) -> bool:
+    """Whether two configs build the same network: the same modules and, once both get the same random weights
+    (every parameter and buffer drawn from one seeded stream, so zero-initialised layers cannot hide a
+    difference), the same training loss on the same inputs."""
+    import torch
+
+    from ..build import batch_condition, build_diffusion, build_model, data_geometry
+
+    models = []
+    for config in (first, second):
+        torch.manual_seed(0)
+        model = build_model(config)
+        generator = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for tensor in model.state_dict().values():
+                if tensor.is_floating_point():
+                    tensor.copy_(torch.randn(tensor.shape, generator=generator) * 0.1)
+        models.append(model.eval())
+    if str(models[0]) != str(models[1]) or list(models[0].state_dict()) != list(models[1].state_dict()):
+        return False
+    _, loss_fn = build_diffusion(first)
+    channels, size = data_geometry(first)
+    generator = torch.Generator().manual_seed(2)
+    x0 = torch.randn(4, channels, size, size, generator=generator)
+    noise = torch.randn(x0.shape, generator=generator)
+    sigma = torch.tensor([0.05, 0.5, 2.0, 20.0])
+    with torch.no_grad():
+        losses = [loss_fn.loss_at(model, x0, sigma, noise, batch_condition(model, [0, 1, 2, 3], "cpu"))
+                  for model in models]
+    return torch.equal(losses[0], losses[1])
+
+
+def share_filed_runs(jobs: list[Job], profile: Profile, folder: Path) -> list[Job]:
+    """File for each job the done run of another notebook that trains the same network on the same config (05's
+    IU-ViT is 04's ``skip: concat_linear`` under another name): its row, curve and samples, named for this arm,
+    with ``same_run_as`` saying whose run it is. A run is trained once. Returns the jobs still to train."""
+    import pandas as pd
+
+    if not jobs:
+        return jobs
+    runs = output_dir(jobs[0].study.notebook, profile) / "runs"
+    others = {}
+    for notebook in STUDIES:
+        other_jobs = plan(notebook, profile)
+        if other_jobs[0].study.notebook != jobs[0].study.notebook:
+            rows = filed_rows(other_jobs[0].study.notebook, profile, folder)
+            others[notebook] = (status(other_jobs, rows)["done"], rows)
+    todo = []
+    for job in jobs:
+        config = make_config(job.study.variant(job.arm), profile, job.seed, runs)
+        twin = next((other for done, _ in others.values() for other in done
+                     if other.seed == job.seed and other.code_key == job.code_key
+                     and _training_config(config) == _training_config(
+                         other_config := make_config(other.study.variant(other.arm), profile, other.seed, runs))
+                     and same_network(config, other_config)), None)
+        if twin is None:
+            todo.append(job)
+            continue
+        source = folder / twin.study.notebook
+        rows = filed_rows(twin.study.notebook, profile, folder)
+        row = rows[(rows["variant"] == twin.arm) & (rows["seed"] == twin.seed)].iloc[0].dropna().to_dict()
+        curves = pd.read_csv(source / f"{profile.name}_curves.csv")
+        curve = curves[(curves["variant"] == twin.arm) & (curves["seed"] == twin.seed)].drop(columns=["variant", "seed"])
+        record = {**row, "variant": job.arm, "config_key": job.config_key,
+                  "same_run_as": f"{twin.study.notebook}: {twin.arm}",
+                  "curve": [point.dropna().to_dict() for _, point in curve.iterrows()]}
+        file_run(record, folder / job.study.notebook, profile, runs)
+        picture = source / "samples" / profile.name / f"{slug(twin.arm)}_seed{twin.seed}.png"
+        if picture.is_file():
+            target = folder / job.study.notebook / "samples" / profile.name / f"{slug(job.arm)}_seed{job.seed}.png"
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(picture, target)
+        print(f"filed {job.study.notebook} {job.arm} seed {job.seed}: the same run as {record['same_run_as']}",
+              flush=True)
+    return todo
 
 
 def refresh(notebook: str, profile: Profile) -> list[Path]:
@@ -166,7 +297,10 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
     todo = states["stale"] + states["missing"]
     if budget_only:
         todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
-    todo = todo[:limit] if limit else todo
+    shared = share_filed_runs(todo, profile, folder)
+    if commit and len(shared) < len(todo):
+        commit_filed(folder, name, profile, f"{len(todo) - len(shared)} run(s) filed from other notebooks")
+    todo = shared[:limit] if limit else shared
     print(describe(name, profile, states, rows), f"; training {len(todo)} now", flush=True)
     train_jobs(todo, profile, output_dir(name, profile) / "runs", folder, workers=workers, commit=commit)
     rows = filed_rows(name, profile, folder)  # with the rows just filed
