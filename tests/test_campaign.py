@@ -187,3 +187,45 @@ def test_a_run_two_notebooks_share_is_trained_once(tmp_path, monkeypatch):
     for arm in ("skip: add", "skip: lerp", "pos: sincos", "head: linear (no conv)"):
         other = wb.make_config(studies.study("04", profile).variant(arm), profile, 0, runs)
         assert not campaign.same_network(reference, other), arm
+
+
+def test_the_budget_probe_continues_the_profiles_runs_to_the_numbers_of_a_run_from_scratch(tmp_path, monkeypatch):
+    base = replace(wb.get_profile("smoke"), budgets=(2,))
+    probe = campaign.probe_profile(base, 8)
+    assert (probe.name, probe.steps, probe.seeds, probe.budgets) == ("smoke-probe", 8, (0, 1), (2, 4, 8))
+    with pytest.raises(ValueError, match="--probe 8"):
+        campaign.probe_profile(base, 4)
+    for name in ("continued", "scratch"):
+        monkeypatch.setenv("VITDIFF_OUT_DIR", str(tmp_path / name / "outputs"))
+        monkeypatch.setattr(campaign, "results_dir", lambda out_dir, file_results=False, name=name: tmp_path / name)
+        if name == "continued":
+            campaign.run("04", base, workers=1, limit=1)
+        campaign.run("04", base, workers=1, limit=1, probe=8)
+    curves = {name: pd.read_csv(tmp_path / name / "04_skip_connections" / "smoke-probe_curves.csv")
+              for name in ("continued", "scratch")}
+    assert list(curves["continued"]["step"]) == [1, 2, 3, 4, 6, 8]  # the base run's pauses, then the probe's
+    assert list(curves["scratch"]["step"]) == [2, 4, 6, 8]
+    shared = curves["continued"][curves["continued"]["step"].isin([2, 4, 6, 8])].reset_index(drop=True)
+    columns = [c for c in shared if c not in _TIMES]
+    pd.testing.assert_frame_equal(shared[columns], curves["scratch"][columns])
+
+
+def test_the_settled_budget_is_the_first_step_near_the_end_with_the_final_order():
+    from vitdiff.workbook.budget import budget_curves, budget_lines, settled_budget
+
+    def curves(fd_a, fd_b, loss_a=(3, 2, 1, 0.5), loss_b=(4, 3, 2, 1)):
+        return pd.DataFrame([{"variant": arm, "seed": seed, "step": step, "loss": loss + seed * 1e-3, "fd": fd}
+                             for arm, fds, losses in (("a", fd_a, loss_a), ("b", fd_b, loss_b))
+                             for step, fd, loss in zip((400, 1000, 2000, 4000), fds, losses) for seed in (0, 1)])
+
+    # FD within 10% of the end from 2000 on for both arms, and the order held from there: settled at 2000.
+    step, why = settled_budget(budget_curves(curves((100, 60, 42, 40), (150, 80, 52, 50))))
+    assert step == 2000 and "within 10%" in why
+    # Still falling by half over the last doubling: not settled, and it says by how much.
+    step, why = settled_budget(budget_curves(curves((100, 80, 60, 30), (150, 90, 70, 35))))
+    assert step is None and "a -50%" in why and "held" in why
+    # Near the end in FD, but the order by loss flips at the last point: not settled there.
+    step, why = settled_budget(budget_curves(curves((41, 41, 41, 40), (50, 50, 50, 50), loss_b=(4, 3, 2, 0.4))))
+    assert step is None and "order by loss changed between 2000 and 4000" in why
+    lines = budget_lines(curves((100, 60, 42, 40), (150, 80, 52, 50)))
+    assert lines[2].startswith("| 400 | 3.0005 / 100.0 (2) | 4.0005 / 150.0 (2) |")

@@ -152,7 +152,7 @@ def measure_missed_pause(job: Job, profile: Profile, runs: Path) -> bool:
     (This lives here rather than in ``run_variant``: an edit to runs.py changes the code key of every filed run.)"""
     from ..trainer import Trainer
 
-    out = runs / job.arm.replace("/", "_") / f"seed{job.seed}"
+    out = run_folder(runs, job)
     progress_file = out / "progress.json"
     if not (out / "last.pt").is_file() or (out / "result.json").is_file():
         return False
@@ -177,6 +177,46 @@ def measure_missed_pause(job: Job, profile: Profile, runs: Path) -> bool:
     print(f"measured {job.study.notebook} {job.arm} seed {job.seed} at step {trainer.step}, where it was stopped "
           "after its checkpoint and before its measurement", flush=True)
     return True
+
+
+def run_folder(runs: Path, job: Job) -> Path:
+    """Where ``run_variant`` keeps a job's checkpoints and measurements."""
+    return runs / job.arm.replace("/", "_") / f"seed{job.seed}"
+
+
+# -- the budget probe -----------------------------------------------------------------------------------------
+def probe_profile(profile: Profile, steps: int) -> Profile:
+    """The budget probe of a long profile: its budget arms, seeds 0 and 1, trained on to ``steps``, with the
+    Fréchet metric at the profile's budgets and at every doubling of its steps up to ``steps``
+    (:mod:`vitdiff.workbook.budget` reads the curves)."""
+    if steps <= profile.steps:
+        raise ValueError(f"a probe of {profile.name} trains past its {profile.steps} steps: ask for more (e.g. "
+                         f"--probe {2 * profile.steps})")
+    doublings = [profile.steps * 2 ** k for k in range(1, 32) if profile.steps * 2 ** k < steps]
+    return replace(profile.with_overrides(**{"train.steps": steps}), name=f"{profile.name}-probe",
+                   seeds=BUDGET_SEEDS, budgets=tuple(sorted({*profile.budgets, profile.steps, *doublings, steps})))
+
+
+def continue_runs(jobs: list[Job], profile: Profile, probe: Profile) -> int:
+    """Start each probe job from the profile's own finished run of the same arm, seed and code (its checkpoint
+    and learning curve), where this machine has one: the learning rate is constant after warm-up and the EMA
+    decay depends on the step alone, so a run trained on past ``profile.steps`` is that run up to there (a test
+    checks it). Without the profile's run the probe trains from step 0, to the same numbers. Returns how many
+    runs were continued."""
+    continued = 0
+    for job in jobs:
+        source = run_folder(output_dir(job.study.notebook, profile) / "runs", job)
+        target = run_folder(output_dir(job.study.notebook, probe) / "runs", job)
+        if (target / "last.pt").exists() or not (source / "result.json").is_file():
+            continue
+        if json.loads((source / "result.json").read_text()).get("code_key") != job.code_key:
+            continue
+        target.mkdir(parents=True, exist_ok=True)
+        for name in ("progress.json", "metrics.jsonl", "last.pt"):  # the checkpoint last: it marks the copy done
+            shutil.copyfile(source / name, target / f"{name}.tmp")
+            (target / f"{name}.tmp").replace(target / name)
+        continued += 1
+    return continued
 
 
 # -- one run, several notebooks -------------------------------------------------------------------------------
@@ -285,18 +325,22 @@ def refresh(notebook: str, profile: Profile) -> list[Path]:
 
 
 def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = False, limit: int | None = None,
-        budget_only: bool = False) -> None:
+        budget_only: bool = False, probe: int | None = None) -> None:
     """Train the missing and stale runs of a notebook's study into ``experiments/results/``, filing (and with
     ``commit`` committing) each row as it lands; ``limit`` stops after that many runs, ``budget_only`` trains only
-    the budget arms."""
+    the budget arms, ``probe`` trains the budget probe to that many steps instead (:func:`probe_profile`)."""
+    base, profile = (profile, probe_profile(profile, probe)) if probe else (None, profile)
     jobs = plan(notebook, profile)
     folder = results_dir(Path(), True)
     name = jobs[0].study.notebook
     rows = filed_rows(name, profile, folder)
     states = status(jobs, rows)
     todo = states["stale"] + states["missing"]
-    if budget_only:
+    if budget_only or probe:
         todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
+    if base is not None and todo:
+        print(f"{continue_runs(todo, base, profile)} of {len(todo)} probe runs continue the {base.name} runs "
+              "of this machine", flush=True)
     shared = share_filed_runs(todo, profile, folder)
     if commit and len(shared) < len(todo):
         commit_filed(folder, name, profile, f"{len(todo) - len(shared)} run(s) filed from other notebooks")
@@ -523,6 +567,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each (default: 2)")
     parser.add_argument("--limit", type=int, help="stop after this many runs (default: all missing)")
     parser.add_argument("--budget-only", action="store_true", help="train only the budget arms (seeds 0 and 1)")
+    parser.add_argument("--probe", type=int, metavar="STEPS",
+                        help="train the budget probe instead: the budget arms (seeds 0, 1) on to STEPS, filed as "
+                             "profile <profile>-probe (how the long budget is chosen)")
     parser.add_argument("--commit", action="store_true", help="git-commit each run's filed rows as they land")
     parser.add_argument("--status", action="store_true", help="only say what is done, stale and missing")
     parser.add_argument("--judge", action="store_true", help="only file the verdicts (by budget) of the filed rows")
@@ -535,15 +582,18 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds:
             profile = replace(profile, seeds=_seeds(args.seeds))
         for notebook in args.notebooks:
-            if args.status:
-                jobs = plan(notebook, profile)
-                rows = filed_rows(jobs[0].study.notebook, profile)
-                print(describe(jobs[0].study.notebook, profile, status(jobs, rows), rows))
-            elif args.judge:
-                judge(notebook, profile, legacy=args.legacy)
+            if args.status or args.judge:
+                shown = probe_profile(profile, args.probe) if args.probe else profile
+                if args.judge:
+                    judge(notebook, shown, legacy=args.legacy)
+                    continue
+                jobs = [job for job in plan(notebook, shown)
+                        if not args.probe or job.arm in job.study.budget_arms]
+                rows = filed_rows(jobs[0].study.notebook, shown)
+                print(describe(jobs[0].study.notebook, shown, status(jobs, rows), rows))
             else:
                 run(notebook, profile, workers=args.workers, commit=args.commit, limit=args.limit,
-                    budget_only=args.budget_only)
+                    budget_only=args.budget_only, probe=args.probe)
         return 0
 
     return run_command("campaign", command)
