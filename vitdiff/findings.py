@@ -288,6 +288,8 @@ def update_verdicts(path: Path, table) -> None:
     """Replace the rows of (notebook, profile) in the verdicts file with ``table``; other rows are kept."""
     import pandas as pd
 
+    from .checkpoint import write_atomically
+
     path = Path(path)
     if path.is_file():
         old = pd.read_csv(path)
@@ -297,9 +299,7 @@ def update_verdicts(path: Path, table) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     table = table.reindex(columns=list(VERDICT_COLUMNS)).sort_values(["notebook", "profile"], kind="stable")
     table["steps"] = table["steps"].astype("Int64")  # "400", whether or not another row has no budget
-    temporary = path.with_suffix(".tmp")
-    table.to_csv(temporary, index=False, float_format="%.6g")
-    temporary.replace(path)
+    write_atomically(path, lambda handle: table.to_csv(handle, index=False, float_format="%.6g"))
 
 
 def read_verdicts(path: Path):

@@ -25,6 +25,7 @@ import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from ..checkpoint import write_atomically
 from .figures import notebook_figures, paper_style
 from .profiles import REPO_ROOT, Profile, get_profile, output_dir, protocol
 from .runs import (_code_key_of, _run_job, _write_json, config_key, evaluate_run, file_run, make_config, map_runs,
@@ -211,10 +212,8 @@ def continue_runs(jobs: list[Job], profile: Profile, probe: Profile) -> int:
             continue
         if json.loads((source / "result.json").read_text()).get("code_key") != job.code_key:
             continue
-        target.mkdir(parents=True, exist_ok=True)
         for name in ("progress.json", "metrics.jsonl", "last.pt"):  # the checkpoint last: it marks the copy done
-            shutil.copyfile(source / name, target / f"{name}.tmp")
-            (target / f"{name}.tmp").replace(target / name)
+            write_atomically(target / name, lambda handle, name=name: handle.write((source / name).read_bytes()))
         continued += 1
     return continued
 
@@ -475,18 +474,12 @@ def file_table(frame, notebook: str, profile: Profile, *, protocol_line: str | N
     """File a notebook's own table (one that is not an ablation's runs, e.g. the quick start's row or the samplers'
     grid) as ``<results>/<notebook>/<profile>.csv`` (default ``experiments/results``) with its protocol (default
     the workbook's); atomic."""
-    import json
     from dataclasses import asdict
 
-    from .profiles import protocol
-
     folder = (results or results_dir(Path(), True)) / notebook
-    folder.mkdir(parents=True, exist_ok=True)
-    temporary = folder / f"{profile.name}.tmp"
-    frame.to_csv(temporary, index=False, float_format="%.6g")
-    temporary.replace(folder / f"{profile.name}.csv")
-    (folder / f"{profile.name}.json").write_text(json.dumps({"protocol": protocol_line or protocol(profile),
-                                                            "profile": asdict(profile)}, indent=1))
+    write_atomically(folder / f"{profile.name}.csv", lambda handle: frame.to_csv(handle, index=False, float_format="%.6g"))
+    record = json.dumps({"protocol": protocol_line or protocol(profile), "profile": asdict(profile)}, indent=1)
+    write_atomically(folder / f"{profile.name}.json", lambda handle: handle.write(record.encode()))
     return folder / f"{profile.name}.csv"
 
 
