@@ -1,6 +1,7 @@
 """The figures' specs: print sizes, fonts, one look per arm, files drawn from the results alone and checked."""
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 from pathlib import Path
@@ -98,7 +99,10 @@ def test_every_figure_is_print_sized_with_fonts_of_7_pt_or_more(tmp_path):
     sampler_runs = pd.DataFrame([{"variant": f"{s} {n} steps", "seed": seed, "sampler": s, "steps": n,
                                   "nfe": n, "fd": 100.0 / n + seed} for s in ("heun", "ddim") for n in (5, 50)
                                  for seed in (0, 1)])
-    drawn = [figures.plot_comparisons(files), figures.plot_loss_by_sigma(files, "p4"),
+    by_budget = dataclasses.replace(files, verdicts=pd.concat([files.verdicts.assign(steps=steps)
+                                                               for steps in (20, 40)], ignore_index=True))
+    drawn = [figures.plot_comparisons(files), figures.plot_verdicts_by_budget(by_budget),
+             figures.plot_loss_by_sigma(files, "p4"),
              figures.plot_learning_curves(files), figures.plot_quality_vs_gflops(files.runs),
              figures.plot_samples(files, results, [list(ARMS)], 0),
              figures.plot_fd_vs_nfe(figures.ResultsFiles(figures.SAMPLERS_NOTEBOOK, "cpu", sampler_runs, None,
@@ -107,8 +111,9 @@ def test_every_figure_is_print_sized_with_fonts_of_7_pt_or_more(tmp_path):
         assert fig.get_figwidth() in (style.ONE_COLUMN, style.TWO_COLUMN)
         sizes = {text.get_text(): text.get_fontsize() for text in _texts(fig)}
         assert sizes and min(sizes.values()) >= style.MIN_FONT_PT, sizes
-    comparisons = drawn[0]
+    comparisons, budgets = drawn[:2]
     assert len(comparisons.axes) == 2  # loss and FD never share an axis
+    assert len(budgets.axes) == 2 and [len(line.get_xdata()) for line in budgets.axes[0].lines][0] == 2
 
 
 def test_notebook_figures_writes_pdf_with_truetype_fonts_and_300_dpi_png(tmp_path):

@@ -350,6 +350,44 @@ def notebook_figures(notebook: str, profile: str, results: Path | None = None) -
     return written
 
 
+def plot_verdicts_by_budget(files: ResultsFiles):
+    """Each comparison's paired difference against training steps: the mean and the verdict's own 95% interval
+    at every budget it was judged at, one row per comparison and one column per metric (the primary, then the
+    secondary), the verdict's initial beside each point (S supported, C contradicted, U unresolved, E equivalent,
+    D descriptive). Where a verdict changes with the budget, this is the picture of it."""
+    points = [p for p in _verdict_points(files) if _is_number(p.get("steps"))]
+    comparisons = list(dict.fromkeys(p["comparison"] for p in points))
+    metrics = list(dict.fromkeys(p["metric"] for p in points))
+    budgets = sorted({int(p["steps"]) for p in points})
+    fig, axes = style.figure(TWO_COLUMN, 0.5 + 1.15 * len(comparisons), nrows=len(comparisons), ncols=len(metrics),
+                             squeeze=False, sharex=True)
+    for row, comparison in enumerate(comparisons):
+        look = files.style(comparison.split(" - ", 1)[0])
+        for column, metric in enumerate(metrics):
+            ax = axes[row, column]
+            mine = sorted((p for p in points if p["comparison"] == comparison and p["metric"] == metric),
+                          key=lambda p: p["steps"])
+            steps = [p["steps"] for p in mine]
+            means = [p["mean_diff"] for p in mine]
+            low = [m - p["ci_low"] if math.isfinite(p["ci_low"]) else 0.0 for m, p in zip(means, mine)]
+            high = [p["ci_high"] - m if math.isfinite(p["ci_high"]) else 0.0 for m, p in zip(means, mine)]
+            ax.errorbar(steps, means, yerr=[low, high], color=look.colour, marker=look.marker, ms=4, lw=1.0,
+                        capsize=2, markeredgecolor="black", markeredgewidth=0.4)
+            for point in mine:
+                ax.annotate(str(point["verdict"])[:1].upper(), (point["steps"], point["mean_diff"]),
+                            textcoords="offset points", xytext=(4, 3), fontsize=7)
+            ax.axhline(0, color="black", lw=0.6)
+            _log_ticks(ax, budgets)
+            if row == 0:
+                ax.set_title(files.label(metric), loc="left")
+            if column == 0:
+                ax.set_ylabel(comparison.replace(" - ", "\n− "), fontsize=7)
+    for ax in axes[-1]:
+        ax.set_xlabel("optimizer steps (budget)")
+    fig.suptitle("arm − reference by training budget: mean paired difference and the verdict's 95% interval")
+    return fig
+
+
 def _sample_layout(files: ResultsFiles) -> tuple[list[list[str]], int]:
     """The arms of the sample figure (rows of names) and the seed it shows (the first)."""
     seed = int(min(files.runs["seed"]))
@@ -364,6 +402,8 @@ def _figure_makers(files: ResultsFiles, results: Path, samples) -> dict:
     makers = {}
     if len(files.verdicts):
         makers["comparisons"] = lambda: plot_comparisons(files)
+        if "steps" in files.verdicts and files.verdicts["steps"].nunique() > 1:
+            makers["verdicts_by_budget"] = lambda: plot_verdicts_by_budget(files)
     if files.notebook == SAMPLERS_NOTEBOOK:
         makers["fd_vs_nfe"] = lambda: plot_fd_vs_nfe(files)
     else:
