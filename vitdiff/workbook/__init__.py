@@ -26,5 +26,6 @@ from .figures import (check_outputs, class_labels, notebook_figures, paper_style
                       show_figures, show_grid, stale_figures)
 from .widgets import explorer, sample_explorer
 from .studies import SCALES, STUDIES, Study, study
+from .budget import show_budget
 from .campaign import (cost_line, file_table, file_verdicts, judge_study, rows_folder, setup, show_verdicts, study_runs, summary,
                        verdict_changes)

@@ -73,3 +73,22 @@ def budget_lines(curves) -> list[str]:
                  if arm in by_arm.index else "—" for arm in arms]
         lines.append(f"| {int(step)} | " + " | ".join(cells) + " |")
     return [*lines, "", f"Means over seeds (count in brackets). Budget: {settled_budget(table)[1]}."]
+
+
+def show_budget(curves, notebook: str, profile) -> None:
+    """A notebook's budget cell: the loss / FD table and the settled-budget sentence of its runs' curves, and of
+    its budget probe (``<profile>-probe``, the budget arms trained on) where one is filed."""
+    import pandas as pd
+    from IPython.display import Markdown, display
+
+    from .profiles import REPO_ROOT
+
+    sections = [(f"The runs of `{profile.name}`", curves)]
+    probe = REPO_ROOT / "experiments" / "results" / notebook / f"{profile.name}-probe_curves.csv"
+    if probe.is_file():
+        sections.append((f"The budget probe (`{profile.name}-probe`: the budget arms, seeds 0 and 1, trained on)",
+                         pd.read_csv(probe)))
+    for title, frame in sections:
+        lines = budget_lines(frame)
+        display(Markdown(f"**{title}.** " + ("\n\n" + "\n".join(lines) if lines else
+                                             "The Fréchet metric was measured at one budget only.")))
