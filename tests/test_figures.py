@@ -14,6 +14,7 @@ import torch
 matplotlib.use("Agg")
 
 from vitdiff import report  # noqa: E402
+from vitdiff.text_workbook import ALIGNMENT_METRICS, plot_alignment  # noqa: E402
 from vitdiff.workbook import figures, style  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -106,7 +107,11 @@ def test_every_figure_is_print_sized_with_fonts_of_7_pt_or_more(tmp_path):
              figures.plot_learning_curves(files), figures.plot_quality_vs_gflops(files.runs),
              figures.plot_samples(files, results, [list(ARMS)], 0),
              figures.plot_fd_vs_nfe(figures.ResultsFiles(figures.SAMPLERS_NOTEBOOK, "cpu", sampler_runs, None,
-                                                         files.verdicts.iloc[:0], "", []))]
+                                                         files.verdicts.iloc[:0], "", [])),
+             plot_alignment(pd.DataFrame([{"seed": seed, "split": split, "guidance": w, "attribute": name,
+                                           "k": 10 + seed, "n_judged": 32, "k_shuffled": 5, "k_empty": 4}
+                                          for seed in (0, 1) for split in ("val", "test") for w in (1.0, 3.0)
+                                          for name in ALIGNMENT_METRICS]), "a protocol line")]
     for fig in drawn:
         assert fig.get_figwidth() in (style.ONE_COLUMN, style.TWO_COLUMN)
         sizes = {text.get_text(): text.get_fontsize() for text in _texts(fig)}

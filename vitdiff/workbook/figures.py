@@ -308,6 +308,7 @@ def plot_samples(files: ResultsFiles, results: Path, grid: list[list[str]], seed
 
 
 SAMPLERS_NOTEBOOK = "06_samplers"
+TEXT_NOTEBOOK = "07_text_to_image"  # figures from its alignment rows; its prompt grids need the model
 
 
 def plot_fd_vs_nfe(files: ResultsFiles):
@@ -391,6 +392,8 @@ def plot_verdicts_by_budget(files: ResultsFiles):
 def _sample_layout(files: ResultsFiles) -> tuple[list[list[str]], int]:
     """The arms of the sample figure (rows of names) and the seed it shows (the first)."""
     seed = int(min(files.runs["seed"]))
+    if files.notebook == TEXT_NOTEBOOK:
+        return [], seed  # its samples are prompt grids, drawn by the notebook from the model
     if files.notebook == SAMPLERS_NOTEBOOK:
         return [list(dict.fromkeys(rows["variant"])) for _, rows in files.runs.groupby("sampler", sort=False)], seed
     arms = _arms(files.runs)
@@ -399,6 +402,10 @@ def _sample_layout(files: ResultsFiles) -> tuple[list[list[str]], int]:
 
 
 def _figure_makers(files: ResultsFiles, results: Path, samples) -> dict:
+    if files.notebook == TEXT_NOTEBOOK:
+        from ..text_workbook import plot_alignment
+
+        return {"alignment_vs_guidance": lambda: plot_alignment(files.runs, files.protocol)}
     makers = {}
     if len(files.verdicts):
         makers["comparisons"] = lambda: plot_comparisons(files)
@@ -445,7 +452,7 @@ def _code_digest() -> str:
 def figure_profiles(results: Path) -> list[tuple[str, str]]:
     """Every (notebook, profile) with figures: the real profiles' results files of the notebooks above."""
     found = []
-    for notebook in [*REFERENCES, SAMPLERS_NOTEBOOK]:
+    for notebook in [*REFERENCES, SAMPLERS_NOTEBOOK, TEXT_NOTEBOOK]:
         for table in sorted((results / notebook).glob("*.csv")):
             if "_" not in table.stem and table.stem != "smoke":
                 found.append((notebook, table.stem))
