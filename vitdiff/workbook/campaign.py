@@ -330,12 +330,14 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
     the budget arms, ``probe`` trains the budget probe to that many steps instead (:func:`probe_profile`)."""
     base, profile = (profile, probe_profile(profile, probe)) if probe else (None, profile)
     jobs = plan(notebook, profile)
+    if probe:  # a probe is its budget arms alone
+        jobs = [job for job in jobs if job.arm in job.study.budget_arms]
     folder = results_dir(Path(), True)
     name = jobs[0].study.notebook
     rows = filed_rows(name, profile, folder)
     states = status(jobs, rows)
     todo = states["stale"] + states["missing"]
-    if budget_only or probe:
+    if budget_only:
         todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
     if base is not None and todo:
         print(f"{continue_runs(todo, base, profile)} of {len(todo)} probe runs continue the {base.name} runs "
