@@ -229,3 +229,15 @@ def test_the_settled_budget_is_the_first_step_near_the_end_with_the_final_order(
     assert step is None and "order by loss changed between 2000 and 4000" in why
     lines = budget_lines(curves((100, 60, 42, 40), (150, 80, 52, 50)))
     assert lines[2].startswith("| 400 | 3.0005 / 100.0 (2) | 4.0005 / 150.0 (2) |")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["04", "--profile", "smoke", "--arm", "skip: nope"], "has no arm 'skip: nope': use one of"),
+    (["09", "--status"], "no study for notebook '09'"),
+    (["04", "--profile", "nope", "--status"], "unknown profile 'nope'"),
+    (["04", "--profile", "smoke", "--probe", "2", "--status"], "ask for more (e.g. --probe 8)"),
+])
+def test_campaign_mistakes_are_one_line_that_says_what_to_do(argv, message, capsys):
+    assert campaign.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("campaign: ") and message in err and "Traceback" not in err

@@ -26,6 +26,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from ..checkpoint import write_atomically
+from ..config import ConfigError
 from .figures import notebook_figures, paper_style
 from .profiles import REPO_ROOT, Profile, get_profile, output_dir, protocol
 from .runs import (_code_key_of, _run_job, _write_json, config_key, evaluate_run, file_run, make_config, map_runs,
@@ -191,7 +192,7 @@ def probe_profile(profile: Profile, steps: int) -> Profile:
     Fréchet metric at the profile's budgets and at every doubling of its steps up to ``steps``
     (:mod:`vitdiff.workbook.budget` reads the curves)."""
     if steps <= profile.steps:
-        raise ValueError(f"a probe of {profile.name} trains past its {profile.steps} steps: ask for more (e.g. "
+        raise ConfigError(f"a probe of {profile.name} trains past its {profile.steps} steps: ask for more (e.g. "
                          f"--probe {2 * profile.steps})")
     doublings = [profile.steps * 2 ** k for k in range(1, 32) if profile.steps * 2 ** k < steps]
     return replace(profile.with_overrides(**{"train.steps": steps}), name=f"{profile.name}-probe",
@@ -324,10 +325,11 @@ def refresh(notebook: str, profile: Profile) -> list[Path]:
 
 
 def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = False, limit: int | None = None,
-        budget_only: bool = False, probe: int | None = None) -> None:
+        budget_only: bool = False, probe: int | None = None, arms: list[str] | None = None) -> None:
     """Train the missing and stale runs of a notebook's study into ``experiments/results/``, filing (and with
     ``commit`` committing) each row as it lands; ``limit`` stops after that many runs, ``budget_only`` trains only
-    the budget arms, ``probe`` trains the budget probe to that many steps instead (:func:`probe_profile`)."""
+    the budget arms, ``arms`` only the arms named (e.g. more seeds where a result surprised), ``probe`` trains the
+    budget probe to that many steps instead (:func:`probe_profile`)."""
     base, profile = (profile, probe_profile(profile, probe)) if probe else (None, profile)
     jobs = plan(notebook, profile)
     if probe:  # a probe is its budget arms alone
@@ -339,6 +341,12 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
     todo = states["stale"] + states["missing"]
     if budget_only:
         todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
+    if arms:
+        unknown = sorted(set(arms) - {job.arm for job in jobs})
+        if unknown:
+            raise ConfigError(f"{name} has no arm {', '.join(map(repr, unknown))}: use one of "
+                             f"{sorted({job.arm for job in jobs})}")
+        todo = [job for job in todo if job.arm in arms]
     if base is not None and todo:
         print(f"{continue_runs(todo, base, profile)} of {len(todo)} probe runs continue the {base.name} runs "
               "of this machine", flush=True)
@@ -376,7 +384,7 @@ def judge_study(chosen: Study, results, curves, profile: Profile, *, states: dic
     states = states or {}
     stale = states.get("stale", [])
     if stale:
-        raise ValueError(f"{len(stale)} filed run(s) of {chosen.notebook} were made by other code or config "
+        raise ConfigError(f"{len(stale)} filed run(s) of {chosen.notebook} were made by other code or config "
                          f"({', '.join(f'{job.arm} seed {job.seed}' for job in stale[:5])}...): retrain them with "
                          f"`python -m vitdiff.campaign {chosen.notebook[:2]} --profile {profile.name}` "
                          "before judging")
@@ -417,7 +425,7 @@ def judge(notebook: str, profile: Profile, *, legacy: bool = False) -> None:
 
     chosen, rows, curves, states = committed_study(notebook, profile)
     if states["legacy"] and not legacy:
-        raise ValueError(f"{len(states['legacy'])} rows of {chosen.notebook} @ {profile.name} were filed before runs "
+        raise ConfigError(f"{len(states['legacy'])} rows of {chosen.notebook} @ {profile.name} were filed before runs "
                          "carried keys: judge them as filed with --legacy")
     table = judge_study(chosen, rows, curves, profile, states=states)
     update_verdicts(results_dir(Path(), True) / "verdicts.csv", table)
@@ -562,6 +570,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=2, help="runs at a time, one thread each (default: 2)")
     parser.add_argument("--limit", type=int, help="stop after this many runs (default: all missing)")
     parser.add_argument("--budget-only", action="store_true", help="train only the budget arms (seeds 0 and 1)")
+    parser.add_argument("--arm", action="append", dest="arms", metavar="NAME",
+                        help="train only this arm (repeatable), e.g. --arm 'skip: none' --seeds 0-3")
     parser.add_argument("--probe", type=int, metavar="STEPS",
                         help="train the budget probe instead: the budget arms (seeds 0, 1) on to STEPS, filed as "
                              "profile <profile>-probe (how the long budget is chosen)")
@@ -573,7 +583,10 @@ def main(argv: list[str] | None = None) -> int:
     from ..cli import run_command
 
     def command() -> int:
-        profile = get_profile(args.profile)
+        try:
+            profile = get_profile(args.profile)
+        except ValueError as error:  # an unknown profile: one line, not a traceback
+            raise ConfigError(str(error)) from error
         if args.seeds:
             profile = replace(profile, seeds=_seeds(args.seeds))
         for notebook in args.notebooks:
@@ -588,7 +601,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(describe(jobs[0].study.notebook, shown, status(jobs, rows), rows))
             else:
                 run(notebook, profile, workers=args.workers, commit=args.commit, limit=args.limit,
-                    budget_only=args.budget_only, probe=args.probe)
+                    budget_only=args.budget_only, probe=args.probe, arms=args.arms)
         return 0
 
     return run_command("campaign", command)

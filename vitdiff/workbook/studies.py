@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..config import ConfigError
 from ..findings import Comparison
 from .profiles import Profile
 from .runs import Variant, match_flops, model_cost_of
@@ -41,7 +42,7 @@ SCALES = {
 
 def scale_of(profile: Profile) -> Scale:
     if profile.size not in SCALES:
-        raise ValueError(f"no study scale for profile size {profile.size!r}: add one to SCALES ({list(SCALES)})")
+        raise ConfigError(f"no study scale for profile size {profile.size!r}: add one to SCALES ({list(SCALES)})")
     return SCALES[profile.size]
 
 
@@ -207,5 +208,5 @@ def study(notebook: str, profile: Profile) -> Study:
     """The study of a notebook, by number ("03") or file stem ("03_ascend_ablation"), at a profile."""
     key = notebook[:2]
     if key not in STUDIES:
-        raise ValueError(f"no study for notebook {notebook!r}: use one of {list(STUDIES)}")
+        raise ConfigError(f"no study for notebook {notebook!r}: use one of {list(STUDIES)}")
     return STUDIES[key](profile)
