@@ -126,7 +126,7 @@ def test_a_default_rerun_reads_the_committed_rows_back_and_leaves_the_tree_clean
     before = _tree_status()
     profile = wb.get_profile("cpu")
     study = studies.study("04", profile)
-    results, curves, states = campaign.study_runs(study, profile, tmp_path, train=None)
+    results, curves, states = wb.study_runs(study, profile, tmp_path, train=None)
     assert not states.get("trained") and len(results) == len(study.variants) * len(profile.seeds)
     table = campaign.judge_study(study, results, curves, profile, states=states)
     committed = read_verdicts(wb.REPO_ROOT / "experiments" / "results" / "verdicts.csv")

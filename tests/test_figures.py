@@ -14,7 +14,6 @@ import torch
 matplotlib.use("Agg")
 
 from vitdiff import report  # noqa: E402
-from vitdiff.text_workbook import ALIGNMENT_METRICS, plot_alignment  # noqa: E402
 from vitdiff.workbook import figures, style  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
@@ -108,10 +107,10 @@ def test_every_figure_is_print_sized_with_fonts_of_7_pt_or_more(tmp_path):
              figures.plot_samples(files, results, [list(ARMS)], 0),
              figures.plot_fd_vs_nfe(figures.ResultsFiles(figures.SAMPLERS_NOTEBOOK, "cpu", sampler_runs, None,
                                                          files.verdicts.iloc[:0], "", [])),
-             plot_alignment(pd.DataFrame([{"seed": seed, "split": split, "guidance": w, "attribute": name,
+             figures.plot_alignment(pd.DataFrame([{"seed": seed, "split": split, "guidance": w, "attribute": name,
                                            "k": 10 + seed, "n_judged": 32, "k_shuffled": 5, "k_empty": 4}
                                           for seed in (0, 1) for split in ("val", "test") for w in (1.0, 3.0)
-                                          for name in ALIGNMENT_METRICS]), "a protocol line")]
+                                          for name in style.ATTRIBUTE_LOOKS]), "a protocol line")]
     for fig in drawn:
         assert fig.get_figwidth() in (style.ONE_COLUMN, style.TWO_COLUMN)
         sizes = {text.get_text(): text.get_fontsize() for text in _texts(fig)}
@@ -174,3 +173,9 @@ def test_regenerating_gives_the_same_bytes_and_check_finds_stale_figures(tmp_pat
     (results / NOTEBOOK / "figures" / "cpu_comparisons.pdf").unlink()
     assert report.main(["--check", *paths]) == 1
     assert "cpu_comparisons.pdf is missing" in capsys.readouterr().err
+
+
+def test_every_text_attribute_has_one_look():
+    from vitdiff.text_workbook import ALIGNMENT_METRICS
+
+    assert tuple(style.ATTRIBUTE_LOOKS) == ALIGNMENT_METRICS

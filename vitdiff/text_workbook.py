@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import textwrap
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -19,7 +18,7 @@ import torch
 from .config import Config
 from .workbook import (Profile, ProfileChanges, config_key, explorer, get_profile, map_runs, model_cost, one_thread,
                        save_results, show_grid)
-from .workbook.campaign import file_table
+from .workbook.notebook import file_table
 
 
 # -- text-to-image on the shapes set (notebook 07) ------------------------------------------------
@@ -355,50 +354,6 @@ def alignment_comparisons(guidance: float, image_size: int | None = None) -> lis
     return [Comparison(questions[split], claim, alignment_arm(split, guidance, OWN),
                        alignment_arm(split, guidance, baseline), metric, direction="higher", test="rate")
             for split, metric, baseline in chosen]
-
-
-# One colour and marker per attribute (Okabe-Ito), the same in every figure of notebook 07.
-ATTRIBUTE_LOOKS = {"all_correct": ("#000000", "o"), "shape": ("#D55E00", "s"), "colour": ("#0072B2", "^"),
-                   "size": ("#009E73", "D"), "position": ("#CC79A7", "v"), "count": ("#E69F00", "P")}
-
-
-def plot_alignment(frame, protocol: str):
-    """Accuracy by guidance per attribute, pooled over seeds, with its 95% Wilson interval (the counts the rate
-    verdicts test), beside the same samples judged against shuffled captions (dotted) and samples from the empty
-    caption (hollow marker at w = 0); one panel per split, in the workbook's print style. ``protocol``: the line
-    the figure carries (:func:`text_protocol`, or the results file's)."""
-    from matplotlib.lines import Line2D
-    from statsmodels.stats.proportion import proportion_confint
-
-    from .workbook import style
-
-    fig, axes = style.figure(style.TWO_COLUMN, 3.0, ncols=2, sharey=True)
-    titles = {"val": "val: new scenes, seen pairs", "test": "test: held-out colour-shape pairs"}
-    for ax, split in zip(axes, ("val", "test")):
-        rows = frame[frame["split"] == split]
-        for name in ALIGNMENT_METRICS:
-            colour, marker = ATTRIBUTE_LOOKS[name]
-            pooled = rows[rows["attribute"] == name].groupby("guidance")[["k", "n_judged", "k_shuffled",
-                                                                         "k_empty"]].sum()
-            accuracy = pooled["k"] / pooled["n_judged"]
-            low, high = proportion_confint(pooled["k"], pooled["n_judged"], alpha=0.05, method="wilson")
-            ax.errorbar(pooled.index, accuracy, yerr=[accuracy - low, high - accuracy], color=colour,
-                        marker=marker, ms=3.5, capsize=2, lw=1.0)
-            ax.plot(pooled.index, pooled["k_shuffled"] / pooled["n_judged"], color=colour, ls=":", lw=1.0)
-            ax.plot([0], [pooled["k_empty"].sum() / pooled["n_judged"].sum()], color=colour, marker=marker,
-                    markerfacecolor="none", ls="none")
-        ax.set_title(titles[split], loc="left")
-        ax.set_xlabel("guidance w (DiT convention)")
-    axes[0].set_ylabel("judge accuracy (pooled over seeds)")
-    handles = [Line2D([], [], color=ATTRIBUTE_LOOKS[name][0], marker=ATTRIBUTE_LOOKS[name][1], label=name)
-               for name in ALIGNMENT_METRICS]
-    handles += [Line2D([], [], color="grey", marker="o", label="own caption, 95% CI"),
-                Line2D([], [], color="grey", ls=":", label="shuffled captions"),
-                Line2D([], [], color="grey", marker="o", markerfacecolor="none", ls="none",
-                       label="empty caption (at w = 0)")]
-    fig.legend(handles=handles, loc="outside right lower")
-    fig.suptitle(textwrap.fill(protocol, 95))
-    return fig
 
 
 # Targets (issue 24): on val, shape follows the caption at twice its shuffled baseline and a quarter of the samples

@@ -11,6 +11,7 @@ import hashlib
 import json
 import math
 import re
+import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -389,6 +390,43 @@ def plot_verdicts_by_budget(files: ResultsFiles):
     return fig
 
 
+def plot_alignment(frame, protocol: str):
+    """Accuracy by guidance per attribute, pooled over seeds, with its 95% Wilson interval (the counts the rate
+    verdicts test), beside the same samples judged against shuffled captions (dotted) and samples from the empty
+    caption (hollow marker at w = 0); one panel per split, in the workbook's print style. ``protocol``: the line
+    the figure carries (:func:`vitdiff.text_workbook.text_protocol`, or the results file's)."""
+    from matplotlib.lines import Line2D
+    from statsmodels.stats.proportion import proportion_confint
+
+    fig, axes = style.figure(style.TWO_COLUMN, 3.0, ncols=2, sharey=True)
+    titles = {"val": "val: new scenes, seen pairs", "test": "test: held-out colour-shape pairs"}
+    for ax, split in zip(axes, ("val", "test")):
+        rows = frame[frame["split"] == split]
+        for name, look in style.ATTRIBUTE_LOOKS.items():
+            colour, marker = look.colour, look.marker
+            pooled = rows[rows["attribute"] == name].groupby("guidance")[["k", "n_judged", "k_shuffled",
+                                                                         "k_empty"]].sum()
+            accuracy = pooled["k"] / pooled["n_judged"]
+            low, high = proportion_confint(pooled["k"], pooled["n_judged"], alpha=0.05, method="wilson")
+            ax.errorbar(pooled.index, accuracy, yerr=[accuracy - low, high - accuracy], color=colour,
+                        marker=marker, ms=3.5, capsize=2, lw=1.0)
+            ax.plot(pooled.index, pooled["k_shuffled"] / pooled["n_judged"], color=colour, ls=":", lw=1.0)
+            ax.plot([0], [pooled["k_empty"].sum() / pooled["n_judged"].sum()], color=colour, marker=marker,
+                    markerfacecolor="none", ls="none")
+        ax.set_title(titles[split], loc="left")
+        ax.set_xlabel("guidance w (DiT convention)")
+    axes[0].set_ylabel("judge accuracy (pooled over seeds)")
+    handles = [Line2D([], [], color=look.colour, marker=look.marker, label=name)
+               for name, look in style.ATTRIBUTE_LOOKS.items()]
+    handles += [Line2D([], [], color="grey", marker="o", label="own caption, 95% CI"),
+                Line2D([], [], color="grey", ls=":", label="shuffled captions"),
+                Line2D([], [], color="grey", marker="o", markerfacecolor="none", ls="none",
+                       label="empty caption (at w = 0)")]
+    fig.legend(handles=handles, loc="outside right lower")
+    fig.suptitle(textwrap.fill(protocol, 95))
+    return fig
+
+
 def _sample_layout(files: ResultsFiles) -> tuple[list[list[str]], int]:
     """The arms of the sample figure (rows of names) and the seed it shows (the first)."""
     seed = int(min(files.runs["seed"]))
@@ -403,8 +441,6 @@ def _sample_layout(files: ResultsFiles) -> tuple[list[list[str]], int]:
 
 def _figure_makers(files: ResultsFiles, results: Path, samples) -> dict:
     if files.notebook == TEXT_NOTEBOOK:
-        from ..text_workbook import plot_alignment
-
         return {"alignment_vs_guidance": lambda: plot_alignment(files.runs, files.protocol)}
     makers = {}
     if len(files.verdicts):
