@@ -267,16 +267,16 @@ def share_filed_runs(jobs: list[Job], profile: Profile, folder: Path) -> list[Jo
     if not jobs:
         return jobs
     runs = output_dir(jobs[0].study.notebook, profile) / "runs"
-    others = {}
+    done_elsewhere = []
     for notebook in STUDIES:
         other_jobs = plan(notebook, profile)
         if other_jobs[0].study.notebook != jobs[0].study.notebook:
             rows = filed_rows(other_jobs[0].study.notebook, profile, folder)
-            others[notebook] = (status(other_jobs, rows)["done"], rows)
+            done_elsewhere += status(other_jobs, rows)["done"]
     todo = []
     for job in jobs:
         config = make_config(job.study.variant(job.arm), profile, job.seed, runs)
-        twin = next((other for done, _ in others.values() for other in done
+        twin = next((other for other in done_elsewhere
                      if other.seed == job.seed and other.code_key == job.code_key
                      and _training_config(config) == _training_config(
                          other_config := make_config(other.study.variant(other.arm), profile, other.seed, runs))
