@@ -241,3 +241,13 @@ def test_campaign_mistakes_are_one_line_that_says_what_to_do(argv, message, caps
     assert campaign.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("campaign: ") and message in err and "Traceback" not in err
+
+
+def test_no_committed_notebook_carries_papermills_injected_parameters():
+    # A committed run's `-p file_results True` left in the notebook would make every default run (and nbval) file
+    # its rows into experiments/results/.
+    import json
+
+    for path in sorted((wb.REPO_ROOT / "notebooks").glob("*.ipynb")):
+        cells = json.loads(path.read_text())["cells"]
+        assert not [c for c in cells if "injected-parameters" in c.get("metadata", {}).get("tags", [])], path.name
