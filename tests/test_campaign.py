@@ -251,3 +251,69 @@ def test_no_committed_notebook_carries_papermills_injected_parameters():
     for path in sorted((wb.REPO_ROOT / "notebooks").glob("*.ipynb")):
         cells = json.loads(path.read_text())["cells"]
         assert not [c for c in cells if "injected-parameters" in c.get("metadata", {}).get("tags", [])], path.name
+
+
+def _loss_rows(jobs, losses):
+    """Filed rows of ``jobs`` with the keys that make them done and the given loss of each (arm, seed)."""
+    return pd.DataFrame([{"variant": job.arm, "seed": job.seed, "loss": losses(job.arm, job.seed),
+                          "config_key": job.config_key, "code_key": job.code_key, "wall_s": 1.0} for job in jobs])
+
+
+def test_a_comparison_whose_mde_is_above_2_percent_of_the_loss_gets_as_many_seeds_again():
+    profile = replace(wb.get_profile("smoke"), seeds=(0, 1, 2, 3))
+    jobs = campaign.plan("04", profile, rows=pd.DataFrame(columns=["variant", "seed", "loss"]))
+    comparison = jobs[0].study.comparisons[0]
+    pair = [job for job in jobs if job.arm in (comparison.arm, comparison.reference)]
+    noisy = {0: 0.0, 1: 0.06, 2: -0.05, 3: 0.02}  # paired differences spread over ~10% of a loss of 0.5
+    for spread, wanted in ((1.0, (4, 5, 6, 7)), (0.01, ())):
+        rows = _loss_rows(pair, lambda arm, seed: 0.5 + (spread * noisy[seed] if arm == comparison.arm else 0))
+        assert campaign.precision_seeds(jobs[0].study, profile, rows).get(comparison.arm, ()) == wanted
+        more = {(job.arm, job.seed) for job in campaign.plan("04", profile, rows=rows)} - {(j.arm, j.seed) for j in jobs}
+        assert more == {(arm, seed) for arm in (comparison.arm, comparison.reference) for seed in wanted}
+    # Until every profile seed of both arms is filed, nothing more is planned.
+    rows = _loss_rows(pair[:-1], lambda arm, seed: 0.5 + (noisy[seed] if arm == comparison.arm else 0))
+    assert campaign.precision_seeds(jobs[0].study, profile, rows) == {}
+    assert campaign.precision_seeds(jobs[0].study, wb.get_profile("smoke"), rows) == {}  # 1 seed: no rule
+
+
+def test_a_campaign_trains_the_seeds_its_landed_rows_call_for_in_the_same_call(tmp_path, monkeypatch):
+    results = tmp_path / "results"
+    monkeypatch.setattr(campaign, "results_dir", lambda out_dir, file_results=False: results)
+    profile = replace(wb.get_profile("smoke"), seeds=(0, 1, 2, 3))
+    comparison = studies.study("04", profile).comparisons[0]
+    rounds = []
+
+    def file_fake_rows(todo, profile, runs, folder, **_):  # what training would file: noisy paired losses
+        rounds.append(sorted({job.seed for job in todo}))
+        path = folder / todo[0].study.notebook / f"{profile.name}.csv"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        new = _loss_rows(todo, lambda arm, seed: 0.5 + (0.05 * (-1) ** seed if arm == comparison.arm else 0))
+        pd.concat([pd.read_csv(path), new] if path.is_file() else [new]).to_csv(path, index=False)
+
+    monkeypatch.setattr(campaign, "train_jobs", file_fake_rows)
+    campaign.run("04", profile, workers=1, arms=[comparison.arm, comparison.reference])
+    assert rounds == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    rows = campaign.filed_rows("04_skip_connections", profile, results)
+    missing = campaign.status(campaign.plan("04", profile, rows), rows)["missing"]
+    assert len(rows) == 16 and not [job for job in missing if job.arm in (comparison.arm, comparison.reference)]
+
+
+def test_a_larger_probe_extends_the_earlier_probes_runs_to_the_numbers_of_a_run_from_scratch(tmp_path, monkeypatch):
+    # `--probe 16000` after `--probe 8000`: the filed 8000-step rows are stale, and their runs resume from step 8000.
+    base = replace(wb.get_profile("smoke"), budgets=(2,))
+    for name, probes in (("extended", (8, 16)), ("scratch", (16,))):
+        monkeypatch.setenv("VITDIFF_OUT_DIR", str(tmp_path / name / "outputs"))
+        monkeypatch.setattr(campaign, "results_dir", lambda out_dir, file_results=False, name=name: tmp_path / name)
+        for steps in probes:
+            campaign.run("04", base, workers=1, limit=1, probe=steps)
+    folder = {name: tmp_path / name / "04_skip_connections" for name in ("extended", "scratch")}
+    curves = {name: pd.read_csv(path / "smoke-probe_curves.csv") for name, path in folder.items()}
+    rows = {name: pd.read_csv(path / "smoke-probe.csv") for name, path in folder.items()}
+    assert list(curves["extended"]["step"]) == [2, 4, 6, 8, 12, 16]  # the 8-step probe's pauses, then the 16's
+    assert list(curves["scratch"]["step"]) == [2, 4, 8, 12, 16]
+    shared = curves["extended"][curves["extended"]["step"].isin(curves["scratch"]["step"])].reset_index(drop=True)
+    columns = [c for c in shared if c not in _TIMES]
+    pd.testing.assert_frame_equal(shared[columns], curves["scratch"][columns])
+    assert len(rows["extended"]) == 1 and rows["extended"]["steps"].tolist() == [16]
+    columns = [c for c in rows["scratch"] if c not in _TIMES]
+    pd.testing.assert_frame_equal(rows["extended"][columns], rows["scratch"][columns])

@@ -9,7 +9,8 @@ atomically) and an interrupted one resumes from its last pause.
 A filed row is *done* only while its config key and its code key (:func:`vitdiff.workbook.runs.code_key`) equal
 what the current code builds; a row with other keys is *stale*: it is listed, retrained when the campaign runs,
 and no verdict is filed while it stands. The budget arms (each study's reference and most different arm, seeds
-0 and 1) come first: their learning curves are what the long budget is chosen by.
+0 and 1) come first: their learning curves are what the long budget is chosen by. A comparison whose loss MDE over
+the profile's 4 seeds is above 2% of the loss then gets 4 seeds more for both its arms (:func:`precision_seeds`).
 
 ``--judge`` files the verdicts of every comparison at every budget of the profile (``steps`` column of
 ``verdicts.csv``) from the committed rows.
@@ -17,6 +18,7 @@ and no verdict is filed while it stands. The budget arms (each study's reference
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import shutil
 import subprocess
@@ -27,13 +29,22 @@ from pathlib import Path
 
 from ..checkpoint import write_atomically
 from ..config import ConfigError
+from . import runs as runs_module
 from .figures import notebook_figures
 from .profiles import REPO_ROOT, Profile, get_profile, output_dir
 from .runs import (_code_key_of, _run_job, _write_json, config_key, evaluate_run, file_run, make_config, map_runs,
                    one_thread, pause_points, results_dir, run_rows, slug)
 from .studies import STUDIES, Study, study
 
+# runs.code_key parses every numeric module again for each run it keys (about 0.7 s a job: planning 05 took 20 s,
+# and a campaign plans every notebook to find shared runs). A source text's syntax tree never changes, so the parse
+# is cached here; runs.py itself stays as it is, because its source is part of every filed run's code key.
+runs_module._code_without_docs = functools.lru_cache(maxsize=64)(runs_module._code_without_docs)
+
 BUDGET_SEEDS = (0, 1)
+# A comparison whose loss MDE over the profile's seeds (at least 4) is above this fraction of the reference's loss
+# gets as many seeds again, once (4 -> 8 at cpu-long): the campaign's rule for a precise enough answer.
+PRECISION_MDE = 0.02
 
 
 @dataclass(frozen=True)
@@ -46,17 +57,49 @@ class Job:
     code_key: str
 
 
-def plan(notebook: str, profile: Profile) -> list[Job]:
-    """Every run of a notebook's study at a profile, budget arms (seeds 0, 1) first, then seed by seed."""
+def plan(notebook: str, profile: Profile, rows=None) -> list[Job]:
+    """Every run of a notebook's study at a profile, budget arms (seeds 0, 1) first, then seed by seed, then the
+    seeds that the filed ``rows`` (default: the committed ones) call for (:func:`precision_seeds`)."""
     chosen = study(notebook, profile)
     runs = output_dir(chosen.notebook, profile) / "runs"
+    rows = filed_rows(chosen.notebook, profile) if rows is None else rows
     order = [(arm, seed) for seed in BUDGET_SEEDS if seed in profile.seeds for arm in chosen.budget_arms]
     order += [(v.name, seed) for seed in profile.seeds for v in chosen.variants if (v.name, seed) not in order]
+    more = precision_seeds(chosen, profile, rows)
+    order += [(v.name, seed) for seed in sorted({s for seeds in more.values() for s in seeds})
+              for v in chosen.variants if seed in more.get(v.name, ())]
     jobs = []
     for arm, seed in order:
         config = make_config(chosen.variant(arm), profile, seed, runs / "unused")
         jobs.append(Job(chosen, arm, seed, config_key(config), _code_key_of(config)))
     return jobs
+
+
+def precision_seeds(chosen: Study, profile: Profile, rows) -> dict[str, tuple[int, ...]]:
+    """The extra seeds each arm needs: both arms of a comparison on the loss get as many seeds again as the profile
+    has once every profile seed of both is filed and their paired MDE is above ``PRECISION_MDE`` of the
+    reference's loss. Profiles of fewer than 4 seeds (smoke, the probe) get none."""
+    from ..findings import paired_stats
+
+    if len(profile.seeds) < 4 or not len(rows) or "loss" not in rows:
+        return {}
+    extra = tuple(range(max(profile.seeds) + 1, max(profile.seeds) + 1 + len(profile.seeds)))
+    base = rows[rows["seed"].isin(profile.seeds)]
+    more: dict[str, tuple[int, ...]] = {}
+    for comparison in chosen.comparisons:
+        if comparison.metric != "loss":
+            continue
+        table = base[base["variant"].isin([comparison.arm, comparison.reference])].pivot_table(
+            index="seed", columns="variant", values="loss", aggfunc="first").reindex(
+            index=list(profile.seeds), columns=[comparison.arm, comparison.reference])
+        if table.isna().any().any():
+            continue  # not every profile seed of both arms is filed yet
+        stats = paired_stats(table[comparison.arm].to_numpy(float), table[comparison.reference].to_numpy(float),
+                             comparison, "loss")
+        if stats["mde_rel"] > PRECISION_MDE:
+            for arm in (comparison.arm, comparison.reference):
+                more[arm] = extra
+    return more
 
 
 def filed_rows(notebook: str, profile: Profile, folder: Path | None = None):
@@ -92,6 +135,10 @@ def describe(notebook: str, profile: Profile, states: dict[str, list[Job]], rows
     legacy = f", {len(states['legacy'])} filed before runs carried keys" if states["legacy"] else ""
     line = (f"{notebook} @ {profile.name}: {len(states['done'])} done{legacy}, {len(states['stale'])} stale, "
             f"{len(states['missing'])} missing")
+    more = [job for job in todo if job.seed not in profile.seeds]
+    if more:
+        line += (f" ({len(more)} of them seeds beyond the profile's {len(profile.seeds)}, where the loss MDE is "
+                 f"above {PRECISION_MDE:.0%})")
     if "wall_s" in rows and len(rows) and rows["wall_s"].notna().any():
         by_arm = rows.groupby("variant")["wall_s"].mean()
         hours = sum(by_arm.get(job.arm, rows["wall_s"].mean()) for job in todo) / 3600
@@ -329,14 +376,40 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
     """Train the missing and stale runs of a notebook's study into ``experiments/results/``, filing (and with
     ``commit`` committing) each row as it lands; ``limit`` stops after that many runs, ``budget_only`` trains only
     the budget arms, ``arms`` only the arms named (e.g. more seeds where a result surprised), ``probe`` trains the
-    budget probe to that many steps instead (:func:`probe_profile`)."""
+    budget probe to that many steps instead (:func:`probe_profile`). Runs that the landed rows call for (more
+    seeds where the MDE is too wide, :func:`precision_seeds`) are trained in the same call."""
     base, profile = (profile, probe_profile(profile, probe)) if probe else (None, profile)
-    jobs = plan(notebook, profile)
-    if probe:  # a probe is its budget arms alone
-        jobs = [job for job in jobs if job.arm in job.study.budget_arms]
     folder = results_dir(Path(), True)
+    tried: set[tuple[str, int]] = set()
+    while True:
+        name, jobs, rows, states, todo = _todo(notebook, profile, folder, probe=bool(probe),
+                                               budget_only=budget_only, arms=arms)
+        todo = [job for job in todo if (job.arm, job.seed) not in tried]
+        if tried and not todo:
+            break
+        if base is not None and todo:
+            print(f"{continue_runs(todo, base, profile)} of {len(todo)} probe runs continue the {base.name} runs "
+                  "of this machine", flush=True)
+        shared = share_filed_runs(todo, profile, folder)
+        if commit and len(shared) < len(todo):
+            commit_filed(folder, name, profile, f"{len(todo) - len(shared)} run(s) filed from other notebooks")
+        tried |= {(job.arm, job.seed) for job in todo}
+        todo = shared[:limit] if limit else shared
+        print(describe(name, profile, states, rows), f"; training {len(todo)} now", flush=True)
+        train_jobs(todo, profile, output_dir(name, profile) / "runs", folder, workers=workers, commit=commit)
+        if limit or not todo:
+            break
+    name, _, rows, states, _ = _todo(notebook, profile, folder, probe=bool(probe), budget_only=False, arms=None)
+    print(describe(name, profile, states, rows), flush=True)  # with the rows just filed
+
+
+def _todo(notebook: str, profile: Profile, folder: Path, *, probe: bool, budget_only: bool, arms: list[str] | None):
+    """(notebook name, jobs, filed rows, states, jobs to train) of one round of :func:`run`."""
+    jobs = plan(notebook, profile)
     name = jobs[0].study.notebook
     rows = filed_rows(name, profile, folder)
+    if probe:  # a probe is its budget arms alone
+        jobs = [job for job in jobs if job.arm in job.study.budget_arms]
     states = status(jobs, rows)
     todo = states["stale"] + states["missing"]
     if budget_only:
@@ -347,17 +420,7 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
             raise ConfigError(f"{name} has no arm {', '.join(map(repr, unknown))}: use one of "
                              f"{sorted({job.arm for job in jobs})}")
         todo = [job for job in todo if job.arm in arms]
-    if base is not None and todo:
-        print(f"{continue_runs(todo, base, profile)} of {len(todo)} probe runs continue the {base.name} runs "
-              "of this machine", flush=True)
-    shared = share_filed_runs(todo, profile, folder)
-    if commit and len(shared) < len(todo):
-        commit_filed(folder, name, profile, f"{len(todo) - len(shared)} run(s) filed from other notebooks")
-    todo = shared[:limit] if limit else shared
-    print(describe(name, profile, states, rows), f"; training {len(todo)} now", flush=True)
-    train_jobs(todo, profile, output_dir(name, profile) / "runs", folder, workers=workers, commit=commit)
-    rows = filed_rows(name, profile, folder)  # with the rows just filed
-    print(describe(name, profile, status(jobs, rows), rows), flush=True)
+    return name, jobs, rows, states, todo
 
 
 # -- verdicts by budget ---------------------------------------------------------------------------------------
