@@ -6,7 +6,7 @@ experiments/results/07_text_to_image/recipe_search.csv.
     python experiments/text_recipe_search.py "noise: ln sigma ~ N(-0.2, 1.4)" --steps 1500 \\
         --set 'diffusion.process_kwargs={"p_mean": -0.2, "p_std": 1.4}'
     python experiments/text_recipe_search.py "64x64, FiLM in the pixel path" --profile cpu-64 --steps 3600 \\
-        --model decoder_film=true
+        --model decoder_film=true --grid 64x64_film_3600
 
 A run that exists (same recipe) is read back, with the training time (wall and CPU seconds) measured when it was
 trained; more steps extend it from its checkpoint, and the times add up."""
@@ -27,6 +27,7 @@ from vitdiff.cli import run_command
 from vitdiff.workbook import REPO_ROOT, one_thread
 
 RESULTS = REPO_ROOT / "experiments" / "results" / "07_text_to_image" / "recipe_search.csv"
+GRID_GUIDANCE = 3.0  # the guidance notebook 07's verdicts are pre-registered at
 
 
 def key_value(text: str) -> tuple[str, object]:
@@ -63,6 +64,9 @@ def main() -> int:
     parser.add_argument("--model", action="append", default=[], type=key_value, metavar="KEY=VALUE",
                         help="backbone switch")
     parser.add_argument("--image-size", type=int, default=None)
+    parser.add_argument("--grid", metavar="NAME",
+                        help="also draw the prompt grid at the notebook's guidance (w = 3), as "
+                             "recipe_search_NAME_prompt_grid.png beside the table")
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "07_text_to_image" / "recipe_search")
     args = parser.parse_args()
     # A bad config key or value is one line on stderr (exit 2), as with `vitdiff train`.
@@ -84,6 +88,10 @@ def search_step(args: argparse.Namespace) -> None:
         rows = [row for split in ("val", "test")
                 for row in tw.alignment_rows(trainer.ema.module, trainer.process, trainer.config, split=split,
                                              guidances=(1.0, 3.0), n=profile.eval_n, seed=args.seed)]
+        if args.grid:
+            figure = tw.prompt_grid_figure(trainer.ema.module, trainer.process, trainer.config, profile,
+                                           guidance=GRID_GUIDANCE, seed=args.seed)
+            figure.savefig(RESULTS.parent / f"recipe_search_{args.grid}_prompt_grid.png", dpi=150)
     frame = pd.DataFrame(rows).assign(recipe=args.recipe, seed=args.seed, steps=args.steps, train_s=train_s,
                                       cpu_s=cpu_s, profile=args.profile,
                                       image_size=tw.TEXT_SETUPS[args.profile].image_size,

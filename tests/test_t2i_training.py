@@ -209,3 +209,13 @@ def test_alignment_arms_carry_each_arms_counts():
     old = tw.alignment_arms(pd.DataFrame(rows).drop(columns=["k", "k_shuffled", "k_shape_shuffled", "n_judged",
                                                               "shape_shuffled_baseline"]))
     assert len(old) == 2 and not any(column.startswith("k_") for column in old)
+
+
+def test_the_prompt_grid_shows_every_grid_caption_above_its_samples(tmp_path):
+    profile = tw.text_profile("smoke")
+    trainer = tw.train_text_model(profile, 0, tmp_path, progress=False)
+    fig = tw.prompt_grid_figure(trainer.ema.module, trainer.process, trainer.config, profile, guidance=3.0, seed=0)
+    assert [ax.get_title() for ax in fig.axes] == list(tw.GRID_PROMPTS)
+    assert fig._suptitle.get_text().startswith("guidance 3, ") and "the model of seed 0" in fig._suptitle.get_text()
+    width = tw.TEXT_SETUPS["smoke"].grid_n * (tw.TEXT_SETUPS["smoke"].image_size + 1) + 1  # one row of samples
+    assert fig.axes[0].images[0].get_array().shape[1] == width

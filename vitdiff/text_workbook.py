@@ -398,6 +398,27 @@ def prompt_grid(model, process, config: Config, prompts: list[str], *, per_promp
     return generate(model, process, config, n=len(repeated), seed=seed, prompts=repeated, guidance=guidance).cpu()
 
 
+# The captions of every prompt grid (notebook 07 and the recipe search): one- and two-object captions that between
+# them ask for each colour, both sizes, each position word and each shape.
+GRID_PROMPTS = ("a small red circle on the left", "a large blue triangle at the top",
+                "a large green square left of a small yellow circle",
+                "a large red triangle on the right", "a small green circle at the bottom",
+                "a large blue square above a small white circle")
+
+
+def prompt_grid_figure(model, process, config: Config, profile: Profile, *, guidance: float, seed: int):
+    """:data:`GRID_PROMPTS`, the setup's ``grid_n`` samples of each beside its caption, titled with how they were
+    drawn and what the model (of ``seed``) was trained on."""
+    from .workbook import training_protocol
+
+    setup = TEXT_SETUPS[profile.name]
+    images = prompt_grid(model, process, config, list(GRID_PROMPTS), per_prompt=setup.grid_n, guidance=guidance)
+    return show_captioned(images, list(GRID_PROMPTS), per_row=setup.grid_n,
+                          title=f"guidance {guidance:g}, {profile.sampler} {profile.sample_steps} steps, "
+                                f"{setup.image_size}x{setup.image_size}, the model of seed {seed}\n"
+                                f"{training_protocol(replace(profile, seeds=(seed,)))}")
+
+
 def show_captioned(images: torch.Tensor, captions: list[str], *, per_row: int, title: str):
     """One row of images per caption (``per_row`` images each, in order), the caption above its row."""
     import matplotlib.pyplot as plt
