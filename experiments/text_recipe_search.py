@@ -8,7 +8,15 @@ experiments/results/07_text_to_image/recipe_search.csv.
     python experiments/text_recipe_search.py "64x64, FiLM in the pixel path" --profile cpu-64 --steps 3600 \\
         --model decoder_film=true --grid 64x64_film_3600
 
-A run that exists (same recipe) is read back, with the training time (wall and CPU seconds) measured when it was
+Progressive resolution: a 32x32 run (patch 4) grown to 64x64 (patch 8, one more x2 decoder stage), then trained on:
+
+    python experiments/text_recipe_search.py "32x32, to grow from" --steps 3000
+    python experiments/text_recipe_search.py "64x64 grown from 32x32" --profile cpu-64 --steps 3600 \\
+        --model decoder_channels=[64,32,32] --model hires_channels=16 --model decoder_blocks=1 \\
+        --grow-from outputs/07_text_to_image/recipe_search/seed0-<key of the 32x32 run>
+
+(its rows count the 64x64 training only; the source run has rows of its own). A run that exists (same recipe) is
+read back, with the training time (wall and CPU seconds) measured when it was
 trained; more steps extend it from its checkpoint, and the times add up."""
 from __future__ import annotations
 
@@ -67,6 +75,8 @@ def main() -> int:
     parser.add_argument("--grid", metavar="NAME",
                         help="also draw the prompt grid at the notebook's guidance (w = 3), as "
                              "recipe_search_NAME_prompt_grid.png beside the table")
+    parser.add_argument("--grow-from", type=Path, metavar="RUN_DIR",
+                        help="start from this run's model at a smaller image size (progressive resolution)")
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "07_text_to_image" / "recipe_search")
     args = parser.parse_args()
     # A bad config key or value is one line on stderr (exit 2), as with `vitdiff train`.
@@ -75,13 +85,14 @@ def main() -> int:
 
 def search_step(args: argparse.Namespace) -> None:
     config_changes, model_changes = dict(args.set), dict(args.model)
+    grown = {"grown_from": str(args.grow_from)} if args.grow_from else {}
     setup = tw.TEXT_SETUPS[args.profile]
     tw.TEXT_SETUPS[args.profile] = replace(setup, image_size=args.image_size or setup.image_size,
                                            model={**setup.model, **model_changes})
     profile = tw.text_profile(args.profile, steps=args.steps, seeds=[args.seed]).with_overrides(**config_changes)
     with one_thread():
         start, start_cpu = time.perf_counter(), time.process_time()
-        trainer = tw.train_text_model(profile, args.seed, args.runs_dir, progress=True)
+        trainer = tw.train_text_model(profile, args.seed, args.runs_dir, progress=True, grow_from=args.grow_from)
         train_s = record_training_time(trainer.out_dir / "train_time.json", args.steps, time.perf_counter() - start)
         cpu_s = record_training_time(trainer.out_dir / "train_cpu_time.json", args.steps,
                                      time.process_time() - start_cpu)
@@ -96,7 +107,7 @@ def search_step(args: argparse.Namespace) -> None:
                                       cpu_s=cpu_s, profile=args.profile,
                                       image_size=tw.TEXT_SETUPS[args.profile].image_size,
                                       noise=json.dumps(profile.process_kwargs),
-                                      changes=json.dumps({**config_changes, **model_changes}))
+                                      changes=json.dumps({**config_changes, **model_changes, **grown}))
     if RESULTS.is_file():
         old = pd.read_csv(RESULTS)
         # Rows are per (recipe, seed, steps): a second seed joins the first, a longer run keeps the shorter one.

@@ -219,3 +219,53 @@ def test_the_prompt_grid_shows_every_grid_caption_above_its_samples(tmp_path):
     assert fig._suptitle.get_text().startswith("guidance 3, ") and "the model of seed 0" in fig._suptitle.get_text()
     width = tw.TEXT_SETUPS["smoke"].grid_n * (tw.TEXT_SETUPS["smoke"].image_size + 1) + 1  # one row of samples
     assert fig.axes[0].images[0].get_array().shape[1] == width
+
+
+def _hierarchical_tiny(image_size: int, patch_size: int, decoder_channels: tuple[int, ...]):
+    from vitdiff.models.ascend import PRESETS
+
+    torch.manual_seed(image_size)
+    return PRESETS["ASCEND-H-tiny"](image_size=image_size, patch_size=patch_size, decoder_channels=decoder_channels,
+                                    decoder_block="conv", decoder_blocks=1, hires_channels=16).eval()
+
+
+def test_a_model_grown_to_twice_the_side_keeps_the_encoder_and_sees_the_pooled_image():
+    from vitdiff.models.grow import grow_state_dict
+
+    small, large = _hierarchical_tiny(32, 4, (64, 32)), _hierarchical_tiny(64, 8, (64, 32, 32))
+    state, report = grow_state_dict(small.state_dict(), large)
+    large.load_state_dict(state)
+    assert report["spread"] == ["patch_embed.proj.weight"] and not report["dropped"]
+    assert {name.split(".")[1] for name in report["new"]} == {"2"}  # only the new x2 stage: decoder_stages.2.*
+    assert all(name.startswith("decoder_stages.2.") for name in report["new"])
+    assert "pos_embed" in report["copied"] and "out.2.weight" in report["copied"]
+    # The grown patch embedding applied to an image is the old one applied to the image average-pooled x2, so the
+    # encoder's tokens (time and all) are the small model's on the pooled image.
+    x = torch.randn(2, 3, 64, 64)
+    pooled = torch.nn.functional.avg_pool2d(x, 2)
+    torch.testing.assert_close(large.patch_embed(x), small.patch_embed(pooled), rtol=1e-5, atol=1e-5)
+    t = torch.tensor([0.3, 0.7])
+    with torch.no_grad():
+        tokens = [model.forward_blocks(*model.embed(image, t, None)) for model, image in ((large, x), (small, pooled))]
+    torch.testing.assert_close(tokens[0], tokens[1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="same family"):
+        grow_state_dict({"other.weight": torch.zeros(1)}, large)
+
+
+def test_a_text_run_grows_from_a_smaller_runs_ema_weights(tmp_path):
+    small_shape = ["data.image_size=32", "model.patch_size=4", "model.decoder_channels=[64,32]",
+                   "model.hires_channels=16"]
+    source = Trainer(small_config(tmp_path / "small", "steps=2", *small_shape))
+    source.fit()
+    source.save()
+    grown = Trainer(small_config(tmp_path / "large", "steps=2", "model.decoder_channels=[64,32,32]",
+                                 "model.hires_channels=16"))
+    report = tw.grow_trainer(grown, tmp_path / "small")
+    ema = {name.removeprefix("module."): value for name, value in source.ema.state_dict().items()}
+    for name in report["copied"]:
+        assert torch.equal(grown.model.state_dict()[name], ema[name]), name
+        assert torch.equal(grown.ema.module.state_dict()[name], ema[name]), name
+    assert any(name.startswith("text_encoder.") for name in report["copied"])  # the caption encoder carries over
+    assert report["new"] and all(".decoder_stages.2." in name for name in report["new"])
+    grown.fit()  # and it trains on from there
+    assert grown.step == 2

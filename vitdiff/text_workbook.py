@@ -138,17 +138,43 @@ def text_run_dir(config: Config, seed: int, runs_dir: Path) -> Path:
     return runs_dir / f"seed{seed}-{config_key(config, sections=_RUN_SECTIONS, length=8)}"
 
 
-def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: bool = True):
+def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: bool = True,
+                     grow_from: Path | None = None):
     """Train one seed in ``runs_dir/seed<seed>-<key>`` and return its Trainer. The key hashes what a checkpoint
     must share to be resumed, so a re-run continues (or just reloads) the run, more steps extend it, and a changed
-    model or recipe starts a new run instead of failing on the old checkpoint."""
+    model or recipe starts a new run instead of failing on the old checkpoint.
+
+    ``grow_from`` (a run directory or checkpoint of the same model at a smaller image size) starts the run from
+    that model's EMA weights (:func:`vitdiff.models.grow.grow_state_dict`: progressive resolution); such runs live
+    in ``runs_dir/grown-from-<its run's name>/``."""
     from .trainer import Trainer
 
+    if grow_from is not None:
+        grow_from = Path(grow_from)
+        runs_dir = runs_dir / f"grown-from-{(grow_from if grow_from.is_dir() else grow_from.parent).name}"
     config = make_text_config(profile, seed, runs_dir)
     config.out_dir = str(text_run_dir(config, seed, runs_dir))
     trainer = Trainer(config, progress=progress)
+    if grow_from is not None and trainer.step == 0:
+        grow_trainer(trainer, grow_from)
     trainer.fit()
     return trainer
+
+
+def grow_trainer(trainer, source: Path) -> dict[str, list[str]]:
+    """Load a smaller-resolution run's EMA weights into a fresh trainer's model and EMA, grown to its size."""
+    from .checkpoint import load_checkpoint
+    from .models.grow import grow_state_dict
+
+    state = load_checkpoint(source / "last.pt" if source.is_dir() else source)
+    weights = {name.removeprefix("module."): value for name, value in state["ema"].items()
+               if name.startswith("module.")}
+    grown, report = grow_state_dict(weights, trainer.model)
+    trainer.model.load_state_dict(grown)
+    trainer.ema.module.load_state_dict(grown)
+    print(f"grown from {source} (step {state['step']}): {len(report['copied'])} tensors copied, "
+          f"{len(report['spread'])} spread, {len(report['new'])} new", flush=True)
+    return report
 
 
 def fd_shapes_label(n: int) -> str:
