@@ -185,3 +185,14 @@ def test_answers_give_one_sentence_per_question_at_the_largest_budget(tmp_path):
     path = tmp_path / "verdicts.csv"
     update_verdicts(path, both)
     assert list(read_verdicts(path)["steps"]) == [400, 4000]
+
+
+def test_two_seeds_get_an_interval_but_never_a_verdict():
+    comparison = Comparison("q", "", "arm", "ref", "loss", secondary="fd")
+    reference = [0.50, 0.52, 0.51]
+    arm = [0.40, 0.4205, 0.4102]  # the same -0.1 on every seed, to within 3%: decisive from 3 seeds
+    rows = {n: compare(frame_from({"arm": arm[:n], "ref": reference[:n]}).assign(fd=lambda f: f["loss"]), comparison)
+            for n in (2, 3)}
+    assert rows[3]["verdict"] == rows[3]["secondary_verdict"] == "supported"
+    assert rows[2]["verdict"] == rows[2]["secondary_verdict"] == "unresolved"
+    assert rows[2]["ci_high"] < 0 and math.isfinite(rows[2]["mde"]) and math.isnan(rows[2]["p"])

@@ -33,6 +33,10 @@ claim's family.
 same test and margin rule (unadjusted, said so); ``agreement`` says in words whether they agree
 ("loss supports, fd contradicts").
 
+**Seeds.** A paired test needs at least ``MIN_PAIRED_SEEDS`` (3) seeds. With 2 (one degree of freedom) a verdict
+would rest on two differences that happen to agree; such a row shows its interval and MDE, gets no p-value and
+stays unresolved, however far its interval lies from zero.
+
 Each row also reports its minimum detectable effect (MDE): the true mean difference a two-sided paired t-test at
 0.05 would detect with 80% power given the observed spread, ``(t_0.975 + t_0.80) * sd / sqrt(n)``, and the same as a
 fraction of the reference's mean (``mde_rel``). A difference smaller than the MDE going unresolved says little.
@@ -50,6 +54,7 @@ EQUIVALENCE_ALPHA = 0.05   # TOST's usual level: the 90% interval inside the mar
 # Equivalence margins stated before the runs, as a fraction of the reference arm's mean: 2% of the held-out loss
 # (its seed-to-seed sd at 400 steps was 1-5%); 10% of a Fréchet distance (its evaluation noise alone is a few %).
 DEFAULT_MARGINS = {"loss": 0.02, "fd": 0.10}
+MIN_PAIRED_SEEDS = 3  # the module docstring's **Seeds**: fewer get an interval, never a verdict
 _METRIC_STATS = ("mean_diff", "ci_low", "ci_high", "mde", "mde_rel", "p", "verdict")
 VERDICT_COLUMNS = ("notebook", "profile", "steps", "paper_claim", "question", "comparison", "test", "metric",
                    "margin", "n_seeds", "mean_diff", "ci_low", "ci_high", "mde", "mde_rel", "p", "p_adj",
@@ -141,7 +146,7 @@ def paired_stats(arm, reference, comparison: Comparison, metric: str) -> dict:
     mde = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * sd / math.sqrt(n)
     scale = abs(float(reference.mean()))
     result.update(ci_low=mean - half, ci_high=mean + half, mde=mde, mde_rel=mde / scale if scale else math.nan)
-    if sd == 0:  # identical differences on every seed: no spread to test against
+    if sd == 0 or n < MIN_PAIRED_SEEDS:  # no spread to test against, or too few seeds to decide on
         return result
     if comparison.test == "equivalence":
         from statsmodels.stats.weightstats import ttost_paired
