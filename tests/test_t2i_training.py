@@ -204,7 +204,13 @@ def test_alignment_arms_carry_each_arms_counts():
     arms = tw.alignment_arms(pd.DataFrame(rows)).set_index("variant")
     own, shape_only = (tw.alignment_arm("val", 3.0, captions) for captions in (tw.OWN, tw.SHAPE_SHUFFLED))
     assert arms.loc[own, "k_shape"] == 4 and arms.loc[own, "n_colour"] == 8
-    assert arms.loc[shape_only, "k_shape"] == 3 and arms.loc[shape_only, "shape"] == 0.3
+    # A shuffled baseline's count stays the unrounded mean over derangements (0.3 x 8), so seeds pool before it is
+    # rounded: three seeds at 0.33% of 96 expect 0.95 correct in all, not 3 x round(0.32) = 0.
+    assert arms.loc[shape_only, "k_shape"] == pytest.approx(2.4) and arms.loc[shape_only, "shape"] == 0.3
+    rare = pd.DataFrame([{**rows[0], "seed": seed, "shuffled_baseline": 0.0033, "k_shuffled": 0, "n_judged": 96}
+                         for seed in range(3)])
+    pooled = tw.alignment_arms(rare).set_index("variant").loc[tw.alignment_arm("val", 3.0, tw.SHUFFLED), "k_shape"]
+    assert round(pooled.sum()) == 1
     # Filed rows without counts (or without the shape-shuffled baseline) still make arms, without those columns.
     old = tw.alignment_arms(pd.DataFrame(rows).drop(columns=["k", "k_shuffled", "k_shape_shuffled", "n_judged",
                                                               "shape_shuffled_baseline"]))

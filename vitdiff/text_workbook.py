@@ -353,7 +353,10 @@ def alignment_arms(frame):
             arm = {"seed": seed, "variant": alignment_arm(split, guidance, captions),
                    **dict(zip(group["attribute"], group[rate]))}
             if count in frame and "n_judged" in frame:
-                arm |= {f"k_{name}": k for name, k in zip(group["attribute"], group[count])}
+                # A shuffled baseline's count is a mean over derangements: kept unrounded here (rate x judged) so
+                # the seeds pool before the count is rounded (three seeds of 0.3 expected correct pool to 1, not 0).
+                exact = group[count] if captions == OWN else group[rate] * group["n_judged"]
+                arm |= {f"k_{name}": k for name, k in zip(group["attribute"], exact)}
                 arm |= {f"n_{name}": n for name, n in zip(group["attribute"], group["n_judged"])}
             arms.append(arm)
     return pd.DataFrame(arms)
