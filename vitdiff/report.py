@@ -177,6 +177,8 @@ def render(results: Path) -> str:
             protocol = table.with_suffix(".json")
             if protocol.is_file():
                 lines += [f"Protocol: {json.loads(protocol.read_text())['protocol']}", ""]
+            if render_rows is results_table:  # the protocol's seeds are the plan; what the table holds so far:
+                lines += [filed_line(frame), ""]
             if render_rows is alignment_table:
                 lines += ["Each cell: accuracy against the samples' own captions / the same samples against shuffled "
                           "captions (mean over seeds).", ""]
@@ -191,6 +193,15 @@ def render(results: Path) -> str:
                 if len(mine):
                     lines += ["", *verdict_lines(mine)]
     return "\n".join(lines + ["", END])
+
+
+def filed_line(frame) -> str:
+    """How many runs a results table holds: runs, arms, seeds an arm, and which seeds."""
+    per_arm = frame.groupby("variant")["seed"].nunique()
+    spread = f"{per_arm.min()}" if per_arm.min() == per_arm.max() else f"{per_arm.min()}–{per_arm.max()}"
+    seeds = ", ".join(str(seed) for seed in sorted(frame["seed"].unique()))
+    return (f"Filed: {len(frame)} runs of {len(per_arm)} arms, {spread} seed{'s' if per_arm.max() > 1 else ''} "
+            f"an arm (seeds {seeds}).")
 
 
 def draw_figures(results: Path) -> None:
