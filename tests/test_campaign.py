@@ -260,7 +260,7 @@ def _loss_rows(jobs, losses):
 
 
 def test_a_comparison_whose_mde_is_above_2_percent_of_the_loss_gets_as_many_seeds_again():
-    profile = replace(wb.get_profile("smoke"), seeds=(0, 1, 2, 3))
+    profile = replace(wb.get_profile("smoke"), seeds=(0, 1, 2, 3), budgets=(2,))  # a long campaign's shape
     jobs = campaign.plan("04", profile, rows=pd.DataFrame(columns=["variant", "seed", "loss"]))
     comparison = jobs[0].study.comparisons[0]
     pair = [job for job in jobs if job.arm in (comparison.arm, comparison.reference)]
@@ -274,12 +274,18 @@ def test_a_comparison_whose_mde_is_above_2_percent_of_the_loss_gets_as_many_seed
     rows = _loss_rows(pair[:-1], lambda arm, seed: 0.5 + (noisy[seed] if arm == comparison.arm else 0))
     assert campaign.precision_seeds(jobs[0].study, profile, rows) == {}
     assert campaign.precision_seeds(jobs[0].study, wb.get_profile("smoke"), rows) == {}  # 1 seed: no rule
+    rows = _loss_rows(pair, lambda arm, seed: 0.5 + (noisy[seed] if arm == comparison.arm else 0))
+    assert campaign.precision_seeds(jobs[0].study, profile, rows)  # ... which the cpu profile (no budgets) lacks
+    assert campaign.precision_seeds(jobs[0].study, replace(profile, budgets=()), rows) == {}
+    # Rows the current code does not reproduce (stale keys) decide nothing.
+    stale = rows.assign(code_key="other")
+    assert len(campaign.plan("04", profile, rows=stale)) == len(jobs)
 
 
 def test_a_campaign_trains_the_seeds_its_landed_rows_call_for_in_the_same_call(tmp_path, monkeypatch):
     results = tmp_path / "results"
     monkeypatch.setattr(campaign, "results_dir", lambda out_dir, file_results=False: results)
-    profile = replace(wb.get_profile("smoke"), seeds=(0, 1, 2, 3))
+    profile = replace(wb.get_profile("smoke"), seeds=(0, 1, 2, 3), budgets=(2,))
     comparison = studies.study("04", profile).comparisons[0]
     rounds = []
 

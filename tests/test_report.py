@@ -52,3 +52,4 @@ def test_a_results_table_says_how_many_runs_it_holds_beside_the_protocols_plan()
     frame = pd.DataFrame({"variant": ["a", "a", "b"], "seed": [0, 1, 0]})
     assert filed_line(frame) == "Filed: 3 runs of 2 arms, 1–2 seeds an arm (seeds 0, 1)."
     assert filed_line(frame.iloc[[0, 2]]) == "Filed: 2 runs of 2 arms, 1 seed an arm (seeds 0)."
+    assert filed_line(frame.iloc[:0]) == "Filed: no runs yet."

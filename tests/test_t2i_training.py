@@ -254,7 +254,7 @@ def test_a_model_grown_to_twice_the_side_keeps_the_encoder_and_sees_the_pooled_i
     with torch.no_grad():
         tokens = [model.forward_blocks(*model.embed(image, t, None)) for model, image in ((large, x), (small, pooled))]
     torch.testing.assert_close(tokens[0], tokens[1], rtol=1e-4, atol=1e-4)
-    with pytest.raises(ValueError, match="same family"):
+    with pytest.raises(ValueError, match="cannot carry over"):
         grow_state_dict({"other.weight": torch.zeros(1)}, large)
 
 
@@ -266,7 +266,7 @@ def test_a_text_run_grows_from_a_smaller_runs_ema_weights(tmp_path):
     source.save()
     grown = Trainer(small_config(tmp_path / "large", "steps=2", "model.decoder_channels=[64,32,32]",
                                  "model.hires_channels=16"))
-    report = tw.grow_trainer(grown, tmp_path / "small")
+    report = tw.grow_trainer(grown, ckpt.load_checkpoint(tmp_path / "small" / "last.pt"))
     ema = {name.removeprefix("module."): value for name, value in source.ema.state_dict().items()}
     for name in report["copied"]:
         assert torch.equal(grown.model.state_dict()[name], ema[name]), name
@@ -275,3 +275,24 @@ def test_a_text_run_grows_from_a_smaller_runs_ema_weights(tmp_path):
     assert report["new"] and all(".decoder_stages.2." in name for name in report["new"])
     grown.fit()  # and it trains on from there
     assert grown.step == 2
+    # A model whose token grid does not match (patch 4 at 64x64: 16x16 tokens) is refused, not half-grown.
+    mismatched = Trainer(small_config(tmp_path / "bad", "steps=1", "model.patch_size=4",
+                                      "model.decoder_channels=[64,32]", "model.hires_channels=16"))
+    with pytest.raises(ValueError, match="pos_embed"):
+        tw.grow_trainer(mismatched, ckpt.load_checkpoint(tmp_path / "small" / "last.pt"))
+
+
+def test_a_grown_text_run_lives_by_its_source_and_grows_once(tmp_path, monkeypatch, capsys):
+    from dataclasses import replace
+
+    setup, profile = tw.TEXT_SETUPS["smoke"], tw.text_profile("smoke")
+    monkeypatch.setitem(tw.TEXT_SETUPS, "smoke", replace(setup, image_size=32, model={
+        **setup.model, "patch_size": 4, "decoder_channels": (64, 32)}))
+    source = tw.train_text_model(tw.text_profile("smoke"), 0, tmp_path / "small", progress=False)
+    monkeypatch.setitem(tw.TEXT_SETUPS, "smoke", setup)
+    capsys.readouterr()
+    grown = tw.train_text_model(profile, 0, tmp_path / "large", progress=False, grow_from=source.out_dir)
+    assert "grown from a step-3 model" in capsys.readouterr().out
+    assert grown.out_dir.parent == tmp_path / "large" / f"grown-from-{source.out_dir.name}-step3"
+    again = tw.train_text_model(profile, 0, tmp_path / "large", progress=False, grow_from=source.out_dir)
+    assert "grown from" not in capsys.readouterr().out and again.out_dir == grown.out_dir and again.step == 3

@@ -146,16 +146,18 @@ def paired_stats(arm, reference, comparison: Comparison, metric: str) -> dict:
     mde = (stats.t.ppf(0.975, n - 1) + stats.t.ppf(0.80, n - 1)) * sd / math.sqrt(n)
     scale = abs(float(reference.mean()))
     result.update(ci_low=mean - half, ci_high=mean + half, mde=mde, mde_rel=mde / scale if scale else math.nan)
+    if comparison.test == "equivalence":
+        result["margin"] = comparison.margins[metric] * abs(reference.mean())
     if sd == 0 or n < MIN_PAIRED_SEEDS:  # no spread to test against, or too few seeds to decide on
         return result
     if comparison.test == "equivalence":
         from statsmodels.stats.weightstats import ttost_paired
 
-        margin = comparison.margins[metric] * abs(reference.mean())
+        margin = result["margin"]
         p_tost = float(ttost_paired(arm, reference, -margin, margin)[0])
         beyond_upper = stats.ttest_1samp(diffs, margin, alternative="greater").pvalue
         beyond_lower = stats.ttest_1samp(diffs, -margin, alternative="less").pvalue
-        result.update(margin=margin, p_support=p_tost, p_contradict=float(min(beyond_upper, beyond_lower)))
+        result.update(p_support=p_tost, p_contradict=float(min(beyond_upper, beyond_lower)))
     else:
         claimed = "less" if comparison.direction == "lower" else "greater"
         other = "greater" if claimed == "less" else "less"

@@ -197,6 +197,8 @@ def render(results: Path) -> str:
 
 def filed_line(frame) -> str:
     """How many runs a results table holds: runs, arms, seeds an arm, and which seeds."""
+    if not len(frame):
+        return "Filed: no runs yet."
     per_arm = frame.groupby("variant")["seed"].nunique()
     spread = f"{per_arm.min()}" if per_arm.min() == per_arm.max() else f"{per_arm.min()}–{per_arm.max()}"
     seeds = ", ".join(str(seed) for seed in sorted(frame["seed"].unique()))

@@ -146,34 +146,37 @@ def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: b
 
     ``grow_from`` (a run directory or checkpoint of the same model at a smaller image size) starts the run from
     that model's EMA weights (:func:`vitdiff.models.grow.grow_state_dict`: progressive resolution); such runs live
-    in ``runs_dir/grown-from-<its run's name>/``."""
+    in ``runs_dir/grown-from-<source run>-step<its step>/``, so a source trained on grows a new run."""
+    from .checkpoint import load_checkpoint
     from .trainer import Trainer
 
+    source = None
     if grow_from is not None:
-        grow_from = Path(grow_from)
-        runs_dir = runs_dir / f"grown-from-{(grow_from if grow_from.is_dir() else grow_from.parent).name}"
+        checkpoint = Path(grow_from) / "last.pt" if Path(grow_from).is_dir() else Path(grow_from)
+        source = load_checkpoint(checkpoint)
+        runs_dir = runs_dir / f"grown-from-{checkpoint.parent.name}-step{source['step']}"
     config = make_text_config(profile, seed, runs_dir)
     config.out_dir = str(text_run_dir(config, seed, runs_dir))
     trainer = Trainer(config, progress=progress)
-    if grow_from is not None and trainer.step == 0:
-        grow_trainer(trainer, grow_from)
+    if source is not None and trainer.step == 0:  # not again when the grown run resumes
+        grow_trainer(trainer, source)
     trainer.fit()
     return trainer
 
 
-def grow_trainer(trainer, source: Path) -> dict[str, list[str]]:
-    """Load a smaller-resolution run's EMA weights into a fresh trainer's model and EMA, grown to its size."""
-    from .checkpoint import load_checkpoint
+def grow_trainer(trainer, source: dict) -> dict[str, list[str]]:
+    """Load a smaller-resolution run's EMA weights (``source``: its loaded checkpoint) into a fresh trainer's model
+    and EMA, grown to its size."""
     from .models.grow import grow_state_dict
 
-    state = load_checkpoint(source / "last.pt" if source.is_dir() else source)
-    weights = {name.removeprefix("module."): value for name, value in state["ema"].items()
+    weights = {name.removeprefix("module."): value for name, value in source["ema"].items()
                if name.startswith("module.")}
     grown, report = grow_state_dict(weights, trainer.model)
     trainer.model.load_state_dict(grown)
     trainer.ema.module.load_state_dict(grown)
-    print(f"grown from {source} (step {state['step']}): {len(report['copied'])} tensors copied, "
-          f"{len(report['spread'])} spread, {len(report['new'])} new", flush=True)
+    print(f"grown from a step-{source['step']} model: {len(report['copied'])} tensors copied, "
+          f"{len(report['spread'])} spread, {len(report['new'])} new, {len(report['dropped'])} of the source's "
+          "dropped", flush=True)
     return report
 
 

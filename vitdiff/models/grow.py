@@ -45,9 +45,11 @@ def grow_state_dict(source: dict[str, torch.Tensor], model: nn.Module) -> tuple[
             report["new"].append(name)
             report["dropped"].append(name)
     report["dropped"] += [name for name in source if name not in state]
-    if not report["copied"]:
-        raise ValueError("no tensor of the source has the name and shape of one of the model's: it is not a model "
-                         "of the same family (grow a model from a smaller one of the same preset and widths)")
+    carried = set(report["copied"]) | set(report["spread"])
+    encoder_inputs = [name for name in state if name.endswith((PATCH_EMBEDDING, "pos_embed")) and name not in carried]
+    if encoder_inputs:
+        raise ValueError(f"the source's {', '.join(encoder_inputs)} cannot carry over: grow between models of the "
+                         "same preset and widths whose token grids match (double the patch with the image side)")
     return state, report
 
 

@@ -65,23 +65,29 @@ def plan(notebook: str, profile: Profile, rows=None) -> list[Job]:
     rows = filed_rows(chosen.notebook, profile) if rows is None else rows
     order = [(arm, seed) for seed in BUDGET_SEEDS if seed in profile.seeds for arm in chosen.budget_arms]
     order += [(v.name, seed) for seed in profile.seeds for v in chosen.variants if (v.name, seed) not in order]
-    more = precision_seeds(chosen, profile, rows)
-    order += [(v.name, seed) for seed in sorted({s for seeds in more.values() for s in seeds})
-              for v in chosen.variants if seed in more.get(v.name, ())]
-    jobs = []
-    for arm, seed in order:
-        config = make_config(chosen.variant(arm), profile, seed, runs / "unused")
-        jobs.append(Job(chosen, arm, seed, config_key(config), _code_key_of(config)))
-    return jobs
+    jobs = [_job(chosen, arm, seed, profile, runs) for arm, seed in order]
+    # Only rows the current code and config reproduce decide on more seeds (a stale row is retrained first).
+    done = {(job.arm, job.seed) for job in status(jobs, rows)["done"]}
+    reproduced = rows[[key in done for key in zip(rows["variant"], rows["seed"])]] if len(rows) else rows
+    more = precision_seeds(chosen, profile, reproduced)
+    return jobs + [_job(chosen, v.name, seed, profile, runs)
+                   for seed in sorted({s for seeds in more.values() for s in seeds})
+                   for v in chosen.variants if seed in more.get(v.name, ())]
+
+
+def _job(chosen: Study, arm: str, seed: int, profile: Profile, runs: Path) -> Job:
+    config = make_config(chosen.variant(arm), profile, seed, runs / "unused")
+    return Job(chosen, arm, seed, config_key(config), _code_key_of(config))
 
 
 def precision_seeds(chosen: Study, profile: Profile, rows) -> dict[str, tuple[int, ...]]:
     """The extra seeds each arm needs: both arms of a comparison on the loss get as many seeds again as the profile
-    has once every profile seed of both is filed and their paired MDE is above ``PRECISION_MDE`` of the
-    reference's loss. Profiles of fewer than 4 seeds (smoke, the probe) get none."""
+    has (numbered on from its largest seed, so ``--seeds`` moves them too) once every profile seed of both is filed
+    and their paired MDE is above ``PRECISION_MDE`` of the reference's loss. The rule is the long campaign's: a
+    profile without budgets (cpu, gpu, paper) or with fewer than 4 seeds (smoke, the probe) gets none."""
     from ..findings import paired_stats
 
-    if len(profile.seeds) < 4 or not len(rows) or "loss" not in rows:
+    if len(profile.seeds) < 4 or not profile.budgets or not len(rows) or "loss" not in rows:
         return {}
     extra = tuple(range(max(profile.seeds) + 1, max(profile.seeds) + 1 + len(profile.seeds)))
     base = rows[rows["seed"].isin(profile.seeds)]
@@ -385,9 +391,9 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
         name, jobs, rows, states, todo = _todo(notebook, profile, folder, probe=bool(probe),
                                                budget_only=budget_only, arms=arms)
         todo = [job for job in todo if (job.arm, job.seed) not in tried]
-        if tried and not todo:
-            break
-        if base is not None and todo:
+        if not todo:
+            break  # each round trains (arm, seed) pairs not tried before, so the loop ends
+        if base is not None:
             print(f"{continue_runs(todo, base, profile)} of {len(todo)} probe runs continue the {base.name} runs "
                   "of this machine", flush=True)
         shared = share_filed_runs(todo, profile, folder)
@@ -397,7 +403,7 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
         todo = shared[:limit] if limit else shared
         print(describe(name, profile, states, rows), f"; training {len(todo)} now", flush=True)
         train_jobs(todo, profile, output_dir(name, profile) / "runs", folder, workers=workers, commit=commit)
-        if limit or not todo:
+        if limit:
             break
     name, _, rows, states, _ = _todo(notebook, profile, folder, probe=bool(probe), budget_only=False, arms=None)
     print(describe(name, profile, states, rows), flush=True)  # with the rows just filed
@@ -476,9 +482,16 @@ def committed_study(notebook: str, profile: Profile):
     chosen = jobs[0].study
     folder = results_dir(Path(), True) / chosen.notebook
     rows = filed_rows(chosen.notebook, profile)
+    states = status(jobs, rows)
+    # Rows no planned run accounts for (extra seeds the current code no longer asks for) are kept, not judged.
+    planned = {(job.arm, job.seed) for job in jobs}
+    if len(rows):
+        rows = rows[[key in planned for key in zip(rows["variant"], rows["seed"])]]
     curves_path = folder / f"{profile.name}_curves.csv"
     curves = pd.read_csv(curves_path) if curves_path.is_file() else pd.DataFrame(columns=["variant", "seed", "step"])
-    return chosen, rows, curves, status(jobs, rows)
+    if len(curves):
+        curves = curves[[key in planned for key in zip(curves["variant"], curves["seed"])]]
+    return chosen, rows, curves, states
 
 
 def judge(notebook: str, profile: Profile, *, legacy: bool = False) -> None:
