@@ -179,3 +179,19 @@ def test_every_text_attribute_has_one_look():
     from vitdiff.text_workbook import ALIGNMENT_METRICS
 
     assert tuple(style.ATTRIBUTE_LOOKS) == ALIGNMENT_METRICS
+
+
+def test_the_recipe_search_figure_follows_the_run_trained_to_the_most_budgets():
+    rows = pd.DataFrame([{"recipe": recipe, "seed": 0, "steps": steps, "split": split, "guidance": 3.0,
+                          "attribute": name, "accuracy": 0.1 * index + steps / 1e4, "k": index + steps // 1000,
+                          "n_judged": 96, "shuffled_baseline": 0.2,
+                          "shape_shuffled_baseline": 0.25 if name == "shape" else float("nan"),
+                          "image_size": 64, "n": 96}
+                         for recipe, budgets in (("long run", (1200, 2400, 6000)), ("short run", (900,)))
+                         for steps in budgets for split in ("val", "test")
+                         for index, name in enumerate(style.ATTRIBUTE_LOOKS)])
+    fig = figures.plot_alignment_by_steps(rows)
+    assert "long run" in fig._suptitle.get_text() and fig.get_figwidth() == style.TWO_COLUMN
+    steps = {tuple(line.get_xdata()) for ax in fig.axes[:2] for line in ax.lines if len(line.get_xdata())}
+    assert steps == {(1200, 2400, 6000)}  # the short run's single budget is not drawn
+    assert min(text.get_fontsize() for text in _texts(fig)) >= style.MIN_FONT_PT

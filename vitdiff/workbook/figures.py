@@ -427,6 +427,47 @@ def plot_alignment(frame, protocol: str):
     return fig
 
 
+RECIPE_SEARCH = "recipe_search"  # notebook 07's recipe-search rows (experiments/text_recipe_search.py)
+
+
+def plot_alignment_by_steps(frame, guidance: float = 3.0):
+    """The recipe-search run trained to the most budgets (one seed): each attribute's accuracy against its own
+    captions by training steps, with its 95% Wilson interval, beside the same samples against shuffled captions
+    (dotted) and, for shape, with only the shape word shuffled (dashed); one panel per split, at ``guidance``."""
+    from matplotlib.lines import Line2D
+    from statsmodels.stats.proportion import proportion_confint
+
+    budgets = frame.groupby(["recipe", "seed"])["steps"].nunique()
+    recipe, seed = budgets.idxmax()
+    run = frame[(frame["recipe"] == recipe) & (frame["seed"] == seed) & (frame["guidance"] == guidance)]
+    fig, axes = style.figure(style.TWO_COLUMN, 3.0, ncols=2, sharey=True)
+    titles = {"val": "val: new scenes, seen pairs", "test": "test: held-out colour-shape pairs"}
+    for ax, split in zip(axes, ("val", "test")):
+        rows = run[run["split"] == split]
+        for name, look in style.ATTRIBUTE_LOOKS.items():
+            points = rows[rows["attribute"] == name].sort_values("steps")
+            accuracy = points["k"] / points["n_judged"]  # the counts the rate verdicts test
+            low, high = proportion_confint(points["k"], points["n_judged"], alpha=0.05, method="wilson")
+            ax.errorbar(points["steps"], accuracy, yerr=[accuracy - low, high - accuracy], color=look.colour,
+                        marker=look.marker, ms=3.5, capsize=2, lw=1.0)
+            ax.plot(points["steps"], points["shuffled_baseline"], color=look.colour, ls=":", lw=1.0)
+            if points["shape_shuffled_baseline"].notna().any():
+                ax.plot(points["steps"], points["shape_shuffled_baseline"], color=look.colour, ls="--", lw=1.0)
+        ax.set_title(titles[split], loc="left")
+        ax.set_xlabel("training steps")
+    axes[0].set_ylabel(f"judge accuracy (seed {seed}, w = {guidance:g})")
+    handles = [Line2D([], [], color=look.colour, marker=look.marker, label=name)
+               for name, look in style.ATTRIBUTE_LOOKS.items()]
+    handles += [Line2D([], [], color="grey", marker="o", label="own caption, 95% CI"),
+                Line2D([], [], color="grey", ls=":", label="shuffled captions"),
+                Line2D([], [], color="grey", ls="--", label="shape word shuffled")]
+    fig.legend(handles=handles, loc="outside right lower")
+    size = int(run["image_size"].iloc[0])
+    fig.suptitle(textwrap.fill(f"text recipe search, {size}x{size}, one seed: {recipe}; {int(run['n'].iloc[0])} "
+                               "captions per split, judged like notebook 07", 95))
+    return fig
+
+
 def _sample_layout(files: ResultsFiles) -> tuple[list[list[str]], int]:
     """The arms of the sample figure (rows of names) and the seed it shows (the first)."""
     seed = int(min(files.runs["seed"]))
@@ -440,6 +481,8 @@ def _sample_layout(files: ResultsFiles) -> tuple[list[list[str]], int]:
 
 
 def _figure_makers(files: ResultsFiles, results: Path, samples) -> dict:
+    if files.notebook == TEXT_NOTEBOOK and files.profile == RECIPE_SEARCH:
+        return {"alignment_by_steps": lambda: plot_alignment_by_steps(files.runs)}
     if files.notebook == TEXT_NOTEBOOK:
         return {"alignment_vs_guidance": lambda: plot_alignment(files.runs, files.protocol)}
     makers = {}
@@ -492,6 +535,8 @@ def figure_profiles(results: Path) -> list[tuple[str, str]]:
         for table in sorted((results / notebook).glob("*.csv")):
             if "_" not in table.stem and table.stem != "smoke":
                 found.append((notebook, table.stem))
+    if (results / TEXT_NOTEBOOK / f"{RECIPE_SEARCH}.csv").is_file():
+        found.append((TEXT_NOTEBOOK, RECIPE_SEARCH))
     return found
 
 
