@@ -24,8 +24,11 @@ from vitdiff import workbook as wb
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_T2I = ROOT / "experiments" / "shapes64_t2i_ascend_h.yaml"
 # The experiment's tiny version (ASCEND-H-tiny, 64-wide text encoder, 64x64 shapes), shrunk further for a test.
+# fp32: the yaml's `auto` times bf16 against fp32 on a CPU with native bf16, and a loaded machine can flip that
+# choice between two fresh runs that a test compares.
 SMALL = ["tiny=true", "data.batch_size=4", "text.context_dim=32", "text.layers=1", "text.heads=2",
-         "model.decoder_blocks=1", "log_every=1", "sample_every=0", "sample.steps=2", "progress=false"]
+         "model.decoder_blocks=1", "log_every=1", "sample_every=0", "sample.steps=2", "progress=false",
+         "train.precision=fp32"]
 
 
 def small_config(out_dir: Path, *overrides: str):
@@ -296,3 +299,23 @@ def test_a_grown_text_run_lives_by_its_source_and_grows_once(tmp_path, monkeypat
     assert grown.out_dir.parent == tmp_path / "large" / f"grown-from-{source.out_dir.name}-step3"
     again = tw.train_text_model(profile, 0, tmp_path / "large", progress=False, grow_from=source.out_dir)
     assert "grown from" not in capsys.readouterr().out and again.out_dir == grown.out_dir and again.step == 3
+
+
+def test_a_text_run_stopped_by_a_signal_is_saved_and_never_judged_as_finished(tmp_path, monkeypatch):
+    import os
+    import signal
+
+    real_step = Trainer.train_step
+
+    def step_then_sigterm(self):
+        result = real_step(self)
+        if self.step == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return result
+
+    monkeypatch.setattr(Trainer, "train_step", step_then_sigterm)
+    profile = tw.text_profile("smoke")
+    with pytest.raises(tw.TrainingStopped, match="stopped at step 2 of 3"):
+        tw.train_text_model(profile, 0, tmp_path, progress=False)
+    monkeypatch.undo()
+    assert tw.train_text_model(profile, 0, tmp_path, progress=False).step == 3  # resumed from the saved step

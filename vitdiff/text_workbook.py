@@ -160,8 +160,15 @@ def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: b
     trainer = Trainer(config, progress=progress)
     if source is not None and trainer.step == 0:  # not again when the grown run resumes
         grow_trainer(trainer, source)
-    trainer.fit()
+    record = trainer.fit()
+    if record.get("stopped_by_signal") is not None:  # saved where it stopped; nothing may be judged as if finished
+        raise TrainingStopped(f"text run {config.out_dir} stopped at step {trainer.step} of {config.train.steps} "
+                              "(its checkpoint is saved): run it again to resume")
     return trainer
+
+
+class TrainingStopped(RuntimeError):
+    """A text run stopped by a signal before its steps: resumable, never to be judged as finished."""
 
 
 def grow_trainer(trainer, source: dict) -> dict[str, list[str]]:
