@@ -384,7 +384,8 @@ def alignment_comparisons(guidance: float, image_size: int | None = None) -> lis
 
     # The paper's claim is about one pixel-space model *beyond 64x64*: a row says at which size it was measured.
     size = f" at {image_size}x{image_size}" if image_size else ""
-    claim = f"one pixel-space diffusion model does text-to-image{size} (Cao et al. 2022: beyond 64x64)"
+    claim = (f"one pixel-space diffusion model draws what its caption says{size}, attribute by attribute "
+             "(Cao et al. 2022: text-to-image beyond 64x64)")
     questions = {"val": "do samples follow their captions (val: seen colour-shape pairs)?",
                  "test": "do samples compose held-out colour-shape pairs (test)?"}
     chosen = [("val", name, SHUFFLED) for name in ALIGNMENT_METRICS] + [
