@@ -58,10 +58,11 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -x tests
 
-# Re-run every notebook in place with PROFILE (cpu by default) so the committed outputs are real.
+# Re-run every notebook in place with PROFILE (cpu by default) so the committed outputs are real. The profile goes
+# in through the environment: a `-p` would leave papermill's injected-parameters cell in the committed notebook.
 notebooks: setup
 	for nb in notebooks/0*.ipynb; do \
-	  $(BIN)/papermill --log-output $$nb $$nb -p profile $(PROFILE) || exit 1; done
+	  VITDIFF_PROFILE=$(PROFILE) $(BIN)/papermill --log-output $$nb $$nb || exit 1; done
 
 # The long campaign of notebooks 02-05 (NB="04 05" for some): trains only the missing runs, two one-thread runs at a
 # time, files each row as it lands; kill it and run it again at any point. `make campaign ARGS=--status` says what
