@@ -151,6 +151,8 @@ def test_a_confounded_comparison_carries_no_verdict_and_leaves_the_claims_family
     table = verdict_table(frame, [confounded, clean], notebook="n", profile="p")
     assert list(table["verdict"]) == ["descriptive", "supported"]
     assert table["correction"].iloc[1] == "holm over 1"  # the confounded row is not in the family
+    with_fd = [Comparison("q", "c", "arm", "ref", "loss", confound="1 vs 3 long skips", secondary="fd")]
+    assert verdict_table(frame, with_fd, notebook="n", profile="p")["secondary_verdict"].iloc[0] == "descriptive"
     assert math.isnan(table["p_adj"].iloc[0]) and table["confound"].iloc[0] == "1 vs 3 long skips"
 
 

@@ -266,8 +266,10 @@ def verdict_rows(frame, comparisons: list[Comparison]) -> list[dict]:
     for row in rows:
         comparison = row.pop("_comparison")
         row.pop("_p_contradict")
-        if row["confound"]:
+        if row["confound"]:  # neither metric gets a verdict: the factor is not isolated
             row.update(p_adj=math.nan, correction="", verdict="descriptive")
+            if comparison.secondary:
+                row.update(secondary_verdict="descriptive")
         row["agreement"] = agreement(row, comparison)
     return rows
 
