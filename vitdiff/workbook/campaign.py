@@ -67,9 +67,7 @@ def plan(notebook: str, profile: Profile, rows=None) -> list[Job]:
     order += [(v.name, seed) for seed in profile.seeds for v in chosen.variants if (v.name, seed) not in order]
     jobs = [_job(chosen, arm, seed, profile, runs) for arm, seed in order]
     # Only rows the current code and config reproduce decide on more seeds (a stale row is retrained first).
-    done = {(job.arm, job.seed) for job in status(jobs, rows)["done"]}
-    reproduced = rows[[key in done for key in zip(rows["variant"], rows["seed"])]] if len(rows) else rows
-    more = precision_seeds(chosen, profile, reproduced)
+    more = precision_seeds(chosen, profile, rows_of(rows, {(job.arm, job.seed) for job in status(jobs, rows)["done"]}))
     return jobs + [_job(chosen, v.name, seed, profile, runs)
                    for seed in sorted({s for seeds in more.values() for s in seeds})
                    for v in chosen.variants if seed in more.get(v.name, ())]
@@ -106,6 +104,11 @@ def precision_seeds(chosen: Study, profile: Profile, rows) -> dict[str, tuple[in
             for arm in (comparison.arm, comparison.reference):
                 more[arm] = extra
     return more
+
+
+def rows_of(frame, pairs: set[tuple[str, int]]):
+    """The rows (or curve points) of ``frame`` whose (variant, seed) is one of ``pairs``."""
+    return frame[[pair in pairs for pair in zip(frame["variant"], frame["seed"])]] if len(frame) else frame
 
 
 def filed_rows(notebook: str, profile: Profile, folder: Path | None = None):
@@ -391,7 +394,7 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
         name, jobs, rows, states, todo = _todo(notebook, profile, folder, probe=bool(probe),
                                                budget_only=budget_only, arms=arms)
         todo = [job for job in todo if (job.arm, job.seed) not in tried]
-        if not todo:
+        if not todo or (limit and tried):
             break  # each round trains (arm, seed) pairs not tried before, so the loop ends
         if base is not None:
             print(f"{continue_runs(todo, base, profile)} of {len(todo)} probe runs continue the {base.name} runs "
@@ -403,10 +406,7 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
         todo = shared[:limit] if limit else shared
         print(describe(name, profile, states, rows), f"; training {len(todo)} now", flush=True)
         train_jobs(todo, profile, output_dir(name, profile) / "runs", folder, workers=workers, commit=commit)
-        if limit:
-            break
-    name, _, rows, states, _ = _todo(notebook, profile, folder, probe=bool(probe), budget_only=False, arms=None)
-    print(describe(name, profile, states, rows), flush=True)  # with the rows just filed
+    print(describe(name, profile, states, rows), flush=True)  # the last round's plan: with the rows just filed
 
 
 def _todo(notebook: str, profile: Profile, folder: Path, *, probe: bool, budget_only: bool, arms: list[str] | None):
@@ -485,13 +485,9 @@ def committed_study(notebook: str, profile: Profile):
     states = status(jobs, rows)
     # Rows no planned run accounts for (extra seeds the current code no longer asks for) are kept, not judged.
     planned = {(job.arm, job.seed) for job in jobs}
-    if len(rows):
-        rows = rows[[key in planned for key in zip(rows["variant"], rows["seed"])]]
     curves_path = folder / f"{profile.name}_curves.csv"
     curves = pd.read_csv(curves_path) if curves_path.is_file() else pd.DataFrame(columns=["variant", "seed", "step"])
-    if len(curves):
-        curves = curves[[key in planned for key in zip(curves["variant"], curves["seed"])]]
-    return chosen, rows, curves, states
+    return chosen, rows_of(rows, planned), rows_of(curves, planned), states
 
 
 def judge(notebook: str, profile: Profile, *, legacy: bool = False) -> None:

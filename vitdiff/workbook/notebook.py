@@ -13,7 +13,7 @@ from ..checkpoint import write_atomically
 from .figures import paper_style
 from .profiles import Profile, get_profile, output_dir, protocol
 from .runs import results_dir
-from .campaign import describe, filed_rows, plan, status, train_jobs
+from .campaign import describe, filed_rows, plan, rows_of, status, train_jobs
 from .studies import Study
 
 
@@ -36,12 +36,10 @@ def study_runs(chosen: Study, profile: Profile, out_dir: Path, *, train: bool | 
         print("rows filed before runs carried keys are read as filed; their FD used a reference at the wrong size "
               "(experiments/results/fd_validation/), so they are judged on the loss alone")
     usable = {(job.arm, job.seed) for job in states["done"] + states["legacy"]}
-    keep = [(arm, seed) in usable for arm, seed in zip(rows["variant"], rows["seed"])]
-    results = rows[keep] if len(rows) else rows
+    results = rows_of(rows, usable)
     curves_path = results_dir(Path(), True) / chosen.notebook / f"{profile.name}_curves.csv"
-    curves = pd.read_csv(curves_path) if curves_path.is_file() else pd.DataFrame(columns=["variant", "seed", "step"])
-    if len(curves):
-        curves = curves[[(arm, seed) in usable for arm, seed in zip(curves["variant"], curves["seed"])]]
+    curves = rows_of(pd.read_csv(curves_path) if curves_path.is_file()
+                     else pd.DataFrame(columns=["variant", "seed", "step"]), usable)
     todo = states["stale"] + states["missing"]
     if train and todo:
         trained, trained_curves = train_jobs(todo, profile, out_dir / "runs", results_dir(out_dir, file_results),
