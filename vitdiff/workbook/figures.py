@@ -390,39 +390,63 @@ def plot_verdicts_by_budget(files: ResultsFiles):
     return fig
 
 
-def plot_alignment(frame, protocol: str):
-    """Accuracy by guidance per attribute, pooled over seeds, with its 95% Wilson interval (the counts the rate
-    verdicts test), beside the same samples judged against shuffled captions (dotted) and samples from the empty
-    caption (hollow marker at w = 0); one panel per split, in the workbook's print style. ``protocol``: the line
-    the figure carries (:func:`vitdiff.text_workbook.text_protocol`, or the results file's)."""
+_SPLIT_TITLES = {"val": "val: new scenes, seen pairs", "test": "test: held-out colour-shape pairs"}
+# The baselines an alignment panel draws beside the own-caption accuracy: rate column, line style, legend label.
+_ALIGNMENT_BASELINES = (("shuffled_baseline", ":", "shuffled captions"),
+                        ("shape_shuffled_baseline", "--", "shape word shuffled"))
+
+
+def _alignment_panels(frame, x: str, *, x_label: str, y_label: str, empty_at_zero: bool):
+    """One panel per split: each attribute's accuracy against its own captions by ``x``, from the counts pooled
+    over the rows at each ``x`` (the counts the rate verdicts test), with its 95% Wilson interval, beside the same
+    samples judged against the baselines that were filed (:data:`_ALIGNMENT_BASELINES`) and, with
+    ``empty_at_zero``, the empty caption's samples (hollow marker at x = 0)."""
     from matplotlib.lines import Line2D
     from statsmodels.stats.proportion import proportion_confint
 
     fig, axes = style.figure(style.TWO_COLUMN, 3.0, ncols=2, sharey=True)
-    titles = {"val": "val: new scenes, seen pairs", "test": "test: held-out colour-shape pairs"}
+    # A baseline's rate is a mean over derangements: pooled as rate x n, unrounded, like the rate verdicts pool it.
+    baselines = [column for column, _, _ in _ALIGNMENT_BASELINES if column in frame]
+    frame = frame.assign(**{column: frame[column] * frame["n_judged"] for column in baselines})
+    counts = ["k", "n_judged", *baselines, *(["k_empty"] if empty_at_zero else [])]
+    drawn = set()
     for ax, split in zip(axes, ("val", "test")):
         rows = frame[frame["split"] == split]
         for name, look in style.ATTRIBUTE_LOOKS.items():
-            colour, marker = look.colour, look.marker
-            pooled = rows[rows["attribute"] == name].groupby("guidance")[["k", "n_judged", "k_shuffled",
-                                                                         "k_empty"]].sum()
+            pooled = rows[rows["attribute"] == name].groupby(x)[counts].sum(min_count=1)
             accuracy = pooled["k"] / pooled["n_judged"]
             low, high = proportion_confint(pooled["k"], pooled["n_judged"], alpha=0.05, method="wilson")
-            ax.errorbar(pooled.index, accuracy, yerr=[accuracy - low, high - accuracy], color=colour,
-                        marker=marker, ms=3.5, capsize=2, lw=1.0)
-            ax.plot(pooled.index, pooled["k_shuffled"] / pooled["n_judged"], color=colour, ls=":", lw=1.0)
-            ax.plot([0], [pooled["k_empty"].sum() / pooled["n_judged"].sum()], color=colour, marker=marker,
-                    markerfacecolor="none", ls="none")
-        ax.set_title(titles[split], loc="left")
-        ax.set_xlabel("guidance w (DiT convention)")
-    axes[0].set_ylabel("judge accuracy (pooled over seeds)")
+            ax.errorbar(pooled.index, accuracy, yerr=[accuracy - low, high - accuracy], color=look.colour,
+                        marker=look.marker, ms=3.5, capsize=2, lw=1.0)
+            for column, line_style, _ in _ALIGNMENT_BASELINES:
+                if column in pooled and pooled[column].notna().any():
+                    ax.plot(pooled.index, pooled[column] / pooled["n_judged"], color=look.colour, ls=line_style,
+                            lw=1.0)
+                    drawn.add(column)
+            if empty_at_zero:
+                ax.plot([0], [pooled["k_empty"].sum() / pooled["n_judged"].sum()], color=look.colour,
+                        marker=look.marker, markerfacecolor="none", ls="none")
+        ax.set_title(_SPLIT_TITLES[split], loc="left")
+        ax.set_xlabel(x_label)
+    axes[0].set_ylabel(y_label)
     handles = [Line2D([], [], color=look.colour, marker=look.marker, label=name)
                for name, look in style.ATTRIBUTE_LOOKS.items()]
-    handles += [Line2D([], [], color="grey", marker="o", label="own caption, 95% CI"),
-                Line2D([], [], color="grey", ls=":", label="shuffled captions"),
-                Line2D([], [], color="grey", marker="o", markerfacecolor="none", ls="none",
-                       label="empty caption (at w = 0)")]
+    handles.append(Line2D([], [], color="grey", marker="o", label="own caption, 95% CI"))
+    handles += [Line2D([], [], color="grey", ls=line_style, label=label)
+                for column, line_style, label in _ALIGNMENT_BASELINES if column in drawn]
+    if empty_at_zero:
+        handles.append(Line2D([], [], color="grey", marker="o", markerfacecolor="none", ls="none",
+                              label="empty caption (at w = 0)"))
     fig.legend(handles=handles, loc="outside right lower")
+    return fig
+
+
+def plot_alignment(frame, protocol: str):
+    """Notebook 07's seeds pooled: each attribute's accuracy by guidance (:func:`_alignment_panels`), with the
+    empty caption's samples at w = 0. ``protocol``: the line the figure carries
+    (:func:`vitdiff.text_workbook.text_protocol`, or the results file's)."""
+    fig = _alignment_panels(frame, "guidance", x_label="guidance w (DiT convention)",
+                            y_label="judge accuracy (pooled over seeds)", empty_at_zero=True)
     fig.suptitle(textwrap.fill(protocol, 95))
     return fig
 
@@ -431,37 +455,13 @@ RECIPE_SEARCH = "recipe_search"  # notebook 07's recipe-search rows (experiments
 
 
 def plot_alignment_by_steps(frame, guidance: float = 3.0):
-    """The recipe-search run trained to the most budgets (one seed): each attribute's accuracy against its own
-    captions by training steps, with its 95% Wilson interval, beside the same samples against shuffled captions
-    (dotted) and, for shape, with only the shape word shuffled (dashed); one panel per split, at ``guidance``."""
-    from matplotlib.lines import Line2D
-    from statsmodels.stats.proportion import proportion_confint
-
+    """The recipe-search run trained to the most budgets (one seed): each attribute's accuracy by training steps
+    at ``guidance`` (:func:`_alignment_panels`)."""
     budgets = frame.groupby(["recipe", "seed"])["steps"].nunique()
     recipe, seed = budgets.idxmax()
     run = frame[(frame["recipe"] == recipe) & (frame["seed"] == seed) & (frame["guidance"] == guidance)]
-    fig, axes = style.figure(style.TWO_COLUMN, 3.0, ncols=2, sharey=True)
-    titles = {"val": "val: new scenes, seen pairs", "test": "test: held-out colour-shape pairs"}
-    for ax, split in zip(axes, ("val", "test")):
-        rows = run[run["split"] == split]
-        for name, look in style.ATTRIBUTE_LOOKS.items():
-            points = rows[rows["attribute"] == name].sort_values("steps")
-            accuracy = points["k"] / points["n_judged"]  # the counts the rate verdicts test
-            low, high = proportion_confint(points["k"], points["n_judged"], alpha=0.05, method="wilson")
-            ax.errorbar(points["steps"], accuracy, yerr=[accuracy - low, high - accuracy], color=look.colour,
-                        marker=look.marker, ms=3.5, capsize=2, lw=1.0)
-            ax.plot(points["steps"], points["shuffled_baseline"], color=look.colour, ls=":", lw=1.0)
-            if points["shape_shuffled_baseline"].notna().any():
-                ax.plot(points["steps"], points["shape_shuffled_baseline"], color=look.colour, ls="--", lw=1.0)
-        ax.set_title(titles[split], loc="left")
-        ax.set_xlabel("training steps")
-    axes[0].set_ylabel(f"judge accuracy (seed {seed}, w = {guidance:g})")
-    handles = [Line2D([], [], color=look.colour, marker=look.marker, label=name)
-               for name, look in style.ATTRIBUTE_LOOKS.items()]
-    handles += [Line2D([], [], color="grey", marker="o", label="own caption, 95% CI"),
-                Line2D([], [], color="grey", ls=":", label="shuffled captions"),
-                Line2D([], [], color="grey", ls="--", label="shape word shuffled")]
-    fig.legend(handles=handles, loc="outside right lower")
+    fig = _alignment_panels(run, "steps", x_label="training steps",
+                            y_label=f"judge accuracy (seed {seed}, w = {guidance:g})", empty_at_zero=False)
     size = int(run["image_size"].iloc[0])
     fig.suptitle(textwrap.fill(f"text recipe search, {size}x{size}, one seed: {recipe}; {int(run['n'].iloc[0])} "
                                "captions per split, judged like notebook 07", 95))
