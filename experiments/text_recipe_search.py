@@ -35,7 +35,6 @@ from vitdiff.cli import run_command
 from vitdiff.workbook import REPO_ROOT, one_thread
 
 RESULTS = REPO_ROOT / "experiments" / "results" / "07_text_to_image" / "recipe_search.csv"
-GRID_GUIDANCE = 3.0  # the guidance notebook 07's verdicts are pre-registered at
 
 
 def key_value(text: str) -> tuple[str, object]:
@@ -58,6 +57,24 @@ def record_training_time(path: Path, steps: int, elapsed: float) -> float:
         times[steps] = elapsed + (times[max(earlier)] if earlier else 0.0)
         path.write_text(json.dumps(times))
     return times[steps]
+
+
+def timed_training(train, steps: int):
+    """``train()`` -> (its trainer, wall seconds, CPU seconds to reach ``steps``), recorded in the run directory
+    (:func:`record_training_time`). A run stopped by a signal records its time at the step it stopped, so the
+    resumed run's times include it."""
+    start, start_cpu = time.perf_counter(), time.process_time()
+
+    def record(out_dir: Path, step: int) -> tuple[float, float]:
+        return (record_training_time(out_dir / "train_time.json", step, time.perf_counter() - start),
+                record_training_time(out_dir / "train_cpu_time.json", step, time.process_time() - start_cpu))
+
+    try:
+        trainer = train()
+    except tw.TrainingStopped as stopped:
+        record(stopped.out_dir, stopped.step)
+        raise
+    return (trainer, *record(Path(trainer.out_dir), steps))
 
 
 def main() -> int:
@@ -91,17 +108,15 @@ def search_step(args: argparse.Namespace) -> None:
                                            model={**setup.model, **model_changes})
     profile = tw.text_profile(args.profile, steps=args.steps, seeds=[args.seed]).with_overrides(**config_changes)
     with one_thread():
-        start, start_cpu = time.perf_counter(), time.process_time()
-        trainer = tw.train_text_model(profile, args.seed, args.runs_dir, progress=True, grow_from=args.grow_from)
-        train_s = record_training_time(trainer.out_dir / "train_time.json", args.steps, time.perf_counter() - start)
-        cpu_s = record_training_time(trainer.out_dir / "train_cpu_time.json", args.steps,
-                                     time.process_time() - start_cpu)
+        trainer, train_s, cpu_s = timed_training(
+            lambda: tw.train_text_model(profile, args.seed, args.runs_dir, progress=True, grow_from=args.grow_from),
+            args.steps)
         rows = [row for split in ("val", "test")
                 for row in tw.alignment_rows(trainer.ema.module, trainer.process, trainer.config, split=split,
                                              guidances=(1.0, 3.0), n=profile.eval_n, seed=args.seed)]
         if args.grid:
             figure = tw.prompt_grid_figure(trainer.ema.module, trainer.process, trainer.config, profile,
-                                           guidance=GRID_GUIDANCE, seed=args.seed)
+                                           guidance=tw.VERDICT_GUIDANCE, seed=args.seed)
             figure.savefig(RESULTS.parent / f"recipe_search_{args.grid}_prompt_grid.png", dpi=150)
     frame = pd.DataFrame(rows).assign(recipe=args.recipe, seed=args.seed, steps=args.steps, train_s=train_s,
                                       cpu_s=cpu_s, profile=args.profile,

@@ -319,3 +319,61 @@ def test_a_text_run_stopped_by_a_signal_is_saved_and_never_judged_as_finished(tm
         tw.train_text_model(profile, 0, tmp_path, progress=False)
     monkeypatch.undo()
     assert tw.train_text_model(profile, 0, tmp_path, progress=False).step == 3  # resumed from the saved step
+
+
+def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are_the_same(tmp_path, monkeypatch):
+    import pandas as pd
+
+    trained = []
+    real_train = tw.train_text_model
+
+    def counted(profile, seed, runs_dir, **kwargs):
+        trained.append(seed)
+        return real_train(profile, seed, runs_dir, **kwargs)
+
+    monkeypatch.setattr(tw, "train_text_model", counted)
+    first, _, _ = tw.run_text_seeds(tw.text_profile("smoke", seeds=[0]), tmp_path, workers=1, progress=False)
+    folder = tw.text_seed_folder(tmp_path)
+    filed = pd.read_csv(folder / "smoke.csv")
+    assert set(filed["seed"]) == {0} and filed["code_key"].nunique() == 1
+    assert tw.prompt_grid_file(folder, tw.text_profile("smoke"), 0).is_file()
+
+    # A later sitting asks for seeds 0 and 1: seed 0 is read back (same rows), only seed 1 trains.
+    rows, curves, runs = tw.run_text_seeds(tw.text_profile("smoke", seeds=[0, 1]), tmp_path, workers=1,
+                                           progress=False)
+    assert trained == [0, 1] and list(runs["seed"]) == [0, 1] and set(curves["seed"]) == {0, 1}
+    columns = ["split", "guidance", "attribute", "k", "n_judged", "fd"]
+    pd.testing.assert_frame_equal(rows[rows["seed"] == 0][columns].reset_index(drop=True),
+                                  first[columns].reset_index(drop=True))
+
+    # An edit to the code a seed ran makes its filed rows stale: it is trained again, not read back.
+    monkeypatch.setattr(tw, "text_code_key", lambda config: "edited")
+    tw.run_text_seeds(tw.text_profile("smoke", seeds=[0]), tmp_path, workers=1, progress=False)
+    assert trained == [0, 1, 0]
+
+
+def test_the_recipe_search_counts_the_time_of_a_run_stopped_and_resumed(tmp_path):
+    import importlib.util
+    import json
+    import time
+    from types import SimpleNamespace
+
+    spec = importlib.util.spec_from_file_location("text_recipe_search", ROOT / "experiments" / "text_recipe_search.py")
+    search = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(search)
+
+    def stopped_after_a_while():
+        time.sleep(0.2)
+        raise tw.TrainingStopped(tmp_path, 5, 10)
+
+    with pytest.raises(tw.TrainingStopped):
+        search.timed_training(stopped_after_a_while, 10)
+    first = json.loads((tmp_path / "train_time.json").read_text())["5"]
+    assert first >= 0.2
+
+    def resumed():
+        time.sleep(0.1)
+        return SimpleNamespace(out_dir=str(tmp_path))
+
+    _, train_s, _ = search.timed_training(resumed, 10)
+    assert train_s >= first + 0.1

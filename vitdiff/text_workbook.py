@@ -9,16 +9,17 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from .config import Config
-from .workbook import (Profile, ProfileChanges, config_key, explorer, get_profile, map_runs, model_cost, one_thread,
-                       save_results, show_grid)
-from .workbook.notebook import file_table
+from .checkpoint import write_atomically
+from .workbook import (Profile, ProfileChanges, code_key, config_key, explorer, get_profile, map_runs, model_cost,
+                       one_thread, results_dir, save_figure, save_results, show_grid)
+from .workbook.figures import TEXT_NOTEBOOK
 
 
 # -- text-to-image on the shapes set (notebook 07) ------------------------------------------------
@@ -162,13 +163,17 @@ def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: b
         grow_trainer(trainer, source)
     record = trainer.fit()
     if record.get("stopped_by_signal") is not None:  # saved where it stopped; nothing may be judged as if finished
-        raise TrainingStopped(f"text run {config.out_dir} stopped at step {trainer.step} of {config.train.steps} "
-                              "(its checkpoint is saved): run it again to resume")
+        raise TrainingStopped(Path(config.out_dir), trainer.step, config.train.steps)
     return trainer
 
 
 class TrainingStopped(RuntimeError):
     """A text run stopped by a signal before its steps: resumable, never to be judged as finished."""
+
+    def __init__(self, out_dir: Path, step: int, steps: int):
+        super().__init__(f"text run {out_dir} stopped at step {step} of {steps} (its checkpoint is saved): "
+                         "run it again to resume")
+        self.out_dir, self.step = out_dir, step
 
 
 def grow_trainer(trainer, source: dict) -> dict[str, list[str]]:
@@ -287,53 +292,158 @@ def alignment_summary(frame):
     return table.assign(ratio=table["accuracy"] / table["shuffled_baseline"])
 
 
-def run_text_seed(job: tuple) -> dict[str, Any]:
+def text_code_key(config: Config) -> str:
+    """The code a text seed's numbers depend on: the model's and the numeric modules' (:func:`code_key`) and the
+    shapes set with its judge (:mod:`vitdiff.shapes`). This module's helpers are left out, so a refactor here keeps
+    the filed seeds; what they measure with (guidance scales, captions per split) is checked from the rows."""
+    import hashlib
+    import inspect
+
+    from . import shapes
+    from .build import build_model
+
+    with torch.device("meta"):
+        model_key = code_key(build_model(config, tokenizer=shapes.shapes_tokenizer()))
+    return hashlib.sha1((model_key + inspect.getsource(shapes)).encode()).hexdigest()[:12]
+
+
+# The guidance scale (DiT convention) notebook 07's verdicts are read at, fixed before the runs; the prompt grids
+# are drawn at it too.
+VERDICT_GUIDANCE = 3.0
+# What every alignment row of a seed carries about its run, besides its config and code keys.
+SEED_FACTS = ("train_s", "params_M", "gflops", "text_params_M")
+
+
+def run_text_seed(job: tuple) -> dict[str, list[dict]]:
     """Train one seed (:func:`train_text_model`) on one thread and judge its EMA model on val and test captions at
-    every guidance scale of the profile (:func:`alignment_rows`). A seed already judged with the same config and
-    scales is read back from its run directory."""
+    every guidance scale of the profile (:func:`alignment_rows`) -> ``{"rows": ..., "curve": ...}``: the rows, each
+    with the seed's :data:`SEED_FACTS` and its config and code keys, and the training loss by step. Its prompt grid
+    (at :data:`VERDICT_GUIDANCE`) is drawn into its run directory as ``prompt_grid.png`` and ``.pdf``."""
+    import pandas as pd
+
     profile, seed, runs_dir = job
     setup = TEXT_SETUPS[profile.name]
-    config = make_text_config(profile, seed, runs_dir)
-    key = config_key(config)
-    result_file = text_run_dir(config, seed, runs_dir) / "alignment.json"
-    if result_file.is_file():
-        saved = json.loads(result_file.read_text())
-        if saved.get("config_key") == key and saved.get("guidance") == list(setup.guidance):
-            return saved
     with one_thread():
         start = time.perf_counter()
         trainer = train_text_model(profile, seed, runs_dir, progress=False)
         train_s = time.perf_counter() - start
         params, gflops = model_cost(trainer.model.backbone)
-        rows = [{"seed": seed, **row} for split in ("val", "test")
+        rows = [row for split in ("val", "test")
                 for row in alignment_rows(trainer.ema.module, trainer.process, trainer.config, split=split,
                                           guidances=setup.guidance, n=profile.eval_n, seed=seed)]
-    text_params = sum(p.numel() for p in trainer.model.text_encoder.parameters())
-    result = {"seed": seed, "config_key": key, "guidance": list(setup.guidance), "train_s": train_s,
-              "params_M": params / 1e6, "gflops": gflops, "text_params_M": text_params / 1e6, "rows": rows}
-    result_file.write_text(json.dumps(result, indent=1))
-    return result
+        grid = prompt_grid_figure(trainer.ema.module, trainer.process, trainer.config, profile,
+                                  guidance=VERDICT_GUIDANCE, seed=seed)
+        save_figure(grid, Path(trainer.out_dir), "prompt_grid")
+    facts = {"seed": seed, "train_s": train_s, "params_M": params / 1e6, "gflops": gflops,
+             "text_params_M": sum(p.numel() for p in trainer.model.text_encoder.parameters()) / 1e6,
+             "config_key": config_key(trainer.config), "code_key": text_code_key(trainer.config)}
+    curve = pd.read_json(Path(trainer.out_dir) / "metrics.jsonl", lines=True)[["step", "loss"]]
+    return {"rows": [{**facts, **row} for row in rows], "curve": curve.assign(seed=seed).to_dict("records")}
 
 
-def run_text_seeds(profile: Profile, out_dir: Path, *, notebook: str | None = None, workers: int | None = None,
-                   progress: bool = True, file_results: bool = False):
-    """Every seed of the profile through :func:`run_text_seed` in ``workers`` one-thread processes -> the
-    alignment rows (one per seed, split, guidance and attribute) and the per-seed run facts, saved with
-    :func:`vitdiff.workbook.save_results` in ``out_dir`` (with ``file_results`` also filed as
-    ``experiments/results/<notebook>/<profile>.csv``)."""
+def text_seed_folder(out_dir: Path, file_results: bool = False) -> Path:
+    """Where notebook 07 files its seeds: ``out_dir/results/07_text_to_image/``, or with ``file_results`` the
+    committed ``experiments/results/07_text_to_image/``."""
+    return results_dir(out_dir, file_results) / TEXT_NOTEBOOK
+
+
+def file_text_seed(result: dict, folder: Path, profile: Profile, runs_dir: Path) -> None:
+    """File one judged seed (:func:`run_text_seed`) under ``folder``: its rows in ``<profile>.csv`` and its loss
+    curve in ``<profile>_curves.csv`` (replacing that seed's earlier rows), its prompt grid as
+    ``samples/<profile>/prompt_grid_seed<seed>.png`` and ``.pdf``, the protocol in ``<profile>.json``. Each file is replaced
+    atomically, so a seed filed is never lost to a later one that is killed."""
+    import shutil
+
     import pandas as pd
 
-    results = map_runs(run_text_seed, [(profile, seed, out_dir / "runs") for seed in profile.seeds],
-                       workers=workers, progress=progress)
-    runs = pd.DataFrame([{k: v for k, v in result.items() if k not in ("rows", "config_key", "guidance")}
-                         for result in results])
-    rows = pd.DataFrame([row for result in results for row in result["rows"]])
-    rows = rows.merge(runs[["seed", "train_s", "params_M", "gflops"]], on="seed").assign(
-        profile=profile.name, steps=profile.steps)
-    frame = save_results(rows, profile, out_dir, protocol_line=text_protocol(profile))
-    if file_results and notebook is not None:
-        file_table(frame, notebook, profile, protocol_line=text_protocol(profile))
-    return frame, runs
+    seed = result["rows"][0]["seed"]
+    for path, new in ((folder / f"{profile.name}.csv", pd.DataFrame(result["rows"])),
+                      (folder / f"{profile.name}_curves.csv", pd.DataFrame(result["curve"]))):
+        if path.is_file():
+            old = pd.read_csv(path)
+            new = pd.concat([old[old["seed"] != seed], new], ignore_index=True)
+        new = new.sort_values("seed", kind="stable")
+        write_atomically(path, lambda handle, new=new: new.to_csv(handle, index=False, float_format="%.6g"))
+    run = text_run_dir(make_text_config(profile, seed, runs_dir), seed, runs_dir)
+    (folder / "samples" / profile.name).mkdir(parents=True, exist_ok=True)
+    for suffix in (".png", ".pdf"):
+        shutil.copyfile(run / f"prompt_grid{suffix}", prompt_grid_file(folder, profile, seed, suffix))
+    record = json.dumps({"protocol": text_protocol(profile), "profile": asdict(profile)}, indent=1)
+    write_atomically(folder / f"{profile.name}.json", lambda handle: handle.write(record.encode()))
+
+
+def prompt_grid_file(folder: Path, profile: Profile, seed: int, suffix: str = ".png") -> Path:
+    return folder / "samples" / profile.name / f"prompt_grid_seed{seed}{suffix}"
+
+
+def show_prompt_grid(folder: Path, profile: Profile, seed: int, out_dir: Path) -> Path:
+    """Display a filed seed's prompt grid (:func:`file_text_seed`) and copy it to ``out_dir/prompt_grid.png``
+    and ``.pdf``."""
+    import shutil
+
+    from .workbook.figures import show_figures
+
+    paths = [shutil.copyfile(prompt_grid_file(folder, profile, seed, suffix), out_dir / f"prompt_grid{suffix}")
+             for suffix in (".png", ".pdf")]
+    show_figures(paths)
+    return paths[0]
+
+
+def local_text_model(profile: Profile, seed: int, runs_dir: Path):
+    """A seed's finished run on this machine (its Trainer, read back), or None where the seed was read back from
+    filed rows and its checkpoint is not here (train it again with :func:`train_text_model` to draw from it)."""
+    config = make_text_config(profile, seed, runs_dir)
+    if not (text_run_dir(config, seed, runs_dir) / "last.pt").is_file():
+        return None
+    return train_text_model(profile, seed, runs_dir, progress=False)
+
+
+def filed_text_seeds(folder: Path, profile: Profile, runs_dir: Path):
+    """The profile's seeds filed under ``folder`` by the same config and code and judged at the profile's guidance
+    scales and caption count -> (rows, curves) of those seeds; seeds filed otherwise are left out (stale)."""
+    import pandas as pd
+
+    path = folder / f"{profile.name}.csv"
+    nothing = pd.DataFrame(columns=["seed"])
+    if not path.is_file():
+        return nothing, nothing
+    rows = pd.read_csv(path)
+    if "code_key" not in rows:  # filed before seeds carried their keys
+        return nothing, nothing
+    setup, current = TEXT_SETUPS[profile.name], []
+    for seed in profile.seeds:
+        config = make_text_config(profile, seed, runs_dir)
+        filed = rows[(rows["seed"] == seed) & (rows["config_key"] == config_key(config))
+                     & (rows["code_key"] == text_code_key(config)) & (rows["n"] == profile.eval_n)]
+        if set(filed["guidance"]) == set(setup.guidance):
+            current.append(seed)
+    curves = pd.read_csv(folder / f"{profile.name}_curves.csv")
+    return rows[rows["seed"].isin(current)], curves[curves["seed"].isin(current)]
+
+
+def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = None, progress: bool = True,
+                   file_results: bool = False):
+    """Every seed of the profile -> (rows, curves, runs): the alignment rows (one per seed, split, guidance and
+    attribute), the training loss by step, and one row of facts per seed.
+
+    A seed filed by the same config and code (:func:`filed_text_seeds`) is read back; the others train in
+    ``workers`` one-thread processes (:func:`run_text_seed`), and each is filed as it finishes
+    (:func:`file_text_seed`) in :func:`text_seed_folder`. So a profile's seeds can be trained one sitting at a
+    time: ``seeds: [0]``, then ``[0, 1]`` reads seed 0 back and trains seed 1. The rows are also saved with
+    :func:`vitdiff.workbook.save_results` in ``out_dir``."""
+    folder, runs_dir = text_seed_folder(out_dir, file_results), out_dir / "runs"
+    filed, _ = filed_text_seeds(folder, profile, runs_dir)
+    todo = [seed for seed in profile.seeds if seed not in set(filed["seed"])]
+    map_runs(run_text_seed, [(profile, seed, runs_dir) for seed in todo], workers=workers, progress=progress,
+             on_result=lambda job, result: file_text_seed(result, folder, profile, runs_dir))
+    rows, curves = filed_text_seeds(folder, profile, runs_dir)
+    missing = sorted(set(profile.seeds) - set(rows["seed"]))
+    if missing:
+        raise RuntimeError(f"seeds {missing} of {profile.name} were trained but are not filed under {folder}")
+    rows = rows.assign(profile=profile.name, steps=profile.steps)
+    save_results(rows, profile, out_dir, protocol_line=text_protocol(profile))
+    runs = rows.drop_duplicates("seed")[["seed", *SEED_FACTS]].reset_index(drop=True)
+    return rows, curves, runs
 
 
 # The samples follow the caption when they score higher against their own captions than against other captions
