@@ -310,7 +310,7 @@ def text_code_key(config: Config) -> str:
 # The guidance scale (DiT convention) notebook 07's verdicts are read at, fixed before the runs; the prompt grids
 # are drawn at it too.
 VERDICT_GUIDANCE = 3.0
-# What every alignment row of a seed carries about its run, besides its config and code keys.
+# What every alignment row of a seed carries about its run (with its profile, steps, config and code keys).
 SEED_FACTS = ("train_s", "params_M", "gflops", "text_params_M")
 
 
@@ -334,7 +334,7 @@ def run_text_seed(job: tuple) -> dict[str, list[dict]]:
         grid = prompt_grid_figure(trainer.ema.module, trainer.process, trainer.config, profile,
                                   guidance=VERDICT_GUIDANCE, seed=seed)
         save_figure(grid, Path(trainer.out_dir), "prompt_grid")
-    facts = {"seed": seed, "train_s": train_s, "params_M": params / 1e6, "gflops": gflops,
+    facts = {"seed": seed, "profile": profile.name, "steps": profile.steps, "train_s": train_s, "params_M": params / 1e6, "gflops": gflops,
              "text_params_M": sum(p.numel() for p in trainer.model.text_encoder.parameters()) / 1e6,
              "config_key": config_key(trainer.config), "code_key": text_code_key(trainer.config)}
     curve = pd.read_json(Path(trainer.out_dir) / "metrics.jsonl", lines=True)[["step", "loss"]]
@@ -440,7 +440,6 @@ def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = Non
     missing = sorted(set(profile.seeds) - set(rows["seed"]))
     if missing:
         raise RuntimeError(f"seeds {missing} of {profile.name} were trained but are not filed under {folder}")
-    rows = rows.assign(profile=profile.name, steps=profile.steps)
     save_results(rows, profile, out_dir, protocol_line=text_protocol(profile))
     runs = rows.drop_duplicates("seed")[["seed", *SEED_FACTS]].reset_index(drop=True)
     return rows, curves, runs
