@@ -346,10 +346,36 @@ def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are
     pd.testing.assert_frame_equal(rows[rows["seed"] == 0][columns].reset_index(drop=True),
                                   first[columns].reset_index(drop=True))
 
-    # An edit to the code a seed ran makes its filed rows stale: it is trained again, not read back.
+    # A seed whose curve is missing (filing killed half-way, or a file left out of a commit) is not filed.
+    curves_file = folder / "smoke_curves.csv"
+    saved_curves = curves_file.read_text()
+    pd.read_csv(curves_file).query("seed == 0").to_csv(curves_file, index=False)
+    assert list(tw.filed_text_seeds(folder, tw.text_profile("smoke", seeds=[0, 1]), tmp_path / "runs")[0]
+                ["seed"].unique()) == [0]
+    curves_file.write_text(saved_curves)
+
+    # An edit to the code the seeds ran makes their filed rows stale. Into the committed results that refuses,
+    # before any training, to replace them; in the notebook's own folder the seed is trained again and replaces them.
     monkeypatch.setattr(tw, "text_code_key", lambda config: "edited")
+    monkeypatch.setattr(tw, "results_dir", lambda out_dir, file_results=False: out_dir / "results")
+    with pytest.raises(ConfigError, match=r"holds seeds \[0, 1\] filed by another config or code"):
+        tw.run_text_seeds(tw.text_profile("smoke", seeds=[0]), tmp_path, workers=1, progress=False,
+                          file_results=True)
+    assert trained == [0, 1]
     tw.run_text_seeds(tw.text_profile("smoke", seeds=[0]), tmp_path, workers=1, progress=False)
     assert trained == [0, 1, 0]
+    refiled = pd.read_csv(folder / "smoke.csv")
+    assert set(refiled["seed"]) == {0} and set(refiled["code_key"]) == {"edited"}  # stale seed 1 dropped
+
+
+def test_filed_keys_stay_text_and_a_stopped_run_crosses_processes(tmp_path):
+    import pickle
+
+    (tmp_path / "filed.csv").write_text("seed,config_key,code_key\n0,123456789012,12e456789012\n")
+    filed = tw._read_filed(tmp_path / "filed.csv")
+    assert (filed["config_key"].iloc[0], filed["code_key"].iloc[0]) == ("123456789012", "12e456789012")
+    stopped = pickle.loads(pickle.dumps(tw.TrainingStopped(Path("run"), 5, 10)))
+    assert (stopped.out_dir, stopped.step, stopped.steps) == (Path("run"), 5, 10) and "step 5 of 10" in str(stopped)
 
 
 def test_the_recipe_search_counts_the_time_of_a_run_stopped_and_resumed(tmp_path):
@@ -362,18 +388,24 @@ def test_the_recipe_search_counts_the_time_of_a_run_stopped_and_resumed(tmp_path
     search = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(search)
 
+    def busy(seconds: float) -> None:  # CPU time, not sleep: both clocks must count it
+        end = time.process_time() + seconds
+        while time.process_time() < end:
+            pass
+
     def stopped_after_a_while():
-        time.sleep(0.2)
+        busy(0.2)
         raise tw.TrainingStopped(tmp_path, 5, 10)
 
     with pytest.raises(tw.TrainingStopped):
         search.timed_training(stopped_after_a_while, 10)
-    first = json.loads((tmp_path / "train_time.json").read_text())["5"]
-    assert first >= 0.2
+    first = {name: json.loads((tmp_path / name).read_text())["5"] for name in ("train_time.json",
+                                                                              "train_cpu_time.json")}
+    assert min(first.values()) >= 0.2
 
     def resumed():
-        time.sleep(0.1)
+        busy(0.1)
         return SimpleNamespace(out_dir=str(tmp_path))
 
-    _, train_s, _ = search.timed_training(resumed, 10)
-    assert train_s >= first + 0.1
+    _, train_s, cpu_s = search.timed_training(resumed, 10)
+    assert train_s >= first["train_time.json"] + 0.1 and cpu_s >= first["train_cpu_time.json"] + 0.1

@@ -173,7 +173,10 @@ class TrainingStopped(RuntimeError):
     def __init__(self, out_dir: Path, step: int, steps: int):
         super().__init__(f"text run {out_dir} stopped at step {step} of {steps} (its checkpoint is saved): "
                          "run it again to resume")
-        self.out_dir, self.step = out_dir, step
+        self.out_dir, self.step, self.steps = out_dir, step, steps
+
+    def __reduce__(self):  # rebuilt from its fields when it crosses from a worker process
+        return type(self), (self.out_dir, self.step, self.steps)
 
 
 def grow_trainer(trainer, source: dict) -> dict[str, list[str]]:
@@ -293,18 +296,23 @@ def alignment_summary(frame):
 
 
 def text_code_key(config: Config) -> str:
-    """The code a text seed's numbers depend on: the model's and the numeric modules' (:func:`code_key`) and the
-    shapes set with its judge (:mod:`vitdiff.shapes`). This module's helpers are left out, so a refactor here keeps
-    the filed seeds; what they measure with (guidance scales, captions per split) is checked from the rows."""
+    """The code a text seed's numbers depend on: the model's and the numeric modules' (:func:`code_key`), the
+    shapes set with its judge (:mod:`vitdiff.shapes`) and this module's measuring functions (:func:`alignment_rows`,
+    :func:`fd_shapes`, :func:`shapes_features`), each without its docstrings. The rest of this module is left out,
+    so a refactor of its helpers keeps the filed seeds; what they measure with (guidance scales, captions per
+    split) is checked from the rows."""
     import hashlib
     import inspect
 
     from . import shapes
     from .build import build_model
+    from .workbook.runs import _code_without_docs
 
     with torch.device("meta"):
-        model_key = code_key(build_model(config, tokenizer=shapes.shapes_tokenizer()))
-    return hashlib.sha1((model_key + inspect.getsource(shapes)).encode()).hexdigest()[:12]
+        digest = hashlib.sha1(code_key(build_model(config, tokenizer=shapes.shapes_tokenizer())).encode())
+    for code in (shapes, alignment_rows, fd_shapes, shapes_features):
+        digest.update(_code_without_docs(inspect.getsource(code)).encode())
+    return digest.hexdigest()[:12]
 
 
 # The guidance scale (DiT convention) notebook 07's verdicts are read at, fixed before the runs; the prompt grids
@@ -348,28 +356,36 @@ def text_seed_folder(out_dir: Path, file_results: bool = False) -> Path:
 
 
 def file_text_seed(result: dict, folder: Path, profile: Profile, runs_dir: Path) -> None:
-    """File one judged seed (:func:`run_text_seed`) under ``folder``: its rows in ``<profile>.csv`` and its loss
-    curve in ``<profile>_curves.csv`` (replacing that seed's earlier rows), its prompt grid as
-    ``samples/<profile>/prompt_grid_seed<seed>.png`` and ``.pdf``, the protocol in ``<profile>.json``. Each file is replaced
-    atomically, so a seed filed is never lost to a later one that is killed."""
-    import shutil
-
+    """File one judged seed (:func:`run_text_seed`) under ``folder``: its prompt grid as
+    ``samples/<profile>/prompt_grid_seed<seed>.png`` and ``.pdf``, its loss curve in ``<profile>_curves.csv``, the
+    protocol in ``<profile>.json`` and, last, its rows in ``<profile>.csv`` (what marks the seed as filed), each
+    replacing that seed's earlier files atomically: a seed killed while filing is not filed, and none filed before
+    it is lost. Rows of the profile that are not current (:func:`stale_text_seeds`) are dropped."""
     import pandas as pd
 
     seed = result["rows"][0]["seed"]
-    for path, new in ((folder / f"{profile.name}.csv", pd.DataFrame(result["rows"])),
-                      (folder / f"{profile.name}_curves.csv", pd.DataFrame(result["curve"]))):
-        if path.is_file():
-            old = pd.read_csv(path)
-            new = pd.concat([old[old["seed"] != seed], new], ignore_index=True)
-        new = new.sort_values("seed", kind="stable")
-        write_atomically(path, lambda handle, new=new: new.to_csv(handle, index=False, float_format="%.6g"))
     run = text_run_dir(make_text_config(profile, seed, runs_dir), seed, runs_dir)
     (folder / "samples" / profile.name).mkdir(parents=True, exist_ok=True)
     for suffix in (".png", ".pdf"):
-        shutil.copyfile(run / f"prompt_grid{suffix}", prompt_grid_file(folder, profile, seed, suffix))
+        picture = (run / f"prompt_grid{suffix}").read_bytes()
+        write_atomically(prompt_grid_file(folder, profile, seed, suffix), lambda handle: handle.write(picture))
     record = json.dumps({"protocol": text_protocol(profile), "profile": asdict(profile)}, indent=1)
     write_atomically(folder / f"{profile.name}.json", lambda handle: handle.write(record.encode()))
+    stale = set(stale_text_seeds(folder, profile, runs_dir))
+    for path, new in ((folder / f"{profile.name}_curves.csv", pd.DataFrame(result["curve"])),
+                      (folder / f"{profile.name}.csv", pd.DataFrame(result["rows"]))):
+        if path.is_file():
+            old = _read_filed(path)
+            new = pd.concat([old[~old["seed"].isin(stale | {seed})], new], ignore_index=True)
+        new = new.sort_values("seed", kind="stable")
+        write_atomically(path, lambda handle, new=new: new.to_csv(handle, index=False, float_format="%.6g"))
+
+
+def _read_filed(path: Path):
+    """A filed table, its keys read as text (a 12-digit hex key of digits alone would otherwise become a number)."""
+    import pandas as pd
+
+    return pd.read_csv(path, dtype={"config_key": str, "code_key": str})
 
 
 def prompt_grid_file(folder: Path, profile: Profile, seed: int, suffix: str = ".png") -> Path:
@@ -390,34 +406,52 @@ def show_prompt_grid(folder: Path, profile: Profile, seed: int, out_dir: Path) -
 
 
 def local_text_model(profile: Profile, seed: int, runs_dir: Path):
-    """A seed's finished run on this machine (its Trainer, read back), or None where the seed was read back from
-    filed rows and its checkpoint is not here (train it again with :func:`train_text_model` to draw from it)."""
-    config = make_text_config(profile, seed, runs_dir)
-    if not (text_run_dir(config, seed, runs_dir) / "last.pt").is_file():
+    """A seed's run on this machine, finished at the profile's steps (its Trainer, read back), or None where its
+    checkpoint is not here (the seed was read back from filed rows) or stopped short (it is never trained on here)."""
+    from .checkpoint import load_checkpoint
+
+    checkpoint = text_run_dir(make_text_config(profile, seed, runs_dir), seed, runs_dir) / "last.pt"
+    if not checkpoint.is_file() or load_checkpoint(checkpoint)["step"] != profile.steps:
         return None
     return train_text_model(profile, seed, runs_dir, progress=False)
 
 
+def _text_seed_states(folder: Path, profile: Profile, runs_dir: Path) -> dict[int, bool]:
+    """Each seed filed under ``folder`` for the profile -> whether it is current: filed by the same config and code,
+    judged at the profile's guidance scales and caption count, with its curve and prompt grid."""
+    path = folder / f"{profile.name}.csv"
+    if not path.is_file():
+        return {}
+    rows = _read_filed(path)
+    curves_path = folder / f"{profile.name}_curves.csv"
+    curve_seeds = set(_read_filed(curves_path)["seed"]) if curves_path.is_file() else set()
+    setup, states = TEXT_SETUPS[profile.name], {}
+    for seed, filed in rows.groupby("seed"):
+        config = make_text_config(profile, int(seed), runs_dir)
+        states[int(seed)] = ({"config_key", "code_key"} <= set(filed)
+                             and (filed["config_key"] == config_key(config)).all()
+                             and (filed["code_key"] == text_code_key(config)).all()
+                             and (filed["n"] == profile.eval_n).all()
+                             and set(filed["guidance"]) == set(setup.guidance)
+                             and seed in curve_seeds and prompt_grid_file(folder, profile, int(seed)).is_file())
+    return states
+
+
+def stale_text_seeds(folder: Path, profile: Profile, runs_dir: Path) -> list[int]:
+    """The seeds filed under ``folder`` for the profile that are not current (:func:`_text_seed_states`)."""
+    return sorted(seed for seed, current in _text_seed_states(folder, profile, runs_dir).items() if not current)
+
+
 def filed_text_seeds(folder: Path, profile: Profile, runs_dir: Path):
-    """The profile's seeds filed under ``folder`` by the same config and code and judged at the profile's guidance
-    scales and caption count -> (rows, curves) of those seeds; seeds filed otherwise are left out (stale)."""
+    """(rows, curves) of the profile's seeds that are filed under ``folder`` and current (:func:`_text_seed_states`);
+    empty frames (with a ``seed`` column) when there are none."""
     import pandas as pd
 
-    path = folder / f"{profile.name}.csv"
-    nothing = pd.DataFrame(columns=["seed"])
-    if not path.is_file():
-        return nothing, nothing
-    rows = pd.read_csv(path)
-    if "code_key" not in rows:  # filed before seeds carried their keys
-        return nothing, nothing
-    setup, current = TEXT_SETUPS[profile.name], []
-    for seed in profile.seeds:
-        config = make_text_config(profile, seed, runs_dir)
-        filed = rows[(rows["seed"] == seed) & (rows["config_key"] == config_key(config))
-                     & (rows["code_key"] == text_code_key(config)) & (rows["n"] == profile.eval_n)]
-        if set(filed["guidance"]) == set(setup.guidance):
-            current.append(seed)
-    curves = pd.read_csv(folder / f"{profile.name}_curves.csv")
+    states = _text_seed_states(folder, profile, runs_dir)
+    current = [seed for seed in profile.seeds if states.get(seed)]
+    if not current:
+        return pd.DataFrame(columns=["seed"]), pd.DataFrame(columns=["seed"])
+    rows, curves = (_read_filed(folder / f"{profile.name}{suffix}.csv") for suffix in ("", "_curves"))
     return rows[rows["seed"].isin(current)], curves[curves["seed"].isin(current)]
 
 
@@ -429,9 +463,17 @@ def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = Non
     A seed filed by the same config and code (:func:`filed_text_seeds`) is read back; the others train in
     ``workers`` one-thread processes (:func:`run_text_seed`), and each is filed as it finishes
     (:func:`file_text_seed`) in :func:`text_seed_folder`. So a profile's seeds can be trained one sitting at a
-    time: ``seeds: [0]``, then ``[0, 1]`` reads seed 0 back and trains seed 1. The rows are also saved with
-    :func:`vitdiff.workbook.save_results` in ``out_dir``."""
+    time: ``seeds: [0]``, then ``[0, 1]`` reads seed 0 back and trains seed 1. Filing into the committed results
+    (``file_results``) refuses, before any training, to replace seeds filed there by another config or code; in
+    ``out_dir`` they are replaced. The rows are also saved with :func:`vitdiff.workbook.save_results` in ``out_dir``."""
+    from .config import ConfigError
+
     folder, runs_dir = text_seed_folder(out_dir, file_results), out_dir / "runs"
+    stale = stale_text_seeds(folder, profile, runs_dir)
+    if stale and file_results:
+        raise ConfigError(f"{folder / profile.name}.csv holds seeds {stale} filed by another config or code, which "
+                          "filing here would replace: keep them (run without file_results, or with the config they "
+                          "were filed by), or remove them first (git rm the profile's files there)")
     filed, _ = filed_text_seeds(folder, profile, runs_dir)
     todo = [seed for seed in profile.seeds if seed not in set(filed["seed"])]
     map_runs(run_text_seed, [(profile, seed, runs_dir) for seed in todo], workers=workers, progress=progress,

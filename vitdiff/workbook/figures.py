@@ -405,10 +405,13 @@ def _alignment_panels(frame, x: str, *, x_label: str, y_label: str, empty_at_zer
     from statsmodels.stats.proportion import proportion_confint
 
     fig, axes = style.figure(style.TWO_COLUMN, 3.0, ncols=2, sharey=True)
-    # A baseline's rate is a mean over derangements: pooled as rate x n, unrounded, like the rate verdicts pool it.
+    # A baseline's rate is a mean over derangements: pooled as rate x n, unrounded, like the rate verdicts pool it,
+    # over the rows that have it.
     baselines = [column for column, _, _ in _ALIGNMENT_BASELINES if column in frame]
-    frame = frame.assign(**{column: frame[column] * frame["n_judged"] for column in baselines})
-    counts = ["k", "n_judged", *baselines, *(["k_empty"] if empty_at_zero else [])]
+    frame = frame.assign(**{column: frame[column] * frame["n_judged"] for column in baselines},
+                         **{f"{column}_n": frame["n_judged"].where(frame[column].notna(), 0) for column in baselines})
+    counts = ["k", "n_judged", *baselines, *(f"{column}_n" for column in baselines),
+              *(["k_empty"] if empty_at_zero else [])]
     drawn = set()
     for ax, split in zip(axes, ("val", "test")):
         rows = frame[frame["split"] == split]
@@ -420,7 +423,7 @@ def _alignment_panels(frame, x: str, *, x_label: str, y_label: str, empty_at_zer
                         marker=look.marker, ms=3.5, capsize=2, lw=1.0)
             for column, line_style, _ in _ALIGNMENT_BASELINES:
                 if column in pooled and pooled[column].notna().any():
-                    ax.plot(pooled.index, pooled[column] / pooled["n_judged"], color=look.colour, ls=line_style,
+                    ax.plot(pooled.index, pooled[column] / pooled[f"{column}_n"], color=look.colour, ls=line_style,
                             lw=1.0)
                     drawn.add(column)
             if empty_at_zero:
