@@ -81,6 +81,7 @@ bench: setup
 	$(BIN)/python benchmarks/bench_trainer.py
 	$(BIN)/python benchmarks/sampler_orders.py
 	$(BIN)/python benchmarks/campaign_time.py
+	$(BIN)/python benchmarks/text_step_cost.py
 
 clean:
 	rm -rf outputs .pytest_cache
