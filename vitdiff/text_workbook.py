@@ -342,8 +342,8 @@ def run_text_seed(job: tuple) -> dict[str, list[dict]]:
         grid = prompt_grid_figure(trainer.ema.module, trainer.process, trainer.config, profile,
                                   guidance=VERDICT_GUIDANCE, seed=seed)
         save_figure(grid, Path(trainer.out_dir), "prompt_grid")
-    facts = {"seed": seed, "profile": profile.name, "steps": profile.steps, "train_s": train_s, "params_M": params / 1e6, "gflops": gflops,
-             "text_params_M": sum(p.numel() for p in trainer.model.text_encoder.parameters()) / 1e6,
+    facts = {"seed": seed, "profile": profile.name, "steps": profile.steps, "train_s": train_s,
+             "params_M": params / 1e6, "gflops": gflops, "text_params_M": sum(p.numel() for p in trainer.model.text_encoder.parameters()) / 1e6,
              "config_key": config_key(trainer.config), "code_key": text_code_key(trainer.config)}
     curve = pd.read_json(Path(trainer.out_dir) / "metrics.jsonl", lines=True)[["step", "loss"]]
     return {"rows": [{**facts, **row} for row in rows], "curve": curve.assign(seed=seed).to_dict("records")}
@@ -355,12 +355,12 @@ def text_seed_folder(out_dir: Path, file_results: bool = False) -> Path:
     return results_dir(out_dir, file_results) / TEXT_NOTEBOOK
 
 
-def file_text_seed(result: dict, folder: Path, profile: Profile, runs_dir: Path) -> None:
+def file_text_seed(result: dict, folder: Path, profile: Profile, runs_dir: Path, stale=()) -> None:
     """File one judged seed (:func:`run_text_seed`) under ``folder``: its prompt grid as
     ``samples/<profile>/prompt_grid_seed<seed>.png`` and ``.pdf``, its loss curve in ``<profile>_curves.csv``, the
     protocol in ``<profile>.json`` and, last, its rows in ``<profile>.csv`` (what marks the seed as filed), each
     replacing that seed's earlier files atomically: a seed killed while filing is not filed, and none filed before
-    it is lost. Rows of the profile that are not current (:func:`stale_text_seeds`) are dropped."""
+    it is lost. The rows of the ``stale`` seeds (not current: :func:`_text_seed_states`) are dropped."""
     import pandas as pd
 
     seed = result["rows"][0]["seed"]
@@ -371,12 +371,11 @@ def file_text_seed(result: dict, folder: Path, profile: Profile, runs_dir: Path)
         write_atomically(prompt_grid_file(folder, profile, seed, suffix), lambda handle: handle.write(picture))
     record = json.dumps({"protocol": text_protocol(profile), "profile": asdict(profile)}, indent=1)
     write_atomically(folder / f"{profile.name}.json", lambda handle: handle.write(record.encode()))
-    stale = set(stale_text_seeds(folder, profile, runs_dir))
     for path, new in ((folder / f"{profile.name}_curves.csv", pd.DataFrame(result["curve"])),
                       (folder / f"{profile.name}.csv", pd.DataFrame(result["rows"]))):
         if path.is_file():
             old = _read_filed(path)
-            new = pd.concat([old[~old["seed"].isin(stale | {seed})], new], ignore_index=True)
+            new = pd.concat([old[~old["seed"].isin({*stale, seed})], new], ignore_index=True)
         new = new.sort_values("seed", kind="stable")
         write_atomically(path, lambda handle, new=new: new.to_csv(handle, index=False, float_format="%.6g"))
 
@@ -437,11 +436,6 @@ def _text_seed_states(folder: Path, profile: Profile, runs_dir: Path) -> dict[in
     return states
 
 
-def stale_text_seeds(folder: Path, profile: Profile, runs_dir: Path) -> list[int]:
-    """The seeds filed under ``folder`` for the profile that are not current (:func:`_text_seed_states`)."""
-    return sorted(seed for seed, current in _text_seed_states(folder, profile, runs_dir).items() if not current)
-
-
 def filed_text_seeds(folder: Path, profile: Profile, runs_dir: Path):
     """(rows, curves) of the profile's seeds that are filed under ``folder`` and current (:func:`_text_seed_states`);
     empty frames (with a ``seed`` column) when there are none."""
@@ -469,15 +463,15 @@ def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = Non
     from .config import ConfigError
 
     folder, runs_dir = text_seed_folder(out_dir, file_results), out_dir / "runs"
-    stale = stale_text_seeds(folder, profile, runs_dir)
+    states = _text_seed_states(folder, profile, runs_dir)
+    stale = sorted(seed for seed, is_current in states.items() if not is_current)
     if stale and file_results:
         raise ConfigError(f"{folder / profile.name}.csv holds seeds {stale} filed by another config or code, which "
                           "filing here would replace: keep them (run without file_results, or with the config they "
                           "were filed by), or remove them first (git rm the profile's files there)")
-    filed, _ = filed_text_seeds(folder, profile, runs_dir)
-    todo = [seed for seed in profile.seeds if seed not in set(filed["seed"])]
+    todo = [seed for seed in profile.seeds if not states.get(seed)]
     map_runs(run_text_seed, [(profile, seed, runs_dir) for seed in todo], workers=workers, progress=progress,
-             on_result=lambda job, result: file_text_seed(result, folder, profile, runs_dir))
+             on_result=lambda job, result: file_text_seed(result, folder, profile, runs_dir, stale))
     rows, curves = filed_text_seeds(folder, profile, runs_dir)
     missing = sorted(set(profile.seeds) - set(rows["seed"]))
     if missing:
