@@ -338,10 +338,13 @@ def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are
     assert set(filed["seed"]) == {0} and filed["code_key"].nunique() == 1
     assert tw.prompt_grid_file(folder, tw.text_profile("smoke"), 0).is_file()
 
-    # A later sitting asks for seeds 0 and 1: seed 0 is read back (same rows), only seed 1 trains.
-    rows, curves, runs = tw.run_text_seeds(tw.text_profile("smoke", seeds=[0, 1]), tmp_path, workers=1,
+    # A later sitting asks for seeds 0 and 1: seed 0 is read back (same rows), only seed 1 trains, here on two
+    # threads, which its row records; the caller's thread count is left as it was.
+    threads_before = torch.get_num_threads()
+    rows, curves, runs = tw.run_text_seeds(tw.text_profile("smoke", seeds=[0, 1]), tmp_path, workers=1, threads=2,
                                            progress=False)
     assert trained == [0, 1] and list(runs["seed"]) == [0, 1] and set(curves["seed"]) == {0, 1}
+    assert list(runs["threads"]) == [1, 2] and torch.get_num_threads() == threads_before
     columns = ["split", "guidance", "attribute", "k", "n_judged", "fd"]
     pd.testing.assert_frame_equal(rows[rows["seed"] == 0][columns].reset_index(drop=True),
                                   first[columns].reset_index(drop=True))
