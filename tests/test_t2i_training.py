@@ -181,6 +181,11 @@ def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_basel
     assert "5.0 of 100 samples a seed" in lines[1] and lines[1].endswith("**not met**")  # 0.05 < 0.25
     assert lines[2].startswith("test (held-out pairs) shape minus its shape-shuffled") and lines[2].endswith(
         "**not met**")
+    assert lines[3] == "seeds: 3 (0, 1, 2) of the 3 the targets are judged on"
+    one_seed = frame[frame["seed"] == 1]
+    table = verdict_table(tw.alignment_arms(one_seed), tw.alignment_comparisons(3.0), notebook="07", profile="test")
+    assert tw.target_lines(one_seed, table, 3.0)[3].endswith("seeds: 1 (1) of the 3 the targets are judged on: "
+                                                             "the lines above are provisional")
 
 
 def test_text_profiles_name_their_size_and_shift_the_noise_with_it():
