@@ -376,6 +376,35 @@ def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are
     assert set(refiled["seed"]) == {0} and set(refiled["code_key"]) == {"edited"}  # stale seed 1 dropped
 
 
+def test_a_default_run_reads_the_committed_seeds_back_and_leaves_them_untouched(tmp_path, monkeypatch):
+    trained = []
+    real_train = tw.train_text_model
+
+    def counted(profile, seed, runs_dir, **kwargs):
+        trained.append(seed)
+        return real_train(profile, seed, runs_dir, **kwargs)
+
+    monkeypatch.setattr(tw, "train_text_model", counted)
+    committed_root = tmp_path / "committed"
+    monkeypatch.setattr(tw, "results_dir", lambda out_dir, file_results=False:
+                        committed_root if file_results else out_dir / "results")
+    profile = tw.text_profile("smoke", seeds=[0])
+    filed, _, _ = tw.run_text_seeds(profile, tmp_path / "sitting", workers=1, progress=False, file_results=True)
+    committed = tw.text_seed_folder(tmp_path, file_results=True)
+    before = {path: path.read_bytes() for path in committed.rglob("*") if path.is_file()}
+
+    # A user's default run on a fresh machine (no checkpoints): seed 0 is read back, seed 1 trains, and only the
+    # run's own folder is written.
+    rows, curves, runs = tw.run_text_seeds(tw.text_profile("smoke", seeds=[0, 1]), tmp_path / "user", workers=1,
+                                           progress=False)
+    assert trained == [0, 1] and list(runs["seed"]) == [0, 1] and set(curves["seed"]) == {0, 1}
+    columns = ["split", "guidance", "attribute", "k", "n_judged", "fd"]
+    assert rows[rows["seed"] == 0][columns].reset_index(drop=True).equals(filed[columns].reset_index(drop=True))
+    assert tw.prompt_grid_file(tw.text_seed_folder(tmp_path / "user"), profile, 0).read_bytes() == \
+        tw.prompt_grid_file(committed, profile, 0).read_bytes()
+    assert {path: path.read_bytes() for path in committed.rglob("*") if path.is_file()} == before
+
+
 def test_filed_keys_stay_text_and_a_stopped_run_crosses_processes(tmp_path):
     import pickle
 

@@ -364,19 +364,19 @@ def text_seed_folder(out_dir: Path, file_results: bool = False) -> Path:
     return results_dir(out_dir, file_results) / TEXT_NOTEBOOK
 
 
-def file_text_seed(result: dict, folder: Path, profile: Profile, runs_dir: Path, stale=()) -> None:
-    """File one judged seed (:func:`run_text_seed`) under ``folder``: its prompt grid as
-    ``samples/<profile>/prompt_grid_seed<seed>.png`` and ``.pdf``, its loss curve in ``<profile>_curves.csv``, the
-    protocol in ``<profile>.json`` and, last, its rows in ``<profile>.csv`` (what marks the seed as filed), each
-    replacing that seed's earlier files atomically: a seed killed while filing is not filed, and none filed before
-    it is lost. The rows of the ``stale`` seeds (not current: :func:`_text_seed_states`) are dropped."""
+def file_text_seed(result: dict, folder: Path, profile: Profile, grid: Path, stale=()) -> None:
+    """File one judged seed (:func:`run_text_seed`) under ``folder``: its prompt grid (``grid``, a ``.png`` with
+    its ``.pdf`` beside it) as ``samples/<profile>/prompt_grid_seed<seed>.png`` and ``.pdf``, its loss curve in
+    ``<profile>_curves.csv``, the protocol in ``<profile>.json`` and, last, its rows in ``<profile>.csv`` (what marks
+    the seed as filed), each replacing that seed's earlier files atomically: a seed killed while filing is not filed,
+    and none filed before it is lost. The rows of the ``stale`` seeds (not current: :func:`_text_seed_states`) are
+    dropped."""
     import pandas as pd
 
     seed = result["rows"][0]["seed"]
-    run = text_run_dir(make_text_config(profile, seed, runs_dir), seed, runs_dir)
     (folder / "samples" / profile.name).mkdir(parents=True, exist_ok=True)
     for suffix in (".png", ".pdf"):
-        picture = (run / f"prompt_grid{suffix}").read_bytes()
+        picture = grid.with_suffix(suffix).read_bytes()
         write_atomically(prompt_grid_file(folder, profile, seed, suffix), lambda handle: handle.write(picture))
     record = json.dumps({"protocol": text_protocol(profile), "profile": asdict(profile)}, indent=1)
     write_atomically(folder / f"{profile.name}.json", lambda handle: handle.write(record.encode()))
@@ -458,6 +458,20 @@ def filed_text_seeds(folder: Path, profile: Profile, runs_dir: Path):
     return rows[rows["seed"].isin(current)], curves[curves["seed"].isin(current)]
 
 
+def _copy_committed_seeds(profile: Profile, out_dir: Path, runs_dir: Path, states: dict[int, bool], stale) -> None:
+    """Copy into ``out_dir``'s own results (whose seeds' ``states`` are given) the profile's seeds that are current
+    in the committed results and not there: a run without ``file_results`` then reads the committed seeds back, as
+    the campaign's notebooks do, and trains only the others, leaving the committed files untouched."""
+    folder, committed = text_seed_folder(out_dir), text_seed_folder(out_dir, file_results=True)
+    if committed.resolve() == folder.resolve():
+        return
+    rows, curves = filed_text_seeds(committed, profile, runs_dir)
+    for seed in sorted(set(rows["seed"]) - {seed for seed, is_current in states.items() if is_current}):
+        file_text_seed({"rows": rows[rows["seed"] == seed].to_dict("records"),
+                        "curve": curves[curves["seed"] == seed].to_dict("records")},
+                       folder, profile, prompt_grid_file(committed, profile, seed), stale)
+
+
 def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = None, threads: int = 1,
                    progress: bool = True, file_results: bool = False):
     """Every seed of the profile -> (rows, curves, runs): the alignment rows (one per seed, split, guidance and
@@ -466,7 +480,9 @@ def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = Non
     A seed filed by the same config and code (:func:`filed_text_seeds`) is read back; the others train in
     ``workers`` processes of ``threads`` threads each (:func:`run_text_seed`), and each is filed as it finishes
     (:func:`file_text_seed`) in :func:`text_seed_folder`. So a profile's seeds can be trained one sitting at a
-    time: ``seeds: [0]``, then ``[0, 1]`` reads seed 0 back and trains seed 1. Filing into the committed results
+    time: ``seeds: [0]``, then ``[0, 1]`` reads seed 0 back and trains seed 1. Without ``file_results`` the seeds
+    current in the committed results are read back too (copied into ``out_dir``'s results), so a default run
+    reproduces the committed one and leaves the tree unchanged. Filing into the committed results
     (``file_results``) refuses, before any training, to replace seeds filed there by another config or code; in
     ``out_dir`` they are replaced. The rows are also saved with :func:`vitdiff.workbook.save_results` in ``out_dir``."""
     from .config import ConfigError
@@ -478,9 +494,18 @@ def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = Non
         raise ConfigError(f"{folder / profile.name}.csv holds seeds {stale} filed by another config or code, which "
                           "filing here would replace: keep them (run without file_results, or with the config they "
                           "were filed by), or remove them first (git rm the profile's files there)")
+    if not file_results:
+        _copy_committed_seeds(profile, out_dir, runs_dir, states, stale)
+        states = _text_seed_states(folder, profile, runs_dir)
     todo = [seed for seed in profile.seeds if not states.get(seed)]
+
+    def file(job, result):
+        seed = job[1]
+        grid = text_run_dir(make_text_config(profile, seed, runs_dir), seed, runs_dir) / "prompt_grid.png"
+        file_text_seed(result, folder, profile, grid, stale)
+
     map_runs(run_text_seed, [(profile, seed, runs_dir, threads) for seed in todo], workers=workers, progress=progress,
-             on_result=lambda job, result: file_text_seed(result, folder, profile, runs_dir, stale))
+             on_result=file)
     rows, curves = filed_text_seeds(folder, profile, runs_dir)
     missing = sorted(set(profile.seeds) - set(rows["seed"]))
     if missing:
