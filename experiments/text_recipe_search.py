@@ -5,8 +5,12 @@ experiments/results/07_text_to_image/recipe_search.csv.
 
     python experiments/text_recipe_search.py "noise: ln sigma ~ N(-0.2, 1.4)" --steps 1500 \\
         --set 'diffusion.process_kwargs={"p_mean": -0.2, "p_std": 1.4}'
-    python experiments/text_recipe_search.py "64x64, FiLM in the pixel path" --profile cpu-64 --steps 3600 \\
-        --model decoder_film=true --grid 64x64_film_3600
+    python experiments/text_recipe_search.py "64x64, wider high-resolution skip" --profile cpu-64 --steps 3600 \\
+        --model hires_channels=16 --grid 64x64_hires16_3600
+
+(cpu-64 and cpu-128 now carry the search's pixel path, a conv block and caption FiLM a stage; rows filed before
+that record what they changed from the light decoder, and rebuilding them takes
+``--model decoder_blocks=0 --model decoder_film=false``.)
 
 Progressive resolution: a 32x32 run (patch 4) grown to 64x64 (patch 8, one more x2 decoder stage), then trained on:
 

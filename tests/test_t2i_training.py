@@ -370,10 +370,15 @@ def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are
         tw.run_text_seeds(tw.text_profile("smoke", seeds=[0]), tmp_path, workers=1, progress=False,
                           file_results=True)
     assert trained == [0, 1]
+    tw.run_text_seeds(tw.text_profile("smoke", seeds=[0, 1]), tmp_path, workers=1, progress=False)
+    assert trained == [0, 1, 0, 1]
+    refiled = pd.read_csv(folder / "smoke.csv")  # both stale seeds retrained, and both kept
+    assert set(refiled["seed"]) == {0, 1} and set(refiled["code_key"]) == {"edited"}
+    monkeypatch.setattr(tw, "text_code_key", lambda config: "edited again")
     tw.run_text_seeds(tw.text_profile("smoke", seeds=[0]), tmp_path, workers=1, progress=False)
-    assert trained == [0, 1, 0]
+    assert trained == [0, 1, 0, 1, 0]
     refiled = pd.read_csv(folder / "smoke.csv")
-    assert set(refiled["seed"]) == {0} and set(refiled["code_key"]) == {"edited"}  # stale seed 1 dropped
+    assert set(refiled["seed"]) == {0} and set(refiled["code_key"]) == {"edited again"}  # stale seed 1 dropped
 
 
 def test_a_default_run_reads_the_committed_seeds_back_and_leaves_them_untouched(tmp_path, monkeypatch):

@@ -74,7 +74,8 @@ TEXT_PROFILE_CHANGES: ProfileChanges = {
 }
 TEXT_BASE_PROFILES = {"cpu-64": "cpu", "cpu-128": "cpu"}
 # The lightest pixel decoder: x2 pixel-shuffle stages and the full-resolution skip, no refining blocks, so the
-# encoder on 8x8 patches does the work (CPU-sized at 64x64: about a third of the cost of one conv block a stage).
+# encoder on 8x8 patches does the work (CPU-sized at 64x64: about a third of the cost of one conv block a stage);
+# the 64x64 and 128x128 setups add the pixel path's refining blocks back (_PIXEL_PATH).
 _LIGHT_DECODER = {"decoder_block": "conv", "decoder_blocks": 0, "hires_channels": 8}
 # At 32x32 a patch of 4 keeps 64 encoder tokens, with two x2 decoder stages; at 128x128 a patch of 16, four stages.
 _PATCH4_AT_32 = {"patch_size": 4, "decoder_channels": (64, 32), "hires_channels": 16}
@@ -329,10 +330,11 @@ SEED_FACTS = ("train_s", "threads", "params_M", "gflops", "text_params_M")
 
 
 def run_text_seed(job: tuple) -> dict[str, list[dict]]:
-    """Train one seed (:func:`train_text_model`) on ``threads`` threads (one by default) and judge its EMA model on val and test captions at
-    every guidance scale of the profile (:func:`alignment_rows`) -> ``{"rows": ..., "curve": ...}``: the rows, each
-    with the seed's :data:`SEED_FACTS` and its config and code keys, and the training loss by step. Its prompt grid
-    (at :data:`VERDICT_GUIDANCE`) is drawn into its run directory as ``prompt_grid.png`` and ``.pdf``."""
+    """Train one seed (:func:`train_text_model`) on ``threads`` threads (one by default) and judge its EMA model on
+    val and test captions at every guidance scale of the profile (:func:`alignment_rows`) -> ``{"rows": ...,
+    "curve": ...}``: the rows, each with the seed's :data:`SEED_FACTS` and its config and code keys, and the training
+    loss by step. Its prompt grid (at :data:`VERDICT_GUIDANCE`) is drawn into its run directory as
+    ``prompt_grid.png`` and ``.pdf``."""
     import pandas as pd
 
     profile, seed, runs_dir, threads = job
@@ -352,7 +354,8 @@ def run_text_seed(job: tuple) -> dict[str, list[dict]]:
                                   guidance=VERDICT_GUIDANCE, seed=seed)
         save_figure(grid, Path(trainer.out_dir), "prompt_grid")
     facts = {"seed": seed, "profile": profile.name, "steps": profile.steps, "train_s": train_s, "threads": threads,
-             "params_M": params / 1e6, "gflops": gflops, "text_params_M": sum(p.numel() for p in trainer.model.text_encoder.parameters()) / 1e6,
+             "params_M": params / 1e6, "gflops": gflops,
+             "text_params_M": sum(p.numel() for p in trainer.model.text_encoder.parameters()) / 1e6,
              "config_key": config_key(trainer.config), "code_key": text_code_key(trainer.config)}
     curve = pd.read_json(Path(trainer.out_dir) / "metrics.jsonl", lines=True)[["step", "loss"]]
     return {"rows": [{**facts, **row} for row in rows], "curve": curve.assign(seed=seed).to_dict("records")}
@@ -364,13 +367,12 @@ def text_seed_folder(out_dir: Path, file_results: bool = False) -> Path:
     return results_dir(out_dir, file_results) / TEXT_NOTEBOOK
 
 
-def file_text_seed(result: dict, folder: Path, profile: Profile, grid: Path, stale=()) -> None:
+def file_text_seed(result: dict, folder: Path, profile: Profile, grid: Path) -> None:
     """File one judged seed (:func:`run_text_seed`) under ``folder``: its prompt grid (``grid``, a ``.png`` with
     its ``.pdf`` beside it) as ``samples/<profile>/prompt_grid_seed<seed>.png`` and ``.pdf``, its loss curve in
     ``<profile>_curves.csv``, the protocol in ``<profile>.json`` and, last, its rows in ``<profile>.csv`` (what marks
     the seed as filed), each replacing that seed's earlier files atomically: a seed killed while filing is not filed,
-    and none filed before it is lost. The rows of the ``stale`` seeds (not current: :func:`_text_seed_states`) are
-    dropped."""
+    and none filed before it is lost."""
     import pandas as pd
 
     seed = result["rows"][0]["seed"]
@@ -384,9 +386,23 @@ def file_text_seed(result: dict, folder: Path, profile: Profile, grid: Path, sta
                       (folder / f"{profile.name}.csv", pd.DataFrame(result["rows"]))):
         if path.is_file():
             old = _read_filed(path)
-            new = pd.concat([old[~old["seed"].isin({*stale, seed})], new], ignore_index=True)
-        new = new.sort_values("seed", kind="stable")
-        write_atomically(path, lambda handle, new=new: new.to_csv(handle, index=False, float_format="%.6g"))
+            new = pd.concat([old[old["seed"] != seed], new], ignore_index=True)
+        _write_filed(path, new)
+
+
+def _write_filed(path: Path, table) -> None:
+    table = table.sort_values("seed", kind="stable")
+    write_atomically(path, lambda handle: table.to_csv(handle, index=False, float_format="%.6g"))
+
+
+def _drop_text_seeds(folder: Path, profile: Profile, seeds) -> None:
+    """Remove ``seeds`` (stale: filed by another config or code) from the profile's rows under ``folder``, rows
+    first (what marks a seed as filed), then curves; their prompt grids are replaced when they are filed again."""
+    for suffix in ("", "_curves"):
+        path = folder / f"{profile.name}{suffix}.csv"
+        if path.is_file():
+            table = _read_filed(path)
+            _write_filed(path, table[~table["seed"].isin(seeds)])
 
 
 def _read_filed(path: Path):
@@ -441,7 +457,9 @@ def _text_seed_states(folder: Path, profile: Profile, runs_dir: Path) -> dict[in
                              and (filed["code_key"] == text_code_key(config)).all()
                              and (filed["n"] == profile.eval_n).all()
                              and set(filed["guidance"]) == set(setup.guidance)
-                             and seed in curve_seeds and prompt_grid_file(folder, profile, int(seed)).is_file())
+                             and seed in curve_seeds
+                             and all(prompt_grid_file(folder, profile, int(seed), suffix).is_file()
+                                     for suffix in (".png", ".pdf")))
     return states
 
 
@@ -458,7 +476,7 @@ def filed_text_seeds(folder: Path, profile: Profile, runs_dir: Path):
     return rows[rows["seed"].isin(current)], curves[curves["seed"].isin(current)]
 
 
-def _copy_committed_seeds(profile: Profile, out_dir: Path, runs_dir: Path, states: dict[int, bool], stale) -> None:
+def _copy_committed_seeds(profile: Profile, out_dir: Path, runs_dir: Path, states: dict[int, bool]) -> None:
     """Copy into ``out_dir``'s own results (whose seeds' ``states`` are given) the profile's seeds that are current
     in the committed results and not there: a run without ``file_results`` then reads the committed seeds back, as
     the campaign's notebooks do, and trains only the others, leaving the committed files untouched."""
@@ -469,7 +487,7 @@ def _copy_committed_seeds(profile: Profile, out_dir: Path, runs_dir: Path, state
     for seed in sorted(set(rows["seed"]) - {seed for seed, is_current in states.items() if is_current}):
         file_text_seed({"rows": rows[rows["seed"] == seed].to_dict("records"),
                         "curve": curves[curves["seed"] == seed].to_dict("records")},
-                       folder, profile, prompt_grid_file(committed, profile, seed), stale)
+                       folder, profile, prompt_grid_file(committed, profile, seed))
 
 
 def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = None, threads: int = 1,
@@ -495,15 +513,18 @@ def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = Non
                           "filing here would replace: keep them (run without file_results, or with the config they "
                           "were filed by), or remove them first (git rm the profile's files there)")
     if not file_results:
-        _copy_committed_seeds(profile, out_dir, runs_dir, states, stale)
+        _drop_text_seeds(folder, profile, stale)
+        _copy_committed_seeds(profile, out_dir, runs_dir, states)
         states = _text_seed_states(folder, profile, runs_dir)
     todo = [seed for seed in profile.seeds if not states.get(seed)]
 
     def file(job, result):
         seed = job[1]
         grid = text_run_dir(make_text_config(profile, seed, runs_dir), seed, runs_dir) / "prompt_grid.png"
-        file_text_seed(result, folder, profile, grid, stale)
+        file_text_seed(result, folder, profile, grid)
 
+    # A seed of several threads takes as many cores: fewer at once then.
+    workers = workers or max(1, min(len(todo), (os.cpu_count() or 1) // threads))
     map_runs(run_text_seed, [(profile, seed, runs_dir, threads) for seed in todo], workers=workers, progress=progress,
              on_result=file)
     rows, curves = filed_text_seeds(folder, profile, runs_dir)
@@ -511,7 +532,8 @@ def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = Non
     if missing:
         raise RuntimeError(f"seeds {missing} of {profile.name} were trained but are not filed under {folder}")
     save_results(rows, profile, out_dir, protocol_line=text_protocol(profile))
-    runs = rows.drop_duplicates("seed")[["seed", *SEED_FACTS]].reset_index(drop=True)
+    # Seeds filed before a fact was recorded read back without it (blank).
+    runs = rows.drop_duplicates("seed").reindex(columns=["seed", *SEED_FACTS]).reset_index(drop=True)
     return rows, curves, runs
 
 
