@@ -410,6 +410,14 @@ def test_a_default_run_reads_the_committed_seeds_back_and_leaves_them_untouched(
     assert {path: path.read_bytes() for path in committed.rglob("*") if path.is_file()} == before
 
 
+def test_training_seconds_are_read_from_the_runs_log_windows():
+    import pandas as pd
+
+    # Batch 4: 10 steps at 20 images a second (2 s), then 20 steps at 40 (2 s), then a last window of 5 at 10 (2 s).
+    log = pd.DataFrame({"step": [10, 30, 35], "img_per_s": [20.0, 40.0, 10.0]})
+    assert tw.logged_training_seconds(log, 4) == pytest.approx(6.0)
+
+
 def test_filed_keys_stay_text_and_a_stopped_run_crosses_processes(tmp_path):
     import pickle
 

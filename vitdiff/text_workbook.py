@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import time
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -339,13 +338,15 @@ def run_text_seed(job: tuple) -> dict[str, list[dict]]:
 
     profile, seed, runs_dir, threads = job
     setup = TEXT_SETUPS[profile.name]
+    # The keys of the code as it is when the run starts: what trains is what is filed, even if the source is edited
+    # while it trains.
+    config = make_text_config(profile, seed, runs_dir)
+    keys = {"config_key": config_key(config), "code_key": text_code_key(config)}
     with one_thread():
         # More than one only where a 64x64 seed must train within a sitting on a machine of its own; the thread
         # count changes float summation order alone, and the row records it.
         torch.set_num_threads(threads)
-        start = time.perf_counter()
         trainer = train_text_model(profile, seed, runs_dir, progress=False)
-        train_s = time.perf_counter() - start
         params, gflops = model_cost(trainer.model.backbone)
         rows = [row for split in ("val", "test")
                 for row in alignment_rows(trainer.ema.module, trainer.process, trainer.config, split=split,
@@ -353,12 +354,20 @@ def run_text_seed(job: tuple) -> dict[str, list[dict]]:
         grid = prompt_grid_figure(trainer.ema.module, trainer.process, trainer.config, profile,
                                   guidance=VERDICT_GUIDANCE, seed=seed)
         save_figure(grid, Path(trainer.out_dir), "prompt_grid")
-    facts = {"seed": seed, "profile": profile.name, "steps": profile.steps, "train_s": train_s, "threads": threads,
+    log = pd.read_json(Path(trainer.out_dir) / "metrics.jsonl", lines=True)
+    facts = {"seed": seed, "profile": profile.name, "steps": profile.steps, "threads": threads,
+             "train_s": logged_training_seconds(log, config.data.batch_size),
              "params_M": params / 1e6, "gflops": gflops,
-             "text_params_M": sum(p.numel() for p in trainer.model.text_encoder.parameters()) / 1e6,
-             "config_key": config_key(trainer.config), "code_key": text_code_key(trainer.config)}
-    curve = pd.read_json(Path(trainer.out_dir) / "metrics.jsonl", lines=True)[["step", "loss"]]
+             "text_params_M": sum(p.numel() for p in trainer.model.text_encoder.parameters()) / 1e6, **keys}
+    curve = log[["step", "loss"]]
     return {"rows": [{**facts, **row} for row in rows], "curve": curve.assign(seed=seed).to_dict("records")}
+
+
+def logged_training_seconds(log, batch_size: int) -> float:
+    """The training seconds of a run from its ``metrics.jsonl`` records (each logs its window's images a second):
+    kept across resumes, so a run resumed to be judged, or finished over several processes, counts all of them."""
+    window_steps = log["step"].diff().fillna(log["step"].iloc[0])
+    return float((window_steps * batch_size / log["img_per_s"]).sum())
 
 
 def text_seed_folder(out_dir: Path, file_results: bool = False) -> Path:
