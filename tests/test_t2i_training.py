@@ -231,6 +231,9 @@ def test_the_prompt_grid_shows_every_grid_caption_above_its_samples(tmp_path):
     fig = tw.prompt_grid_figure(trainer.ema.module, trainer.process, trainer.config, profile, guidance=3.0, seed=0)
     assert [ax.get_title() for ax in fig.axes] == list(tw.GRID_PROMPTS)
     assert fig._suptitle.get_text().startswith("guidance 3, ") and "the model of seed 0" in fig._suptitle.get_text()
+    assert "one thread a run" in fig._suptitle.get_text()
+    two = tw.seed_training_protocol(profile, 0, threads=2)
+    assert "2 threads a run" in two and "one thread" not in two
     width = tw.TEXT_SETUPS["smoke"].grid_n * (tw.TEXT_SETUPS["smoke"].image_size + 1) + 1  # one row of samples
     assert fig.axes[0].images[0].get_array().shape[1] == width
 

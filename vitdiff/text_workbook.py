@@ -352,7 +352,7 @@ def run_text_seed(job: tuple) -> dict[str, list[dict]]:
                 for row in alignment_rows(trainer.ema.module, trainer.process, trainer.config, split=split,
                                           guidances=setup.guidance, n=profile.eval_n, seed=seed)]
         grid = prompt_grid_figure(trainer.ema.module, trainer.process, trainer.config, profile,
-                                  guidance=VERDICT_GUIDANCE, seed=seed)
+                                  guidance=VERDICT_GUIDANCE, seed=seed, threads=threads)
         save_figure(grid, Path(trainer.out_dir), "prompt_grid")
     log = pd.read_json(Path(trainer.out_dir) / "metrics.jsonl", lines=True)
     facts = {"seed": seed, "profile": profile.name, "steps": profile.steps, "threads": threads,
@@ -660,17 +660,24 @@ GRID_PROMPTS = ("a small red circle on the left", "a large blue triangle at the 
                 "a large blue square above a small white circle")
 
 
-def prompt_grid_figure(model, process, config: Config, profile: Profile, *, guidance: float, seed: int):
+def prompt_grid_figure(model, process, config: Config, profile: Profile, *, guidance: float, seed: int,
+                       threads: int = 1):
     """:data:`GRID_PROMPTS`, the setup's ``grid_n`` samples of each beside its caption, titled with how they were
-    drawn and what the model (of ``seed``) was trained on."""
-    from .workbook import training_protocol
-
+    drawn and what the model (of ``seed``, trained on ``threads`` threads) was trained on."""
     setup = TEXT_SETUPS[profile.name]
     images = prompt_grid(model, process, config, list(GRID_PROMPTS), per_prompt=setup.grid_n, guidance=guidance)
     return show_captioned(images, list(GRID_PROMPTS), per_row=setup.grid_n,
                           title=f"guidance {guidance:g}, {profile.sampler} {profile.sample_steps} steps, "
                                 f"{setup.image_size}x{setup.image_size}, the model of seed {seed}\n"
-                                f"{training_protocol(replace(profile, seeds=(seed,)))}")
+                                f"{seed_training_protocol(profile, seed, threads)}")
+
+
+def seed_training_protocol(profile: Profile, seed: int, threads: int = 1) -> str:
+    """The training protocol of one seed of ``profile`` trained on ``threads`` threads."""
+    from .workbook import training_protocol
+
+    protocol = training_protocol(replace(profile, seeds=(seed,)))
+    return protocol if threads == 1 else protocol.replace("one thread a run", f"{threads} threads a run")
 
 
 def show_captioned(images: torch.Tensor, captions: list[str], *, per_row: int, title: str):
