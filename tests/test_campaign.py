@@ -323,3 +323,22 @@ def test_a_larger_probe_extends_the_earlier_probes_runs_to_the_numbers_of_a_run_
     assert len(rows["extended"]) == 1 and rows["extended"]["steps"].tolist() == [16]
     columns = [c for c in rows["scratch"] if c not in _TIMES]
     pd.testing.assert_frame_equal(rows["extended"][columns], rows["scratch"][columns])
+
+
+def test_a_worker_whose_campaign_is_gone_exits_instead_of_training_the_queued_runs():
+    import multiprocessing
+    import os
+
+    from vitdiff.workbook.campaign import _run_job_for_campaign
+
+    context = multiprocessing.get_context("spawn")
+    # Queued by a campaign that is not this worker's parent (it died): the worker exits before looking at the run.
+    orphan = context.Process(target=_run_job_for_campaign, args=((os.getpid() + 10**6, None),))
+    # Queued by its live parent: it goes on to the run (an empty spec here, so the run itself fails).
+    child = context.Process(target=_run_job_for_campaign, args=((os.getpid(), None),))
+    for process in (orphan, child):
+        process.start()
+        process.join(120)
+    assert orphan.exitcode == 0 and child.exitcode == 1
+    with pytest.raises(TypeError):  # one worker: the run is trained in the campaign's own process
+        _run_job_for_campaign((os.getpid(), None))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import functools
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -188,7 +189,8 @@ def train_jobs(jobs: list[Job], profile: Profile, runs: Path, folder: Path, *, w
     for job in jobs:
         measure_missed_pause(job, profile, runs)
     name = jobs[0].study.notebook
-    specs = [(job.study.variant(job.arm), profile, job.seed, runs, {}) for job in jobs]
+    campaign = os.getpid()
+    specs = [(campaign, (job.study.variant(job.arm), profile, job.seed, runs, {})) for job in jobs]
 
     def land(spec, row):
         file_run(row, folder / name, profile, runs)
@@ -197,7 +199,18 @@ def train_jobs(jobs: list[Job], profile: Profile, runs: Path, folder: Path, *, w
         if commit:
             commit_filed(folder, name, profile, f"{row['variant']} seed {row['seed']} filed")
 
-    return run_rows(map_runs(_run_job, specs, workers=workers, progress=False, on_result=land))
+    return run_rows(map_runs(_run_job_for_campaign, specs, workers=workers, progress=False, on_result=land))
+
+
+def _run_job_for_campaign(spec: tuple) -> dict:
+    """A queued run (``(campaign pid, run spec)``), trained only while the campaign that queued it is alive. A
+    stopped campaign (SIGTERM to its process group) dies at once, while its workers save their runs and would
+    otherwise go on with the runs still queued, training them where no one can file them and holding their
+    directories' locks against the next campaign: such a worker exits instead."""
+    campaign, job = spec
+    if campaign not in (os.getpid(), os.getppid()):  # run in the campaign's process, or by its worker
+        os._exit(0)
+    return _run_job(job)
 
 
 def measure_missed_pause(job: Job, profile: Profile, runs: Path) -> bool:
