@@ -329,17 +329,23 @@ def test_a_text_run_stopped_by_a_signal_is_saved_and_never_judged_as_finished(tm
     assert tw.train_text_model(profile, 0, tmp_path, progress=False).step == 3  # resumed from the saved step
 
 
-def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are_the_same(tmp_path, monkeypatch):
-    import pandas as pd
-
-    trained = []
-    real_train = tw.train_text_model
+@pytest.fixture
+def trained(monkeypatch):
+    """The seeds :func:`tw.train_text_model` is asked for, in order (it still trains them)."""
+    seeds, real_train = [], tw.train_text_model
 
     def counted(profile, seed, runs_dir, **kwargs):
-        trained.append(seed)
+        seeds.append(seed)
         return real_train(profile, seed, runs_dir, **kwargs)
 
     monkeypatch.setattr(tw, "train_text_model", counted)
+    return seeds
+
+
+def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are_the_same(tmp_path, monkeypatch,
+                                                                                           trained):
+    import pandas as pd
+
     first, _, _ = tw.run_text_seeds(tw.text_profile("smoke", seeds=[0]), tmp_path, workers=1, progress=False)
     folder = tw.text_seed_folder(tmp_path)
     filed = pd.read_csv(folder / "smoke.csv")
@@ -384,15 +390,7 @@ def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are
     assert set(refiled["seed"]) == {0} and set(refiled["code_key"]) == {"edited again"}  # stale seed 1 dropped
 
 
-def test_a_default_run_reads_the_committed_seeds_back_and_leaves_them_untouched(tmp_path, monkeypatch):
-    trained = []
-    real_train = tw.train_text_model
-
-    def counted(profile, seed, runs_dir, **kwargs):
-        trained.append(seed)
-        return real_train(profile, seed, runs_dir, **kwargs)
-
-    monkeypatch.setattr(tw, "train_text_model", counted)
+def test_a_default_run_reads_the_committed_seeds_back_and_leaves_them_untouched(tmp_path, monkeypatch, trained):
     committed_root = tmp_path / "committed"
     monkeypatch.setattr(tw, "results_dir", lambda out_dir, file_results=False:
                         committed_root if file_results else out_dir / "results")
