@@ -2,6 +2,7 @@
 the sample.grid key, and the notebook helpers that judge text alignment."""
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -232,8 +233,11 @@ def test_the_prompt_grid_shows_every_grid_caption_above_its_samples(tmp_path):
     assert [ax.get_title() for ax in fig.axes] == list(tw.GRID_PROMPTS)
     assert fig._suptitle.get_text().startswith("guidance 3, ") and "the model of seed 0" in fig._suptitle.get_text()
     assert "one thread a run" in fig._suptitle.get_text()
-    two = tw.seed_training_protocol(profile, 0, threads=2)
+    two = tw.text_training_protocol(profile, {0: 2})
     assert "2 threads a run" in two and "one thread" not in two
+    # Seeds on different thread counts are named each; a seed filed before its count was recorded ran on one.
+    mixed = tw.text_training_protocol(tw.text_profile("smoke", seeds=[0, 1, 2]), {0: float("nan"), 1: 2})
+    assert "seeds 0, 1, 2, threads a run: seed 0 on 1, seed 1 on 2, seed 2 on 1;" in mixed
     width = tw.TEXT_SETUPS["smoke"].grid_n * (tw.TEXT_SETUPS["smoke"].image_size + 1) + 1  # one row of samples
     assert fig.axes[0].images[0].get_array().shape[1] == width
 
@@ -359,6 +363,9 @@ def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are
                                            progress=False)
     assert trained == [0, 1] and list(runs["seed"]) == [0, 1] and set(curves["seed"]) == {0, 1}
     assert list(runs["threads"]) == [1, 2] and torch.get_num_threads() == threads_before
+    record = json.loads((folder / "smoke.json").read_text())  # the protocol of every seed filed, as each ran
+    assert "seeds 0, 1, threads a run: seed 0 on 1, seed 1 on 2;" in record["protocol"]
+    assert record["profile"]["seeds"] == [0, 1]
     columns = ["split", "guidance", "attribute", "k", "n_judged", "fd"]
     pd.testing.assert_frame_equal(rows[rows["seed"] == 0][columns].reset_index(drop=True),
                                   first[columns].reset_index(drop=True))

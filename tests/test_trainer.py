@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -90,9 +91,19 @@ def test_two_gloo_processes_match_one_process(tmp_path):
     single = Trainer(tiny_config(tmp_path, "single", "steps=4"))
     single.fit()
     config_path = write_config(tmp_path)
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                             "-m", "vitdiff.trainer", str(config_path), "steps=4", f"out_dir={tmp_path / 'ddp'}"],
-                            env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+    def two_ranks():
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                               "-m", "vitdiff.trainer", str(config_path), "steps=4", f"out_dir={tmp_path / 'ddp'}"],
+                              env=subprocess_env(), capture_output=True, text=True, timeout=300)
+
+    result = two_ranks()
+    # torch's gloo backend now and then aborts a rank in its own teardown, after the run has finished and saved
+    # (once in the four runs seen here; pytorch/pytorch#179291 discusses it): that case, and only that one, runs again.
+    if (result.returncode != 0 and "terminate called without an active exception" in result.stderr
+            and "step 4: checkpoint" in result.stderr):
+        shutil.rmtree(tmp_path / "ddp")
+        result = two_ranks()
     assert result.returncode == 0, result.stderr[-3000:]
 
     single_log, ddp_log = read_metrics(tmp_path / "single"), read_metrics(tmp_path / "ddp")

@@ -10,6 +10,7 @@ import math
 import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -117,13 +118,30 @@ def text_profile(name: str | None = None, *, dataset: str | None = None, steps: 
     return profile.with_overrides(**{"data.image_size": TEXT_SETUPS[name].image_size})
 
 
-def text_protocol(profile: Profile, what: str | None = None) -> str:
-    """The line that travels with notebook 07's figures and tables: what was trained and how samples were judged."""
-    from .workbook import sampling_protocol, training_protocol
+def text_protocol(profile: Profile, what: str | None = None, threads: Mapping[int, float] | None = None) -> str:
+    """The line that travels with notebook 07's figures and tables: what was trained (each seed on
+    ``threads[seed]`` threads, :func:`text_training_protocol`) and how samples were judged."""
+    from .workbook import sampling_protocol
 
     what = what or (f"text alignment (shapes judge, {profile.eval_n} captions per split) + "
                     f"{fd_shapes_label(profile.eval_n)}")
-    return f"{training_protocol(profile)}; {what}; {sampling_protocol(profile)}"
+    return f"{text_training_protocol(profile, threads)}; {what}; {sampling_protocol(profile)}"
+
+
+def text_training_protocol(profile: Profile, threads: Mapping[int, float] | None = None) -> str:
+    """The training protocol of ``profile``'s seeds, each trained on ``threads[seed]`` threads: one where
+    ``threads`` is not given or has no count for the seed (seeds filed before the count was recorded)."""
+    from .workbook import training_protocol
+
+    counts = {seed: int(threads[seed]) if threads is not None and seed in threads and threads[seed] == threads[seed]
+              else 1 for seed in profile.seeds}
+    protocol = training_protocol(profile)
+    if set(counts.values()) == {1}:
+        return protocol
+    if len(set(counts.values())) == 1:
+        return protocol.replace("one thread a run", f"{counts[profile.seeds[0]]} threads a run")
+    each = ", ".join(f"seed {seed} on {count}" for seed, count in counts.items())
+    return protocol.replace("one thread a run", f"threads a run: {each}")
 
 
 def make_text_config(profile: Profile, seed: int, out_dir: Path, *, cond_drop_prob: float = 0.1) -> Config:
@@ -389,7 +407,12 @@ def file_text_seed(result: dict, folder: Path, profile: Profile, grid: Path) -> 
     for suffix in (".png", ".pdf"):
         picture = grid.with_suffix(suffix).read_bytes()
         write_atomically(prompt_grid_file(folder, profile, seed, suffix), lambda handle: handle.write(picture))
-    record = json.dumps({"protocol": text_protocol(profile), "profile": asdict(profile)}, indent=1)
+    # The record describes every seed filed once this one is: their seeds and the threads each trained on.
+    filed = folder / f"{profile.name}.csv"
+    threads = {**(threads_by_seed(_read_filed(filed)) if filed.is_file() else {}), seed: result["rows"][0]["threads"]}
+    filed_profile = replace(profile, seeds=tuple(sorted(threads)))
+    record = json.dumps({"protocol": text_protocol(filed_profile, threads=threads), "profile": asdict(filed_profile)},
+                        indent=1)
     write_atomically(folder / f"{profile.name}.json", lambda handle: handle.write(record.encode()))
     for path, new in ((folder / f"{profile.name}_curves.csv", pd.DataFrame(result["curve"])),
                       (folder / f"{profile.name}.csv", pd.DataFrame(result["rows"]))):
@@ -397,6 +420,13 @@ def file_text_seed(result: dict, folder: Path, profile: Profile, grid: Path) -> 
             old = _read_filed(path)
             new = pd.concat([old[old["seed"] != seed], new], ignore_index=True)
         _write_filed(path, new)
+
+
+def threads_by_seed(rows) -> dict[int, float]:
+    """Each seed's thread count from its rows (NaN for a seed filed before the count was recorded)."""
+    if "threads" not in rows:
+        return {}
+    return {int(seed): threads for seed, threads in rows.drop_duplicates("seed")[["seed", "threads"]].values}
 
 
 def _write_filed(path: Path, table) -> None:
@@ -540,7 +570,7 @@ def run_text_seeds(profile: Profile, out_dir: Path, *, workers: int | None = Non
     missing = sorted(set(profile.seeds) - set(rows["seed"]))
     if missing:
         raise RuntimeError(f"seeds {missing} of {profile.name} were trained but are not filed under {folder}")
-    save_results(rows, profile, out_dir, protocol_line=text_protocol(profile))
+    save_results(rows, profile, out_dir, protocol_line=text_protocol(profile, threads=threads_by_seed(rows)))
     # Seeds filed before a fact was recorded read back without it (blank).
     runs = rows.drop_duplicates("seed").reindex(columns=["seed", *SEED_FACTS]).reset_index(drop=True)
     return rows, curves, runs
@@ -669,15 +699,7 @@ def prompt_grid_figure(model, process, config: Config, profile: Profile, *, guid
     return show_captioned(images, list(GRID_PROMPTS), per_row=setup.grid_n,
                           title=f"guidance {guidance:g}, {profile.sampler} {profile.sample_steps} steps, "
                                 f"{setup.image_size}x{setup.image_size}, the model of seed {seed}\n"
-                                f"{seed_training_protocol(profile, seed, threads)}")
-
-
-def seed_training_protocol(profile: Profile, seed: int, threads: int = 1) -> str:
-    """The training protocol of one seed of ``profile`` trained on ``threads`` threads."""
-    from .workbook import training_protocol
-
-    protocol = training_protocol(replace(profile, seeds=(seed,)))
-    return protocol if threads == 1 else protocol.replace("one thread a run", f"{threads} threads a run")
+                                f"{text_training_protocol(replace(profile, seeds=(seed,)), {seed: threads})}")
 
 
 def show_captioned(images: torch.Tensor, captions: list[str], *, per_row: int, title: str):
