@@ -8,9 +8,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -133,8 +133,11 @@ def text_training_protocol(profile: Profile, threads: Mapping[int, float] | None
     ``threads`` is not given or has no count for the seed (seeds filed before the count was recorded)."""
     from .workbook import training_protocol
 
-    counts = {seed: int(threads[seed]) if threads is not None and seed in threads and threads[seed] == threads[seed]
-              else 1 for seed in profile.seeds}
+    def count(seed: int) -> int:
+        value = (threads or {}).get(seed)
+        return 1 if value is None or math.isnan(value) else int(value)
+
+    counts = {seed: count(seed) for seed in profile.seeds}
     protocol = training_protocol(profile)
     if set(counts.values()) == {1}:
         return protocol
