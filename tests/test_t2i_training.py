@@ -418,6 +418,24 @@ def test_a_default_run_reads_the_committed_seeds_back_and_leaves_them_untouched(
     assert {path: path.read_bytes() for path in committed.rglob("*") if path.is_file()} == before
 
 
+def test_a_text_seeds_code_key_is_the_code_loaded_even_when_the_file_is_edited(tmp_path, monkeypatch):
+    """A kernel training a seed for hours while its user edits vitdiff/text_workbook.py: the key stays the key of
+    the code that runs. (Read from the edited file at the old line numbers, the source was a stray indented line.)"""
+    import inspect
+
+    config = tw.make_text_config(tw.text_profile("smoke"), 0, tmp_path)
+    before = tw.text_code_key(config)
+    real_getsource = inspect.getsource
+
+    def edited_file(code):
+        if getattr(code, "__module__", None) == tw.__name__:
+            return "    hook = classifier.trunk.register_forward_hook(lambda m, i, o: None)\n"
+        return real_getsource(code)
+
+    monkeypatch.setattr(inspect, "getsource", edited_file)
+    assert tw.text_code_key(config) == before
+
+
 def test_training_seconds_are_read_from_the_runs_log_windows():
     import pandas as pd
 

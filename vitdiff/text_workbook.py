@@ -5,6 +5,7 @@ samples with the pinned attribute judge (:mod:`vitdiff.shapes`); the shared laye
 """
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -329,17 +330,28 @@ def text_code_key(config: Config) -> str:
     so a refactor of its helpers keeps the filed seeds; what they measure with (guidance scales, captions per
     split) is checked from the rows."""
     import hashlib
-    import inspect
 
     from . import shapes
     from .build import build_model
-    from .workbook.runs import _code_without_docs
 
     with torch.device("meta"):
         digest = hashlib.sha1(code_key(build_model(config, tokenizer=shapes.shapes_tokenizer())).encode())
-    for code in (shapes, alignment_rows, fd_shapes, shapes_features):
-        digest.update(_code_without_docs(inspect.getsource(code)).encode())
+    digest.update(_measuring_code().encode())
     return digest.hexdigest()[:12]
+
+
+@functools.cache
+def _measuring_code() -> str:
+    """The source of the code that measures a text seed (:func:`text_code_key`), read once a process, when this
+    module loads (its last line): a kernel whose file is edited while it trains keys its seeds by the code it runs,
+    not by the edited file (``inspect`` would read the new file at the old code's line numbers)."""
+    import inspect
+
+    from . import shapes
+    from .workbook.runs import _code_without_docs
+
+    return "".join(_code_without_docs(inspect.getsource(code))
+                   for code in (shapes, alignment_rows, fd_shapes, shapes_features))
 
 
 # The guidance scale (DiT convention) notebook 07's verdicts are read at, fixed before the runs; the prompt grids
@@ -760,3 +772,6 @@ def show_examples(images: torch.Tensor, captions: list[str], *, ncols: int, titl
         ax.set_title(textwrap.fill(caption, 24), fontsize=6)
     fig.suptitle(title, fontsize=8)
     return fig
+
+
+_measuring_code()  # now, while the file on disk is the code loaded
