@@ -313,6 +313,53 @@ def test_a_grown_text_run_lives_by_its_source_and_grows_once(tmp_path, monkeypat
     assert "grown from" not in capsys.readouterr().out and again.out_dir == grown.out_dir and again.step == 3
 
 
+def test_a_longer_profile_continues_the_shorter_ones_run_to_the_model_trained_at_once(tmp_path, monkeypatch):
+    import dataclasses
+
+    import pandas as pd
+
+    short = tw.text_profile("smoke", steps=2)
+    longer = dataclasses.replace(tw.text_profile("smoke", steps=4), name="smoke-long")
+    monkeypatch.setitem(tw.TEXT_SETUPS, "smoke-long", tw.TEXT_SETUPS["smoke"])
+    monkeypatch.setitem(tw.TEXT_CONTINUES, "smoke-long", "smoke")
+    tw.train_text_model(short, 0, tmp_path / "smoke" / "runs", progress=False)
+    tw.continue_shorter_run(longer, 0, tmp_path / "smoke-long" / "runs")
+    continued = tw.train_text_model(longer, 0, tmp_path / "smoke-long" / "runs", progress=False)
+    fresh = tw.train_text_model(longer, 0, tmp_path / "fresh" / "runs", progress=False)
+    assert (continued.step, tw.continued_from_step(continued.out_dir), tw.continued_from_step(fresh.out_dir)) == \
+        (4, 2, 0)
+    assert_same_state(continued.model.state_dict(), fresh.model.state_dict())
+    assert_same_state(continued.ema.module.state_dict(), fresh.ema.module.state_dict())
+    # Its log holds both parts (the training seconds count them), as the run trained at once logs them.
+    logs = [pd.read_json(run.out_dir / "metrics.jsonl", lines=True) for run in (continued, fresh)]
+    pd.testing.assert_frame_equal(logs[0][["step", "loss"]], logs[1][["step", "loss"]])
+    # Once it has a checkpoint of its own, it is never restarted from the shorter run.
+    before = (continued.out_dir / "last.pt").read_bytes()
+    tw.continue_shorter_run(longer, 0, tmp_path / "smoke-long" / "runs")
+    assert (continued.out_dir / "last.pt").read_bytes() == before
+    # A shorter run past the profile's steps, or none on this machine: the seed trains from step 0.
+    for runs_dir in (tmp_path / "other" / "smoke-long" / "runs", tmp_path / "fresh-again" / "runs"):
+        tw.continue_shorter_run(dataclasses.replace(tw.text_profile("smoke", steps=1), name="smoke-long"), 0,
+                                runs_dir)
+        assert not runs_dir.exists()
+
+
+def test_cpu_64_long_is_cpu_64_trained_longer_and_shares_its_runs():
+    import dataclasses
+
+    shorter, longer = tw.text_profile("cpu-64"), tw.text_profile("cpu-64-long")
+    assert tw.TEXT_CONTINUES["cpu-64-long"] == "cpu-64" and longer.steps == 2 * shorter.steps
+    for seed in shorter.seeds:
+        configs = [dataclasses.asdict(tw.make_text_config(profile, seed, Path("runs")))
+                   for profile in (shorter, longer)]
+        differences = {(section, key) for section in configs[0] if isinstance(configs[0][section], dict)
+                       for key in configs[0][section] if configs[0][section][key] != configs[1][section][key]}
+        # Logging and checkpoint intervals follow the steps; neither touches the weights.
+        assert differences == {("train", "steps"), ("train", "log_every"), ("train", "ckpt_every")}
+        assert tw.text_run_dir(tw.make_text_config(shorter, seed, Path("runs")), seed, Path("runs")) == \
+            tw.text_run_dir(tw.make_text_config(longer, seed, Path("runs")), seed, Path("runs"))
+
+
 def test_a_text_run_stopped_by_a_signal_is_saved_and_never_judged_as_finished(tmp_path, monkeypatch):
     import os
     import signal

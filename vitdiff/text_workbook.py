@@ -66,6 +66,9 @@ TEXT_PROFILE_CHANGES: ProfileChanges = {
               {"eval_n": 16, "val_n": 16}),
     "cpu": (_CPU_TEXT_RECIPE, {"eval_n": 96, "val_n": 96, "seeds": (0, 1, 2)}),
     "cpu-64": (_cpu_text_recipe_at(64), {"eval_n": 96, "val_n": 96, "seeds": (0, 1, 2)}),
+    # cpu-64 trained twice as long (21600 steps): all-correct was still rising at 10800 (experiments/README.md).
+    "cpu-64-long": ({**_cpu_text_recipe_at(64), "train.steps": 6 * _CPU_TEXT_RECIPE["train.steps"]},
+                    {"eval_n": 96, "val_n": 96, "seeds": (0, 1, 2)}),
     "cpu-128": (_cpu_text_recipe_at(128), {"eval_n": 96, "val_n": 96, "seeds": (0,)}),
     # Paper scale at 64x64 (experiments/shapes64_t2i_ascend_h.yaml).
     # v-prediction: an eps-model's x0 estimate at high noise (x - sigma*eps, sigma up to 152 on vp-sde) is poor.
@@ -73,7 +76,11 @@ TEXT_PROFILE_CHANGES: ProfileChanges = {
              "train.warmup_steps": 5000, "sample.steps": 50, "diffusion.prediction": "v"},
             {"eval_n": 2000, "val_n": 2000}),
 }
-TEXT_BASE_PROFILES = {"cpu-64": "cpu", "cpu-128": "cpu"}
+TEXT_BASE_PROFILES = {"cpu-64": "cpu", "cpu-64-long": "cpu", "cpu-128": "cpu"}
+# A profile that differs from another only in its steps continues that profile's seeds where their runs are on this
+# machine (:func:`continued_run_dir`): its LR is constant after warm-up and resume is bit-exact, so the continued
+# run is the run trained at once (tests/test_t2i_training.py), without training the shorter one's steps again.
+TEXT_CONTINUES = {"cpu-64-long": "cpu-64"}
 # The lightest pixel decoder: x2 pixel-shuffle stages and the full-resolution skip, no refining blocks, so the
 # encoder on 8x8 patches does the work (CPU-sized at 64x64: about a third of the cost of one conv block a stage);
 # the 64x64 and 128x128 setups add the pixel path's refining blocks back (_PIXEL_PATH).
@@ -101,6 +108,7 @@ TEXT_SETUPS: dict[str, TextSetup] = {
     "gpu": TextSetup("ASCEND-H-S/8", 64, _POOLED, {"context_dim": 256, "layers": 4, "heads": 4},
                      (1.0, 2.0, 3.0, 5.0), 8),
 }
+TEXT_SETUPS.update({longer: TEXT_SETUPS[shorter] for longer, shorter in TEXT_CONTINUES.items()})
 
 
 def text_profile(name: str | None = None, *, dataset: str | None = None, steps: int | None = None,
@@ -193,6 +201,51 @@ def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: b
     if record.get("stopped_by_signal") is not None:  # saved where it stopped; nothing may be judged as if finished
         raise TrainingStopped(Path(config.out_dir), trainer.step, config.train.steps)
     return trainer
+
+
+# Written into a run directory started from a shorter profile's run (:func:`continue_shorter_run`): which run, and
+# the step it was taken at.
+CONTINUED_FROM = "continued_from.json"
+
+
+def continue_shorter_run(profile: Profile, seed: int, runs_dir: Path) -> None:
+    """Where ``profile`` trains another profile's seeds longer (:data:`TEXT_CONTINUES`) and this seed's run has no
+    checkpoint yet, start it from that profile's run of the seed on this machine, found in the notebook's layout
+    (``runs_dir`` is ``<out>/<profile>/runs``, the other's ``<out>/<other>/runs``): its checkpoint and its log, so
+    the training seconds count both parts, and :data:`CONTINUED_FROM`. Nothing where either is missing (the seed
+    then trains from step 0, to the same model) or the other run is past the profile's steps."""
+    import shutil
+
+    from .checkpoint import latest_path, load_checkpoint
+
+    shorter_profile = TEXT_CONTINUES.get(profile.name)
+    run_dir = text_run_dir(make_text_config(profile, seed, runs_dir), seed, runs_dir)
+    if shorter_profile is None or latest_path(run_dir) is not None:
+        return
+    shorter = runs_dir.parent.parent / shorter_profile / "runs" / run_dir.name
+    checkpoint = latest_path(shorter)
+    if checkpoint is None or not (shorter / "metrics.jsonl").is_file():
+        return
+    step = load_checkpoint(checkpoint)["step"]
+    if step > profile.steps:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    record = json.dumps({"run": str(shorter.resolve()), "profile": shorter_profile, "step": step}).encode()
+    write_atomically(run_dir / CONTINUED_FROM, lambda handle: handle.write(record))
+    # The checkpoint last: it is what makes the trainer resume.
+    for source, target in ((shorter / "metrics.jsonl", run_dir / "metrics.jsonl"), (checkpoint, run_dir / "last.pt")):
+        def copy(handle, source=source):
+            with open(source, "rb") as original:
+                shutil.copyfileobj(original, handle)
+
+        write_atomically(target, copy)
+    print(f"seed {seed} of {profile.name} continues {shorter} from step {step}")
+
+
+def continued_from_step(run_dir: Path) -> int:
+    """The step a run was started at from a shorter profile's run (:func:`continue_shorter_run`); 0 if it was not."""
+    record = Path(run_dir) / CONTINUED_FROM
+    return json.loads(record.read_text())["step"] if record.is_file() else 0
 
 
 class TrainingStopped(RuntimeError):
@@ -358,7 +411,7 @@ def _measuring_code() -> str:
 # are drawn at it too.
 VERDICT_GUIDANCE = 3.0
 # What every alignment row of a seed carries about its run (with its profile, steps, config and code keys).
-SEED_FACTS = ("train_s", "threads", "params_M", "gflops", "text_params_M")
+SEED_FACTS = ("train_s", "threads", "continued_from_step", "params_M", "gflops", "text_params_M")
 
 
 def run_text_seed(job: tuple) -> dict[str, list[dict]]:
@@ -379,6 +432,7 @@ def run_text_seed(job: tuple) -> dict[str, list[dict]]:
         # More than one only where a 64x64 seed must train within a sitting on a machine of its own; the thread
         # count changes float summation order alone, and the row records it.
         torch.set_num_threads(threads)
+        continue_shorter_run(profile, seed, runs_dir)
         trainer = train_text_model(profile, seed, runs_dir, progress=False)
         params, gflops = model_cost(trainer.model.backbone)
         rows = [row for split in ("val", "test")
@@ -389,6 +443,7 @@ def run_text_seed(job: tuple) -> dict[str, list[dict]]:
         save_figure(grid, Path(trainer.out_dir), "prompt_grid")
     log = pd.read_json(Path(trainer.out_dir) / "metrics.jsonl", lines=True)
     facts = {"seed": seed, "profile": profile.name, "steps": profile.steps, "threads": threads,
+             "continued_from_step": continued_from_step(trainer.out_dir),
              "train_s": logged_training_seconds(log, config.data.batch_size),
              "params_M": params / 1e6, "gflops": gflops,
              "text_params_M": sum(p.numel() for p in trainer.model.text_encoder.parameters()) / 1e6, **keys}
