@@ -19,8 +19,8 @@ from vitdiff.text import TextToImage
 from vitdiff.build import tokenizer_from_json
 from vitdiff.generate import generate, load_for_inference
 from vitdiff.trainer import Trainer
+from vitdiff import text_alignment
 from vitdiff import text_workbook as tw
-from vitdiff import workbook as wb
 
 ROOT = Path(__file__).resolve().parents[1]
 SHAPES_T2I = ROOT / "experiments" / "shapes64_t2i_ascend_h.yaml"
@@ -389,7 +389,7 @@ def trained(monkeypatch):
         seeds.append(seed)
         return real_train(profile, seed, runs_dir, **kwargs)
 
-    monkeypatch.setattr(tw, "train_text_model", counted)
+    monkeypatch.setattr(tw.runs, "train_text_model", counted)
     return seeds
 
 
@@ -427,8 +427,8 @@ def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are
 
     # An edit to the code the seeds ran makes their filed rows stale. Into the committed results that refuses,
     # before any training, to replace them; in the notebook's own folder the seed is trained again and replaces them.
-    monkeypatch.setattr(tw, "text_code_key", lambda config: "edited")
-    monkeypatch.setattr(tw, "results_dir", lambda out_dir, file_results=False: out_dir / "results")
+    monkeypatch.setattr(tw.runs, "text_code_key", lambda config: "edited")
+    monkeypatch.setattr(tw.seeds, "results_dir", lambda out_dir, file_results=False: out_dir / "results")
     with pytest.raises(ConfigError, match=r"holds seeds \[0, 1\] filed by another config or code"):
         tw.run_text_seeds(tw.text_profile("smoke", seeds=[0]), tmp_path, workers=1, progress=False,
                           file_results=True)
@@ -437,7 +437,7 @@ def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are
     assert trained == [0, 1, 0, 1]
     refiled = pd.read_csv(folder / "smoke.csv")  # both stale seeds retrained, and both kept
     assert set(refiled["seed"]) == {0, 1} and set(refiled["code_key"]) == {"edited"}
-    monkeypatch.setattr(tw, "text_code_key", lambda config: "edited again")
+    monkeypatch.setattr(tw.runs, "text_code_key", lambda config: "edited again")
     tw.run_text_seeds(tw.text_profile("smoke", seeds=[0]), tmp_path, workers=1, progress=False)
     assert trained == [0, 1, 0, 1, 0]
     refiled = pd.read_csv(folder / "smoke.csv")
@@ -446,7 +446,7 @@ def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are
 
 def test_a_default_run_reads_the_committed_seeds_back_and_leaves_them_untouched(tmp_path, monkeypatch, trained):
     committed_root = tmp_path / "committed"
-    monkeypatch.setattr(tw, "results_dir", lambda out_dir, file_results=False:
+    monkeypatch.setattr(tw.seeds, "results_dir", lambda out_dir, file_results=False:
                         committed_root if file_results else out_dir / "results")
     profile = tw.text_profile("smoke", seeds=[0])
     filed, _, _ = tw.run_text_seeds(profile, tmp_path / "sitting", workers=1, progress=False, file_results=True)
@@ -466,7 +466,7 @@ def test_a_default_run_reads_the_committed_seeds_back_and_leaves_them_untouched(
 
 
 def test_a_text_seeds_code_key_is_the_code_loaded_even_when_the_file_is_edited(tmp_path, monkeypatch):
-    """A kernel training a seed for hours while its user edits vitdiff/text_workbook.py: the key stays the key of
+    """A kernel training a seed for hours while its user edits vitdiff/text_alignment.py: the key stays the key of
     the code that runs. (Read from the edited file at the old line numbers, the source was a stray indented line.)"""
     import inspect
 
@@ -475,7 +475,7 @@ def test_a_text_seeds_code_key_is_the_code_loaded_even_when_the_file_is_edited(t
     real_getsource = inspect.getsource
 
     def edited_file(code):
-        if getattr(code, "__module__", None) == tw.__name__:
+        if getattr(code, "__module__", None) == text_alignment.__name__:
             return "    hook = classifier.trunk.register_forward_hook(lambda m, i, o: None)\n"
         return real_getsource(code)
 
@@ -495,7 +495,7 @@ def test_filed_keys_stay_text_and_a_stopped_run_crosses_processes(tmp_path):
     import pickle
 
     (tmp_path / "filed.csv").write_text("seed,config_key,code_key\n0,123456789012,12e456789012\n")
-    filed = tw._read_filed(tmp_path / "filed.csv")
+    filed = tw.seeds._read_filed(tmp_path / "filed.csv")
     assert (filed["config_key"].iloc[0], filed["code_key"].iloc[0]) == ("123456789012", "12e456789012")
     stopped = pickle.loads(pickle.dumps(tw.TrainingStopped(Path("run"), 5, 10)))
     assert (stopped.out_dir, stopped.step, stopped.steps) == (Path("run"), 5, 10) and "step 5 of 10" in str(stopped)
