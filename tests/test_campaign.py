@@ -297,6 +297,9 @@ def test_a_campaign_trains_the_seeds_its_landed_rows_call_for_in_the_same_call(t
         pd.concat([pd.read_csv(path), new] if path.is_file() else [new]).to_csv(path, index=False)
 
     monkeypatch.setattr(campaign, "train_jobs", file_fake_rows)
+    # Asked for the profile's seeds only, the call stops there; the next call trains the seeds they call for.
+    campaign.run("04", profile, workers=1, arms=[comparison.arm, comparison.reference], profile_seeds_only=True)
+    assert rounds == [[0, 1, 2, 3]]
     campaign.run("04", profile, workers=1, arms=[comparison.arm, comparison.reference])
     assert rounds == [[0, 1, 2, 3], [4, 5, 6, 7]]
     rows = campaign.filed_rows("04_skip_connections", profile, results)

@@ -394,18 +394,22 @@ def refresh(notebook: str, profile: Profile) -> list[Path]:
 
 
 def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = False, limit: int | None = None,
-        budget_only: bool = False, probe: int | None = None, arms: list[str] | None = None) -> None:
+        budget_only: bool = False, probe: int | None = None, arms: list[str] | None = None,
+        profile_seeds_only: bool = False) -> None:
     """Train the missing and stale runs of a notebook's study into ``experiments/results/``, filing (and with
     ``commit`` committing) each row as it lands; ``limit`` stops after that many runs, ``budget_only`` trains only
     the budget arms, ``arms`` only the arms named (e.g. more seeds where a result surprised), ``probe`` trains the
     budget probe to that many steps instead (:func:`probe_profile`). Runs that the landed rows call for (more
-    seeds where the MDE is too wide, :func:`precision_seeds`) are trained in the same call."""
+    seeds where the MDE is too wide, :func:`precision_seeds`) are trained in the same call, unless
+    ``profile_seeds_only`` leaves them for a later call (every arm at the profile's seeds first, in every notebook)."""
     base, profile = (profile, probe_profile(profile, probe)) if probe else (None, profile)
     folder = results_dir(Path(), True)
     tried: set[tuple[str, int]] = set()
     while True:
         name, jobs, rows, states, todo = _todo(notebook, profile, folder, probe=bool(probe),
                                                budget_only=budget_only, arms=arms)
+        if profile_seeds_only:
+            todo = [job for job in todo if job.seed in profile.seeds]
         todo = [job for job in todo if (job.arm, job.seed) not in tried]
         if not todo or (limit and tried):
             break  # each round trains (arm, seed) pairs not tried before, so the loop ends
@@ -528,6 +532,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-only", action="store_true", help="train only the budget arms (seeds 0 and 1)")
     parser.add_argument("--arm", action="append", dest="arms", metavar="NAME",
                         help="train only this arm (repeatable), e.g. --arm 'skip: none' --seeds 0-3")
+    parser.add_argument("--profile-seeds-only", action="store_true",
+                        help="train the profile's seeds only, leaving the extra seeds a wide MDE calls for to a later "
+                             "call (every arm of every notebook at 4 seeds first)")
     parser.add_argument("--probe", type=int, metavar="STEPS",
                         help="train the budget probe instead: the budget arms (seeds 0, 1) on to STEPS, filed as "
                              "profile <profile>-probe (how the long budget is chosen)")
@@ -557,7 +564,8 @@ def main(argv: list[str] | None = None) -> int:
                 print(describe(jobs[0].study.notebook, shown, status(jobs, rows), rows))
             else:
                 run(notebook, profile, workers=args.workers, commit=args.commit, limit=args.limit,
-                    budget_only=args.budget_only, probe=args.probe, arms=args.arms)
+                    budget_only=args.budget_only, probe=args.probe, arms=args.arms,
+                    profile_seeds_only=args.profile_seeds_only)
         return 0
 
     return run_command("campaign", command)
