@@ -345,3 +345,18 @@ def test_a_worker_whose_campaign_is_gone_exits_instead_of_training_the_queued_ru
     assert orphan.exitcode == 0 and child.exitcode == 1
     with pytest.raises(TypeError):  # one worker: the run is trained in the campaign's own process
         _run_job_for_campaign((os.getpid(), None))
+
+
+def test_a_campaign_refuses_to_train_code_edited_on_disk_since_it_loaded_it(monkeypatch):
+    import os
+
+    from vitdiff.config import ConfigError
+
+    campaign._key_sources_when_loaded()  # what this process loaded
+    campaign.check_code_unchanged()  # nothing edited since
+    loaded = campaign._key_sources()
+    assert "vitdiff.models.vit" in loaded and "vitdiff.workbook.runs" in loaded
+    # A model file saved while the campaign runs: its next run would train the loaded code under the new key.
+    monkeypatch.setattr(campaign, "_key_sources", lambda: {**loaded, "vitdiff.models.vit": "edited"})
+    with pytest.raises(ConfigError, match=r"vitdiff/models/vit\.py changed on disk .* Restart the campaign"):
+        campaign._run_job_for_campaign((os.getpid(), None))  # refused before the run (an empty spec) is looked at

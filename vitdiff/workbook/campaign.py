@@ -186,6 +186,7 @@ def train_jobs(jobs: list[Job], profile: Profile, runs: Path, folder: Path, *, w
     from ..metrics import check_frechet_metric
 
     check_frechet_metric(profile.dataset)  # before any training: the evaluation must be able to run
+    _key_sources_when_loaded()  # the code this process trains, before the first run
     for job in jobs:
         measure_missed_pause(job, profile, runs)
     name = jobs[0].study.notebook
@@ -206,11 +207,46 @@ def _run_job_for_campaign(spec: tuple) -> dict:
     """A queued run (``(campaign pid, run spec)``), trained only while the campaign that queued it is alive. A
     stopped campaign (SIGTERM to its process group) dies at once, while its workers save their runs and would
     otherwise go on with the runs still queued, training them where no one can file them and holding their
-    directories' locks against the next campaign: such a worker exits instead."""
+    directories' locks against the next campaign: such a worker exits instead. Nor is a run trained by a process
+    whose code was edited on disk since it loaded it (:func:`check_code_unchanged`)."""
     campaign, job = spec
     if campaign not in (os.getpid(), os.getppid()):  # run in the campaign's process, or by its worker
         os._exit(0)
+    check_code_unchanged()
     return _run_job(job)
+
+
+def _key_sources() -> dict[str, str]:
+    """The sha1 of the file, as it is on disk now, of every module a run's code key may read: the numeric modules
+    (:data:`vitdiff.workbook.runs.NUMERIC_MODULES`) and every module of :mod:`vitdiff.models`."""
+    import hashlib
+    import importlib
+
+    importlib.import_module("vitdiff.models")  # loads every model family
+    names = {*runs_module.NUMERIC_MODULES, *(name for name in sys.modules if name.startswith("vitdiff.models"))}
+    return {name: hashlib.sha1(Path(importlib.import_module(name).__file__).read_bytes()).hexdigest()
+            for name in sorted(names)}
+
+
+@functools.cache
+def _key_sources_when_loaded() -> dict[str, str]:
+    """:func:`_key_sources` the first time this process asks: the code it loaded (it starts training at once)."""
+    return _key_sources()
+
+
+def check_code_unchanged() -> None:
+    """Refuse to start a run in a process whose keyed modules were edited on disk since it loaded them.
+
+    A run's code key is read from the files on disk when the run starts (:func:`vitdiff.workbook.runs.code_key`;
+    runs.py stays as it is, its source being in every filed key), while the process trains the code it loaded: a
+    campaign left running while its user edits a model would file the old code's numbers under the new code's key,
+    a row that reads as current but is not."""
+    edited = [name for name, digest in _key_sources().items() if _key_sources_when_loaded().get(name) != digest]
+    if edited:
+        files = ", ".join(name.replace(".", "/") + ".py" for name in edited)
+        raise ConfigError(f"{files} changed on disk after this campaign loaded it: its next run would train the old "
+                          "code under the new code's key. Restart the campaign (the same command) to train the "
+                          "code on disk; every run filed so far is kept")
 
 
 def measure_missed_pause(job: Job, profile: Profile, runs: Path) -> bool:
