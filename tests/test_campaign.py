@@ -352,10 +352,18 @@ def test_a_campaign_refuses_to_train_code_edited_on_disk_since_it_loaded_it(monk
 
     from vitdiff.config import ConfigError
 
+    import importlib
+    import sys
+
+    # A keyed module that a run imports after the campaign looked (the flop counter's vitdiff.models.catalog) is
+    # not an edit.
+    monkeypatch.delitem(sys.modules, "vitdiff.models.catalog", raising=False)
+    campaign._key_sources_when_loaded.cache_clear()
     campaign._key_sources_when_loaded()  # what this process loaded
+    importlib.import_module("vitdiff.models.catalog")
     campaign.check_code_unchanged()  # nothing edited since
     loaded = campaign._key_sources()
-    assert "vitdiff.models.vit" in loaded and "vitdiff.workbook.runs" in loaded
+    assert {"vitdiff.models.vit", "vitdiff.models.catalog", "vitdiff.workbook.runs"} <= set(loaded)
     # A model file saved while the campaign runs: its next run would train the loaded code under the new key.
     monkeypatch.setattr(campaign, "_key_sources", lambda: {**loaded, "vitdiff.models.vit": "edited"})
     with pytest.raises(ConfigError, match=r"vitdiff/models/vit\.py changed on disk .* Restart the campaign"):

@@ -218,12 +218,15 @@ def _run_job_for_campaign(spec: tuple) -> dict:
 
 def _key_sources() -> dict[str, str]:
     """The sha1 of the file, as it is on disk now, of every module a run's code key may read: the numeric modules
-    (:data:`vitdiff.workbook.runs.NUMERIC_MODULES`) and every module of :mod:`vitdiff.models`."""
+    (:data:`vitdiff.workbook.runs.NUMERIC_MODULES`) and every module of :mod:`vitdiff.models`, each loaded now if it
+    is not yet (the same modules every time, whatever a run has imported since)."""
     import hashlib
     import importlib
+    import pkgutil
 
-    importlib.import_module("vitdiff.models")  # loads every model family
-    names = {*runs_module.NUMERIC_MODULES, *(name for name in sys.modules if name.startswith("vitdiff.models"))}
+    models = importlib.import_module("vitdiff.models")
+    names = {*runs_module.NUMERIC_MODULES, models.__name__,
+             *(f"{models.__name__}.{module.name}" for module in pkgutil.iter_modules(models.__path__))}
     return {name: hashlib.sha1(Path(importlib.import_module(name).__file__).read_bytes()).hexdigest()
             for name in sorted(names)}
 
