@@ -348,12 +348,11 @@ def test_a_worker_whose_campaign_is_gone_exits_instead_of_training_the_queued_ru
 
 
 def test_a_campaign_refuses_to_train_code_edited_on_disk_since_it_loaded_it(monkeypatch):
+    import importlib
     import os
+    import sys
 
     from vitdiff.config import ConfigError
-
-    import importlib
-    import sys
 
     # A keyed module that a run imports after the campaign looked (the flop counter's vitdiff.models.catalog) is
     # not an edit.

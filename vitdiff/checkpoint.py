@@ -188,17 +188,22 @@ def write_atomically(path: str | Path, write: Callable[[BinaryIO], None], *,
             temporary.unlink()
 
 
-def _link_atomically(source: Path, link: Path) -> None:
-    """Make ``link`` name the file ``source`` names (a hard link: no extra space), replacing it atomically."""
+def copy_atomically(source: str | Path, target: str | Path) -> None:
+    """Replace ``target`` by a copy of ``source`` (:func:`write_atomically`: the old file or the whole copy)."""
     def copy(handle):
         with open(source, "rb") as original:
             shutil.copyfileobj(original, handle)
 
+    write_atomically(target, copy)
+
+
+def _link_atomically(source: Path, link: Path) -> None:
+    """Make ``link`` name the file ``source`` names (a hard link: no extra space), replacing it atomically."""
     temporary = link.parent / f".{link.name}.tmp-{os.getpid()}"
     try:
         os.link(source, temporary)
     except OSError:  # a file system without hard links
-        write_atomically(link, copy)
+        copy_atomically(source, link)
         return
     try:
         os.replace(temporary, link)

@@ -113,8 +113,6 @@ TEXT_SETUPS: dict[str, TextSetup] = {
     "gpu": TextSetup("ASCEND-H-S/8", 64, _POOLED, {"context_dim": 256, "layers": 4, "heads": 4},
                      (1.0, 2.0, 3.0, 5.0), 8),
 }
-
-
 TEXT_SETUPS.update({longer: TEXT_SETUPS[shorter] for longer, shorter in TEXT_CONTINUES.items()})
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import write_atomically
+from ..checkpoint import copy_atomically, write_atomically
 from ..config import Config
 from ..text_alignment import alignment_rows, text_code_key
 from ..workbook import Profile, config_key, model_cost, one_thread, save_figure
@@ -63,8 +63,6 @@ def continue_shorter_run(profile: Profile, seed: int, runs_dir: Path) -> None:
     (``runs_dir`` is ``<out>/<profile>/runs``, the other's ``<out>/<other>/runs``): its checkpoint and its log, so
     the training seconds count both parts, and :data:`CONTINUED_FROM`. Nothing where either is missing (the seed
     then trains from step 0, to the same model) or the other run is past the profile's steps."""
-    import shutil
-
     from ..checkpoint import latest_path, load_checkpoint
 
     shorter_profile = TEXT_CONTINUES.get(profile.name)
@@ -81,13 +79,9 @@ def continue_shorter_run(profile: Profile, seed: int, runs_dir: Path) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     record = json.dumps({"run": str(shorter.resolve()), "profile": shorter_profile, "step": step}).encode()
     write_atomically(run_dir / CONTINUED_FROM, lambda handle: handle.write(record))
-    # The checkpoint last: it is what makes the trainer resume.
-    for source, target in ((shorter / "metrics.jsonl", run_dir / "metrics.jsonl"), (checkpoint, run_dir / "last.pt")):
-        def copy(handle, source=source):
-            with open(source, "rb") as original:
-                shutil.copyfileobj(original, handle)
-
-        write_atomically(target, copy)
+    # Copies, not links: the trainer appends to its log. The checkpoint last: it is what makes the trainer resume.
+    copy_atomically(shorter / "metrics.jsonl", run_dir / "metrics.jsonl")
+    copy_atomically(checkpoint, run_dir / "last.pt")
     print(f"seed {seed} of {profile.name} continues {shorter} from step {step}")
 
 

@@ -7,7 +7,7 @@ import os
 from dataclasses import asdict, replace
 from pathlib import Path
 
-from ..checkpoint import write_atomically
+from ..checkpoint import copy_atomically, write_atomically
 from ..workbook import Profile, map_runs, results_dir, save_results
 from ..workbook.figures import TEXT_NOTEBOOK
 from .figures import prompt_grid_file
@@ -41,8 +41,7 @@ def file_text_seed(result: dict, folder: Path, profile: Profile, grid: Path) -> 
                     for suffix, key in (("_curves", "curve"), ("", "rows")))
     (folder / "samples" / profile.name).mkdir(parents=True, exist_ok=True)
     for suffix in (".png", ".pdf"):
-        picture = grid.with_suffix(suffix).read_bytes()
-        write_atomically(prompt_grid_file(folder, profile, seed, suffix), lambda handle: handle.write(picture))
+        copy_atomically(grid.with_suffix(suffix), prompt_grid_file(folder, profile, seed, suffix))
     # The record describes every seed filed once this one is: their seeds and the threads each trained on.
     threads = threads_by_seed(rows)
     filed_profile = replace(profile, seeds=tuple(sorted(threads)))

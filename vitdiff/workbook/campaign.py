@@ -446,9 +446,8 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
     tried: set[tuple[str, int]] = set()
     while True:
         name, jobs, rows, states, todo = _todo(notebook, profile, folder, probe=bool(probe),
-                                               budget_only=budget_only, arms=arms)
-        if profile_seeds_only:
-            todo = [job for job in todo if job.seed in profile.seeds]
+                                               budget_only=budget_only, arms=arms,
+                                               profile_seeds_only=profile_seeds_only)
         todo = [job for job in todo if (job.arm, job.seed) not in tried]
         if not todo or (limit and tried):
             break  # each round trains (arm, seed) pairs not tried before, so the loop ends
@@ -465,7 +464,8 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
     print(describe(name, profile, states, rows), flush=True)  # the last round's plan: with the rows just filed
 
 
-def _todo(notebook: str, profile: Profile, folder: Path, *, probe: bool, budget_only: bool, arms: list[str] | None):
+def _todo(notebook: str, profile: Profile, folder: Path, *, probe: bool, budget_only: bool, arms: list[str] | None,
+          profile_seeds_only: bool = False):
     """(notebook name, jobs, filed rows, states, jobs to train) of one round of :func:`run`."""
     jobs = plan(notebook, profile)
     name = jobs[0].study.notebook
@@ -476,6 +476,8 @@ def _todo(notebook: str, profile: Profile, folder: Path, *, probe: bool, budget_
     todo = states["stale"] + states["missing"]
     if budget_only:
         todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
+    if profile_seeds_only:
+        todo = [job for job in todo if job.seed in profile.seeds]
     if arms:
         unknown = sorted(set(arms) - {job.arm for job in jobs})
         if unknown:
