@@ -147,24 +147,31 @@ def test_alignment_rows_hold_accuracy_beside_its_measured_baselines(tmp_path):
     assert len({row["empty_caption_baseline"] for row in rows if row["attribute"] == "colour"}) == 1
 
 
-def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_baseline():
+def fake_alignment_rows(accuracy: dict, seeds=range(3), **columns):
+    """Alignment rows of ``seeds`` at w = 3, 100 samples (or objects) judged a seed: each (split, attribute) at
+    ``accuracy`` (0.5 where absent) + 0.01 x seed, its shuffled baseline 0.25 (val shape 0.2, test shape
+    0.3 + 0.01 x seed, all-correct 0.01) + 0.01 for odd seeds, shape's shape-shuffled baseline 0.3 (+0.03)."""
     import pandas as pd
 
-    from vitdiff.findings import verdict_table
-
-    # Three seeds: val shape at 3x its baseline, test shape level with it, val all-correct at 4x.
-    accuracy = {("val", "shape"): 0.6, ("test", "shape"): 0.3, ("val", "all_correct"): 0.04}
     rows = [{"seed": seed, "split": split, "guidance": 3.0, "attribute": name, "n": 100,
              "accuracy": accuracy.get((split, name), 0.5) + 0.01 * seed,
              "shuffled_baseline": {"shape": 0.2 if split == "val" else 0.3 + 0.01 * seed,
                                    "all_correct": 0.01}.get(name, 0.25) + 0.01 * (seed % 2),
              "shape_shuffled_baseline": 0.3 + 0.03 * (seed % 2) if name == "shape" else float("nan"),
-             "empty_caption_baseline": 0.2, "fd": 100.0, "fd_floor": 50.0}
-            for seed in range(3) for split in ("val", "test") for name in tw.ALIGNMENT_METRICS]
-    frame = pd.DataFrame(rows).assign(n_judged=100)  # counts of 100 samples (or objects) a seed
+             "empty_caption_baseline": 0.2, "fd": 100.0, "fd_floor": 50.0, **columns}
+            for seed in seeds for split in ("val", "test") for name in tw.ALIGNMENT_METRICS]
+    frame = pd.DataFrame(rows).assign(n_judged=100)
     for rate, count in (("accuracy", "k"), ("shuffled_baseline", "k_shuffled"),
                         ("shape_shuffled_baseline", "k_shape_shuffled")):
         frame[count] = (frame[rate] * 100).round()
+    return frame
+
+
+def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_baseline():
+    from vitdiff.findings import verdict_table
+
+    # Three seeds: val shape at 3x its baseline, test shape level with it, val all-correct at 4x.
+    frame = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.3, ("val", "all_correct"): 0.04})
     table = verdict_table(tw.alignment_arms(frame), tw.alignment_comparisons(3.0), notebook="07", profile="test")
     assert set(table["test"]) == {"rate"}
     # The count test pools the seeds: val shape is 183 of 300 against 61 of 300.
@@ -187,6 +194,56 @@ def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_basel
     table = verdict_table(tw.alignment_arms(one_seed), tw.alignment_comparisons(3.0), notebook="07", profile="test")
     assert tw.target_lines(one_seed, table, 3.0)[3].endswith("seeds: 1 (1) of the 3 the targets are judged on: "
                                                              "the lines above are provisional")
+
+
+def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds():
+    import pandas as pd
+
+    short = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.3, ("val", "all_correct"): 0.04},
+                                profile="cpu-64", steps=10800)
+    # Twice as long: all-correct up to 0.3 and held-out shape above its shape-shuffled baseline (0.3, 0.33).
+    long = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.45, ("val", "all_correct"): 0.3},
+                               profile="cpu-64-long", steps=21600)
+    rows = pd.concat([short, long], ignore_index=True)
+    table = tw.budget_verdicts(rows, 3.0, 64)
+    assert sorted(set(zip(table["profile"], table["steps"]))) == [
+        ("cpu-64", 10800), ("cpu-64 -> cpu-64-long", 21600), ("cpu-64-long", 21600)]
+    growth = table[table["profile"] == "cpu-64 -> cpu-64-long"].set_index(["comparison", "metric"])["verdict"]
+    own = "{}, w=3: own captions @ {} steps"
+    assert growth[(f"{own} - {own}".format("val", 21600, "val", 10800), "all_correct")] == "supported"  # 15 -> 93
+    assert growth[(f"{own} - {own}".format("val", 21600, "val", 10800), "colour")] == "unresolved"  # 153 both
+    assert growth[(f"{own} - {own}".format("test", 21600, "test", 10800), "shape")] == "supported"  # 93 -> 138
+    lines = tw.budget_lines(rows, table, 3.0)
+    assert lines[0].startswith("seeds judged at both budgets: 3 (0, 1, 2)")
+    assert lines[1].startswith("target val shape >= 2x its shuffled-caption baseline: met at 10800 steps, **met** at "
+                               "21600")
+    assert lines[2].startswith("target val all_correct >= 0.25: not met at 10800 steps, **met** at 21600")
+    assert lines[3].startswith("target held-out shape above its shape-shuffled baseline (interval above 0): not met "
+                               "at 10800 steps, **met** at 21600")
+    changed = [line for line in lines if " at 10800 steps, **" in line and not line.startswith("target")]
+    assert any(line.startswith("test, w=3: own captions - test, w=3: shape word shuffled (shape): unresolved at "
+                               "10800 steps, **supported** at 21600") for line in changed)
+    assert f"{len(changed)} of 10 pre-registered verdicts change with the budget" in lines
+    assert "val all_correct: 0.050 at 10800 steps -> 0.310 at 21600" in "\n".join(lines)
+    fig = tw.plot_budget(rows, 3.0)
+    assert [ax.get_xlabel() for ax in fig.axes] == ["training steps"] * 2 and "cpu-64 -> cpu-64-long" in (
+        fig._suptitle.get_text())
+
+
+def test_the_budget_pair_reads_each_profile_from_the_first_folder_that_files_it(monkeypatch, tmp_path):
+    import pandas as pd
+
+    filed = {("run", "cpu-64-long"): [0], ("committed", "cpu-64"): [0, 1, 2], ("run", "cpu-64"): []}
+
+    def fake_filed(folder, profile, runs_dir):
+        seeds = filed.get((folder.name, profile.name), [])
+        return pd.DataFrame({"seed": seeds, "steps": profile.steps}), pd.DataFrame({"seed": seeds})
+
+    monkeypatch.setattr(tw.budget, "filed_text_seeds", fake_filed)
+    assert tw.budget_pair("cpu-64-long") == tw.budget_pair("cpu-64") == ("cpu-64", "cpu-64-long")
+    rows = tw.budget_rows("cpu-64", [tmp_path / "run", tmp_path / "committed"], tmp_path / "runs")
+    assert sorted(zip(rows["seed"], rows["steps"])) == [(0, 10800), (0, 21600)]
+    assert tw.budget_pair("cpu") is None and not len(tw.budget_rows("cpu", [tmp_path / "run"], tmp_path))
 
 
 def test_text_profiles_name_their_size_and_shift_the_noise_with_it():

@@ -462,12 +462,22 @@ def plot_alignment_by_steps(frame, guidance: float = 3.0):
     at ``guidance`` (:func:`_alignment_panels`)."""
     budgets = frame.groupby(["recipe", "seed"])["steps"].nunique()
     recipe, seed = budgets.idxmax()
-    run = frame[(frame["recipe"] == recipe) & (frame["seed"] == seed) & (frame["guidance"] == guidance)]
-    fig = _alignment_panels(run, "steps", x_label="training steps",
-                            y_label=f"judge accuracy (seed {seed}, w = {guidance:g})", empty_at_zero=False)
+    run = frame[(frame["recipe"] == recipe) & (frame["seed"] == seed)]
     size = int(run["image_size"].iloc[0])
-    fig.suptitle(textwrap.fill(f"text recipe search, {size}x{size}, one seed: {recipe}; {int(run['n'].iloc[0])} "
-                               "captions per split, judged like notebook 07", 95))
+    title = (f"text recipe search, {size}x{size}, one seed: {recipe}; {int(run['n'].iloc[0])} captions per split, "
+             "judged like notebook 07")
+    return plot_alignment_by_budget(run, guidance, title)
+
+
+def plot_alignment_by_budget(frame, guidance: float, title: str):
+    """Alignment rows of runs judged at several budgets (``steps``), their seeds pooled: each attribute's accuracy
+    by training steps at ``guidance`` (:func:`_alignment_panels`), under ``title``."""
+    rows = frame[frame["guidance"] == guidance]
+    seeds = sorted(int(seed) for seed in rows["seed"].unique())
+    fig = _alignment_panels(rows, "steps", x_label="training steps", empty_at_zero=False,
+                            y_label=f"judge accuracy (seed{'s' * (len(seeds) > 1)} {', '.join(map(str, seeds))}, "
+                                    f"w = {guidance:g})")
+    fig.suptitle(textwrap.fill(title, 95))
     return fig
 
 
