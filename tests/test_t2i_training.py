@@ -205,7 +205,7 @@ def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds():
     long = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.45, ("val", "all_correct"): 0.3},
                                profile="cpu-64-long", steps=21600)
     rows = pd.concat([short, long], ignore_index=True)
-    table = tw.budget_verdicts(rows, 3.0, 64)
+    table = tw.verdicts_at_both_budgets(rows, 3.0, 64)
     assert sorted(set(zip(table["profile"], table["steps"]))) == [
         ("cpu-64", 10800), ("cpu-64 -> cpu-64-long", 21600), ("cpu-64-long", 21600)]
     growth = table[table["profile"] == "cpu-64 -> cpu-64-long"].set_index(["comparison", "metric"])["verdict"]
@@ -213,19 +213,26 @@ def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds():
     assert growth[(f"{own} - {own}".format("val", 21600, "val", 10800), "all_correct")] == "supported"  # 15 -> 93
     assert growth[(f"{own} - {own}".format("val", 21600, "val", 10800), "colour")] == "unresolved"  # 153 both
     assert growth[(f"{own} - {own}".format("test", 21600, "test", 10800), "shape")] == "supported"  # 93 -> 138
-    lines = tw.budget_lines(rows, table, 3.0)
+    lines = tw.longer_training_lines(rows, table, 3.0)
     assert lines[0].startswith("seeds judged at both budgets: 3 (0, 1, 2)")
     assert lines[1].startswith("target val shape >= 2x its shuffled-caption baseline: met at 10800 steps, **met** at "
                                "21600")
     assert lines[2].startswith("target val all_correct >= 0.25: not met at 10800 steps, **met** at 21600")
     assert lines[3].startswith("target held-out shape above its shape-shuffled baseline (interval above 0): not met "
                                "at 10800 steps, **met** at 21600")
-    changed = [line for line in lines if " at 10800 steps, **" in line and not line.startswith("target")]
-    assert any(line.startswith("test, w=3: own captions - test, w=3: shape word shuffled (shape): unresolved at "
-                               "10800 steps, **supported** at 21600") for line in changed)
-    assert f"{len(changed)} of 10 pre-registered verdicts change with the budget" in lines
+    # Held-out shape moves above both its baselines; nothing else changes.
+    assert lines[4:6] == ["test, w=3: own captions - test, w=3: shuffled captions (shape): unresolved at 10800, "
+                          "supported at 21600",
+                          "test, w=3: own captions - test, w=3: shape word shuffled (shape): unresolved at 10800, "
+                          "supported at 21600"]
     assert "val all_correct: 0.050 at 10800 steps -> 0.310 at 21600" in "\n".join(lines)
-    fig = tw.plot_budget(rows, 3.0)
+    # The same samples at both budgets: every growth row is 0 and nothing changes.
+    same = pd.concat([short, short.assign(profile="cpu-64-long", steps=21600)], ignore_index=True)
+    same_table = tw.verdicts_at_both_budgets(same, 3.0, 64)
+    growth = same_table[same_table["profile"] == "cpu-64 -> cpu-64-long"]
+    assert (growth["mean_diff"] == 0).all() and set(growth["verdict"]) == {"unresolved"}
+    assert "no pre-registered verdict changes with the budget" in tw.longer_training_lines(same, same_table, 3.0)
+    fig = tw.plot_both_budgets(rows, 3.0)
     assert [ax.get_xlabel() for ax in fig.axes] == ["training steps"] * 2 and "cpu-64 -> cpu-64-long" in (
         fig._suptitle.get_text())
 
@@ -239,11 +246,11 @@ def test_the_budget_pair_reads_each_profile_from_the_first_folder_that_files_it(
         seeds = filed.get((folder.name, profile.name), [])
         return pd.DataFrame({"seed": seeds, "steps": profile.steps}), pd.DataFrame({"seed": seeds})
 
-    monkeypatch.setattr(tw.budget, "filed_text_seeds", fake_filed)
+    monkeypatch.setattr(tw.longer, "filed_text_seeds", fake_filed)
     assert tw.budget_pair("cpu-64-long") == tw.budget_pair("cpu-64") == ("cpu-64", "cpu-64-long")
-    rows = tw.budget_rows("cpu-64", [tmp_path / "run", tmp_path / "committed"], tmp_path / "runs")
+    rows = tw.rows_at_both_budgets("cpu-64", [tmp_path / "run", tmp_path / "committed"], tmp_path / "runs")
     assert sorted(zip(rows["seed"], rows["steps"])) == [(0, 10800), (0, 21600)]
-    assert tw.budget_pair("cpu") is None and not len(tw.budget_rows("cpu", [tmp_path / "run"], tmp_path))
+    assert tw.budget_pair("cpu") is None and not len(tw.rows_at_both_budgets("cpu", [tmp_path / "run"], tmp_path))
 
 
 def test_text_profiles_name_their_size_and_shift_the_noise_with_it():

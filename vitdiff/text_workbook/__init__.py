@@ -2,16 +2,17 @@
 
 Rooms: :mod:`.profiles` (the workbook's profiles resized for captions, what each trains), :mod:`.runs` (one seed,
 trained and judged), :mod:`.seeds` (a profile's seeds, filed and read back one a sitting), :mod:`.verdicts` (arms,
-comparisons and targets), :mod:`.budget` (a profile against the longer one that continues it), :mod:`.figures` and
+comparisons and targets), :mod:`.longer` (a profile against the longer one that continues it), :mod:`.figures` and
 :mod:`.widgets`. The measuring code, whose source keys a filed seed, is :mod:`vitdiff.text_alignment`; the shared
 layer is :mod:`vitdiff.workbook`.
 """
 from ..text_alignment import (ALIGNMENT_METRICS, SHAPE_SHUFFLED_METRICS, alignment_rows, alignment_summary,
                               fd_shapes, fd_shapes_label, shapes_features, text_code_key)
-from . import budget, figures, profiles, runs, seeds, verdicts, widgets
-from .budget import budget_lines, budget_pair, budget_rows, budget_verdicts, plot_budget, show_budget
+from . import figures, longer, profiles, runs, seeds, verdicts, widgets
 from .figures import (GRID_PROMPTS, prompt_grid, prompt_grid_figure, prompt_grid_file, show_captioned, show_examples,
                       show_prompt_grid)
+from .longer import (budget_pair, longer_training_lines, plot_both_budgets, rows_at_both_budgets,
+                     show_longer_training, verdicts_at_both_budgets)
 from .profiles import (TEXT_BASE_PROFILES, TEXT_CONTINUES, TEXT_PROFILE_CHANGES, TEXT_SETUPS, VERDICT_GUIDANCE,
                        TextSetup, make_text_config, resolution_shifted_noise, text_profile, text_protocol,
                        text_training_protocol)

@@ -8,6 +8,7 @@ from pathlib import Path
 from ..findings import Comparison, verdict_table
 from ..text_alignment import ALIGNMENT_METRICS, alignment_summary
 from ..workbook.figures import TEXT_NOTEBOOK, plot_alignment_by_budget
+from ..workbook.notebook import verdict_changes
 from .profiles import TEXT_CONTINUES, text_profile
 from .seeds import filed_text_seeds
 from .verdicts import OWN, alignment_arm, alignment_arms, alignment_comparisons, target_checks
@@ -21,7 +22,7 @@ def budget_pair(name: str) -> tuple[str, str] | None:
     return None
 
 
-def budget_rows(name: str, folders: list[Path], runs_dir: Path):
+def rows_at_both_budgets(name: str, folders: list[Path], runs_dir: Path):
     """The alignment rows of both profiles of ``name``'s pair (:func:`budget_pair`) on the seeds filed and current
     at both, each profile read from the first of ``folders`` that files a current seed of it; an empty frame when
     ``name`` has no pair or the pair no common seed."""
@@ -49,7 +50,7 @@ def _steps_arm(variant: str, steps: int) -> str:
 _GROWTH = [("val", name) for name in ALIGNMENT_METRICS] + [("test", "shape"), ("test", "all_correct")]
 
 
-def budget_verdicts(rows, guidance: float, image_size: int | None = None):
+def verdicts_at_both_budgets(rows, guidance: float, image_size: int | None = None):
     """One verdict table (``steps`` column) of the budget pair's common seeds: notebook 07's pre-registered
     comparisons (:func:`alignment_comparisons`) at each budget, then each attribute's accuracy against the samples'
     own captions at the longer budget minus the shorter (a count test pooled over the seeds, Holm over the rows;
@@ -75,10 +76,10 @@ def budget_verdicts(rows, guidance: float, image_size: int | None = None):
     return pd.concat(tables, ignore_index=True)
 
 
-def budget_lines(rows, table, guidance: float) -> list[str]:
-    """What training longer changed, one sentence each, from :func:`budget_rows` and :func:`budget_verdicts`:
-    the seeds, the targets at each budget, each pre-registered verdict that changes between the budgets (or that
-    none does), and each growth row."""
+def longer_training_lines(rows, table, guidance: float) -> list[str]:
+    """What training longer changed, one sentence each, from :func:`rows_at_both_budgets` and
+    :func:`verdicts_at_both_budgets`: the seeds, the targets at each budget, each pre-registered verdict that changes
+    between the budgets (:func:`vitdiff.workbook.notebook.verdict_changes`, or that none does), and each growth row."""
     short, long = sorted(int(steps) for steps in rows["steps"].unique())
     seeds = sorted(int(seed) for seed in rows["seed"].unique())
     lines = [f"seeds judged at both budgets: {len(seeds)} ({', '.join(map(str, seeds))}); every line below is on "
@@ -89,13 +90,8 @@ def budget_lines(rows, table, guidance: float) -> list[str]:
     for (target, _, met_short), (_, measured, met_long) in zip(checks[short], checks[long]):
         lines.append(f"target {target}: {'met' if met_short else 'not met'} at {short} steps, "
                      f"**{'met' if met_long else 'not met'}** at {long} ({measured})")
-    before, after = (judged[steps].set_index(["comparison", "metric"]) for steps in (short, long))
-    changed = [key for key in before.index if before.loc[key, "verdict"] != after.loc[key, "verdict"]]
-    for key in changed:
-        row = after.loc[key]
-        lines.append(f"{key[0]} ({key[1]}): {before.loc[key, 'verdict']} at {short} steps, **{row['verdict']}** at "
-                     f"{long} ({row['mean_diff']:+.3f} [{row['ci_low']:+.3f}, {row['ci_high']:+.3f}])")
-    lines.append(f"{len(changed)} of {len(before)} pre-registered verdicts change with the budget")
+    changed = verdict_changes(table[~growth])
+    lines += changed or ["no pre-registered verdict changes with the budget"]
     accuracy = {steps: alignment_summary(rows[rows["steps"] == steps])["accuracy"] for steps in (short, long)}
     for row in table[growth].itertuples():
         split = row.comparison.split(",", 1)[0]
@@ -106,15 +102,19 @@ def budget_lines(rows, table, guidance: float) -> list[str]:
     return lines
 
 
-def plot_budget(rows, guidance: float):
-    """Each attribute's accuracy at the two budgets of :func:`budget_rows`, beside its baselines."""
+def plot_both_budgets(rows, guidance: float):
+    """Each attribute's accuracy at the two budgets of :func:`rows_at_both_budgets`, beside its baselines."""
     pair = " -> ".join(rows.groupby("steps")["profile"].first().sort_index())
     return plot_alignment_by_budget(rows, guidance, f"notebook 07, the same seeds at two budgets ({pair}); "
                                                     f"{int(rows['n'].iloc[0])} captions per split")
 
 
-def show_budget(rows, table, guidance: float) -> None:
-    """Display :func:`budget_lines` as the notebook's generated statement of what training longer changed."""
+def show_longer_training(rows, table, guidance: float) -> None:
+    """Display the verdict table of both budgets and :func:`longer_training_lines`, the notebook's generated
+    statement of what training longer changed."""
     from IPython.display import Markdown, display
 
-    display(Markdown("\n".join(f"* {line}" for line in budget_lines(rows, table, guidance))))
+    from ..findings import conclusion_markdown
+
+    display(Markdown(conclusion_markdown(table)))
+    display(Markdown("\n".join(f"* {line}" for line in longer_training_lines(rows, table, guidance))))
