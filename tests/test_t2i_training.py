@@ -226,6 +226,8 @@ def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds():
                           "test, w=3: own captions - test, w=3: shape word shuffled (shape): unresolved at 10800, "
                           "supported at 21600"]
     assert "val all_correct: 0.050 at 10800 steps -> 0.310 at 21600" in "\n".join(lines)
+    assert lines[-2:] == [f"FD-shapes-clf@100 on {split} at w = 3, mean over the seeds: 100 at 10800 steps -> 100 at "
+                          "21600 (floor 50; descriptive)" for split in ("val", "test")]
     # The same samples at both budgets: every growth row is 0 and nothing changes.
     same = pd.concat([short, short.assign(profile="cpu-64-long", steps=21600)], ignore_index=True)
     same_table = tw.verdicts_at_both_budgets(same, 3.0, 64)

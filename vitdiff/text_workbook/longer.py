@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..findings import Comparison, verdict_table
-from ..text_alignment import ALIGNMENT_METRICS, alignment_summary
+from ..text_alignment import ALIGNMENT_METRICS, alignment_summary, fd_shapes_label
 from ..workbook.figures import TEXT_NOTEBOOK, plot_alignment_by_budget
 from ..workbook.notebook import verdict_changes
 from .profiles import TEXT_CONTINUES, text_profile
@@ -79,7 +79,8 @@ def verdicts_at_both_budgets(rows, guidance: float, image_size: int | None = Non
 def longer_training_lines(rows, table, guidance: float) -> list[str]:
     """What training longer changed, one sentence each, from :func:`rows_at_both_budgets` and
     :func:`verdicts_at_both_budgets`: the seeds, the targets at each budget, each pre-registered verdict that changes
-    between the budgets (:func:`vitdiff.workbook.notebook.verdict_changes`, or that none does), and each growth row."""
+    between the budgets (:func:`vitdiff.workbook.notebook.verdict_changes`, or that none does), each growth
+    row, and FD-shapes at each budget."""
     short, long = sorted(int(steps) for steps in rows["steps"].unique())
     seeds = sorted(int(seed) for seed in rows["seed"].unique())
     lines = [f"seeds judged at both budgets: {len(seeds)} ({', '.join(map(str, seeds))}); every line below is on "
@@ -99,6 +100,13 @@ def longer_training_lines(rows, table, guidance: float) -> list[str]:
         lines.append(f"{split} {row.metric}: {accuracy[short][key]:.3f} at {short} steps -> {accuracy[long][key]:.3f} "
                      f"at {long}, {row.mean_diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}] ({row.signs}): "
                      f"**{row.verdict}**")
+    # FD has one value a seed and split: a mean beside its floor (real images against real), not tested.
+    fd = rows[rows["guidance"] == guidance].drop_duplicates(["seed", "split", "steps"])
+    for split, by_steps in fd.groupby("split", sort=False):
+        mean = by_steps.groupby("steps")[["fd", "fd_floor"]].mean()
+        lines.append(f"{fd_shapes_label(int(rows['n'].iloc[0]))} on {split} at w = {guidance:g}, mean over the "
+                     f"seeds: {mean.loc[short, 'fd']:.0f} at {short} steps -> {mean.loc[long, 'fd']:.0f} at {long} "
+                     f"(floor {mean.loc[long, 'fd_floor']:.0f}; descriptive)")
     return lines
 
 
