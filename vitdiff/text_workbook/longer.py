@@ -46,7 +46,7 @@ def _steps_arm(variant: str, steps: int) -> str:
 
 
 # Training longer is judged on the samples' own captions: every attribute on val, shape and all-correct on held-out
-# pairs (the rows whose targets are not met).
+# pairs (where composition shows).
 _GROWTH = [("val", name) for name in ALIGNMENT_METRICS] + [("test", "shape"), ("test", "all_correct")]
 
 
@@ -63,9 +63,12 @@ def verdicts_at_both_budgets(rows, guidance: float, image_size: int | None = Non
                             notebook=TEXT_NOTEBOOK, profile=profile, steps=int(steps))
               for steps, profile in budgets.items()]
     (short, short_profile), (long, long_profile) = list(budgets.items())[0], list(budgets.items())[-1]
-    arms = pd.concat([alignment_arms(rows[rows["steps"] == steps]).assign(
-        variant=lambda frame, steps=steps: [_steps_arm(variant, int(steps)) for variant in frame["variant"]])
-        for steps in (short, long)], ignore_index=True)
+
+    def arms_at(steps: int):
+        arms = alignment_arms(rows[rows["steps"] == steps])
+        return arms.assign(variant=[_steps_arm(variant, int(steps)) for variant in arms["variant"]])
+
+    arms = pd.concat([arms_at(short), arms_at(long)], ignore_index=True)
     growth = [Comparison(f"does training {long / short:g}x as long make samples follow their captions more often?",
                          "", _steps_arm(alignment_arm(split, guidance, OWN), int(long)),
                          _steps_arm(alignment_arm(split, guidance, OWN), int(short)), metric, direction="higher",
