@@ -195,3 +195,13 @@ def test_the_recipe_search_figure_follows_the_run_trained_to_the_most_budgets():
     steps = {tuple(line.get_xdata()) for ax in fig.axes[:2] for line in ax.lines if len(line.get_xdata())}
     assert steps == {(1200, 2400, 6000)}  # the short run's single budget is not drawn
     assert min(text.get_fontsize() for text in _texts(fig)) >= style.MIN_FONT_PT
+
+
+def test_alignment_panels_draw_rates_of_none_and_all_correct():
+    # k = 0 and k = n: the Wilson bound meets the rate up to rounding; the error bars must not turn negative.
+    rows = pd.DataFrame([{"seed": 0, "split": split, "guidance": w, "attribute": name, "k": k, "n_judged": 96,
+                          "k_shuffled": 5, "k_empty": 4}
+                         for split in ("val", "test") for w in (1.0, 3.0)
+                         for name, k in zip(style.ATTRIBUTE_LOOKS, (0, 96, 95, 1, 48, 96))])
+    fig = figures.plot_alignment(rows, "a protocol line")
+    assert len(fig.axes) == 2

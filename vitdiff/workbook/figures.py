@@ -419,7 +419,9 @@ def _alignment_panels(frame, x: str, *, x_label: str, y_label: str, empty_at_zer
             pooled = rows[rows["attribute"] == name].groupby(x)[counts].sum(min_count=1)
             accuracy = pooled["k"] / pooled["n_judged"]
             low, high = proportion_confint(pooled["k"], pooled["n_judged"], alpha=0.05, method="wilson")
-            ax.errorbar(pooled.index, accuracy, yerr=[accuracy - low, high - accuracy], color=look.colour,
+            # At 0 or all correct a Wilson bound equals the rate up to rounding, which can leave it a hair outside.
+            error = [(accuracy - low).clip(lower=0), (high - accuracy).clip(lower=0)]
+            ax.errorbar(pooled.index, accuracy, yerr=error, color=look.colour,
                         marker=look.marker, ms=3.5, capsize=2, lw=1.0)
             for column, line_style, _ in _ALIGNMENT_BASELINES:
                 if column in pooled and pooled[column].notna().any():
