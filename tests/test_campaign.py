@@ -189,6 +189,38 @@ def test_a_run_two_notebooks_share_is_trained_once(tmp_path, monkeypatch):
         assert not campaign.same_network(reference, other), arm
 
 
+def test_a_run_whose_budget_measurement_was_lost_is_filed_again_from_its_twin_that_has_it(tmp_path, monkeypatch):
+    monkeypatch.setattr(campaign, "results_dir", lambda out_dir, file_results=False: tmp_path)
+    profile = replace(wb.get_profile("smoke"), budgets=(2,))
+    campaign.run("04", profile, workers=1, limit=1)  # skip: concat_linear seed 0, measured at its budget (step 2)
+    iuvit, concat = campaign.plan("05", profile)[0], campaign.plan("04", profile)[0]
+    assert campaign.share_filed_runs([iuvit], profile, tmp_path) == []
+    curves_path = tmp_path / "04_skip_connections" / "smoke_curves.csv"
+    curves = pd.read_csv(curves_path)
+    assert curves.loc[curves["step"] == 2, "fd"].notna().all()
+    # The budget's measurement lost in 04 (a run filed before a missed pause was measured on resume).
+    curves.loc[curves["step"] == 2, "fd"] = float("nan")
+    curves.to_csv(curves_path, index=False)
+    assert campaign.unmeasured_budgets("04_skip_connections", profile, tmp_path) == {("skip: concat_linear", 0)}
+    rows = campaign.filed_rows("04_skip_connections", profile, tmp_path)
+    states = campaign.status([concat], rows, {("skip: concat_linear", 0)})
+    assert states["incomplete"] == [concat] and not states["done"]
+    assert "1 done" not in campaign.describe("04_skip_connections", profile, states, rows)
+    assert "1 lacking a budget's measurement" in campaign.describe("04_skip_connections", profile, states, rows)
+    # 05 files the same run with the measurement: 04's row and curve are filed again from it, and are complete.
+    assert campaign.share_filed_runs([concat], profile, tmp_path) == []
+    assert not campaign.unmeasured_budgets("04_skip_connections", profile, tmp_path)
+    assert campaign.filed_rows("04_skip_connections", profile, tmp_path).iloc[0]["same_run_as"] == (
+        "05_vit_vs_unet: IU-ViT")
+    # A twin that lacks the measurement too is no source: the run stays as filed.
+    for notebook in ("04_skip_connections", "05_vit_vs_unet"):
+        path = tmp_path / notebook / "smoke_curves.csv"
+        curves = pd.read_csv(path)
+        curves.loc[curves["step"] == 2, "fd"] = float("nan")
+        curves.to_csv(path, index=False)
+    assert campaign.share_filed_runs([concat], profile, tmp_path) == [concat]
+
+
 def test_the_budget_probe_continues_the_profiles_runs_to_the_numbers_of_a_run_from_scratch(tmp_path, monkeypatch):
     base = replace(wb.get_profile("smoke"), budgets=(2,))
     probe = campaign.probe_profile(base, 8)

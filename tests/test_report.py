@@ -53,3 +53,16 @@ def test_a_results_table_says_how_many_runs_it_holds_beside_the_protocols_plan()
     assert filed_line(frame) == "Filed: 3 runs of 2 arms, 1–2 seeds an arm (seeds 0, 1)."
     assert filed_line(frame.iloc[[0, 2]]) == "Filed: 2 runs of 2 arms, 1 seed an arm (seeds 0)."
     assert filed_line(frame.iloc[:0]) == "Filed: no runs yet."
+
+
+def test_an_alignment_table_marks_the_rows_a_split_does_not_have():
+    rows = [{"seed": 0, "split": split, "guidance": 3.0, "attribute": name, "accuracy": 0.5, "shuffled_baseline": 0.25,
+             "empty_caption_baseline": 0.1, "fd": 100.0, "fd_redrawn": 30.0, "fd_floor": 200.0}
+            for split in ("val", "test") for name in ("all_correct", "shape", *(["held_out_shape"] if split == "test"
+                                                                                else []))]
+    header, _, val, test = report.alignment_table(pd.DataFrame(rows))
+    assert header.endswith("| held_out_shape | empty caption: all_correct | FD (captions redrawn / other scenes) |")
+    assert val == "| val | 3 | 1 | 0.500 / 0.250 | 0.500 / 0.250 | — | 0.100 | 100 (30 / 200) |"
+    assert test.endswith("| 0.500 / 0.250 | 0.100 | 100 (30 / 200) |")
+    # Rows filed before the redrawn captions were measured keep the old column.
+    assert report.alignment_table(pd.DataFrame(rows).drop(columns="fd_redrawn"))[0].endswith("| FD (other scenes) |")

@@ -13,6 +13,7 @@ from vitdiff import checkpoint as ckpt
 from vitdiff.cli import main as vitdiff
 from vitdiff.build import load_experiment
 from vitdiff.config import ConfigError, load_config
+from vitdiff.shapes import HELD_OUT_SHAPE
 from vitdiff.sampling import sample
 from vitdiff.shapes import AttributeClassifier, ShapesDataset
 from vitdiff.text import TextToImage
@@ -129,7 +130,7 @@ def test_alignment_rows_hold_accuracy_beside_its_measured_baselines(tmp_path):
     for row in rows:
         assert {"accuracy", "shuffled_baseline", "empty_caption_baseline"} <= row.keys()
         assert all(0.0 <= row[key] <= 1.0 for key in ("accuracy", "shuffled_baseline", "empty_caption_baseline"))
-        assert row["fd"] > 0 and row["fd_floor"] > 0
+        assert row["fd"] > 0 and row["fd_floor"] > 0 and row["fd_redrawn"] > 0
         # Counts for a count-based test: correct of judged, samples for count and all-correct, objects otherwise.
         assert row["accuracy"] == row["k"] / row["n_judged"] and row["empty_caption_baseline"] * row["n_judged"] \
             == row["k_empty"]
@@ -149,17 +150,20 @@ def test_alignment_rows_hold_accuracy_beside_its_measured_baselines(tmp_path):
 
 def fake_alignment_rows(accuracy: dict, seeds=range(3), **columns):
     """Alignment rows of ``seeds`` at w = 3, 100 samples (or objects) judged a seed: each (split, attribute) at
-    ``accuracy`` (0.5 where absent) + 0.01 x seed, its shuffled baseline 0.25 (val shape 0.2, test shape
-    0.3 + 0.01 x seed, all-correct 0.01) + 0.01 for odd seeds, shape's shape-shuffled baseline 0.3 (+0.03)."""
+    ``accuracy`` (0.5 where absent) + 0.01 x seed, its shuffled baseline 0.25 (val shape 0.2, test shape and
+    held-out shape 0.3 + 0.01 x seed, all-correct 0.01) + 0.01 for odd seeds, shape's shape-shuffled baseline 0.3
+    (+0.03). Test rows include the held-out objects' shape (``held_out_shape``)."""
     import pandas as pd
 
+    shapes = ("shape", HELD_OUT_SHAPE)
     rows = [{"seed": seed, "split": split, "guidance": 3.0, "attribute": name, "n": 100,
              "accuracy": accuracy.get((split, name), 0.5) + 0.01 * seed,
-             "shuffled_baseline": {"shape": 0.2 if split == "val" else 0.3 + 0.01 * seed,
-                                   "all_correct": 0.01}.get(name, 0.25) + 0.01 * (seed % 2),
-             "shape_shuffled_baseline": 0.3 + 0.03 * (seed % 2) if name == "shape" else float("nan"),
-             "empty_caption_baseline": 0.2, "fd": 100.0, "fd_floor": 50.0, **columns}
-            for seed in seeds for split in ("val", "test") for name in tw.ALIGNMENT_METRICS]
+             "shuffled_baseline": ((0.2 if split == "val" else 0.3 + 0.01 * seed) if name in shapes else
+                                   {"all_correct": 0.01}.get(name, 0.25)) + 0.01 * (seed % 2),
+             "shape_shuffled_baseline": 0.3 + 0.03 * (seed % 2) if name in shapes else float("nan"),
+             "empty_caption_baseline": 0.2, "fd": 100.0, "fd_redrawn": 20.0, "fd_floor": 50.0, **columns}
+            for seed in seeds for split in ("val", "test")
+            for name in (*tw.ALIGNMENT_METRICS, *([HELD_OUT_SHAPE] if split == "test" else []))]
     frame = pd.DataFrame(rows).assign(n_judged=100)
     for rate, count in (("accuracy", "k"), ("shuffled_baseline", "k_shuffled"),
                         ("shape_shuffled_baseline", "k_shape_shuffled")):
@@ -171,7 +175,8 @@ def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_basel
     from vitdiff.findings import verdict_table
 
     # Three seeds: val shape at 3x its baseline, test shape level with it, val all-correct at 4x.
-    frame = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.3, ("val", "all_correct"): 0.04})
+    frame = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.3, ("test", HELD_OUT_SHAPE): 0.3,
+                                 ("val", "all_correct"): 0.04})
     table = verdict_table(tw.alignment_arms(frame), tw.alignment_comparisons(3.0), notebook="07", profile="test")
     assert set(table["test"]) == {"rate"}
     # The count test pools the seeds: val shape is 183 of 300 against 61 of 300.
@@ -183,11 +188,12 @@ def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_basel
     assert verdicts[(f"{own} - {shuffled}".format("val", "val"), "shape")] == "supported"
     assert verdicts[(f"{own} - {shuffled}".format("test", "test"), "shape")] == "unresolved"
     assert verdicts[(f"{own} - {shape_only}".format("val", "val"), "shape")] == "supported"   # 0.6 vs 0.3
-    assert verdicts[(f"{own} - {shape_only}".format("test", "test"), "shape")] == "unresolved"  # +0, -0.02, +0.02
+    assert verdicts[(f"{own} - {shape_only}".format("test", "test"), HELD_OUT_SHAPE)] == "unresolved"  # +0, -.02, +.02
+    assert (f"{own} - {shape_only}".format("test", "test"), "shape") not in verdicts
     lines = tw.target_lines(frame, table, 3.0)
     assert "val shape" in lines[0] and lines[0].endswith("**met**")
     assert "5.0 of 100 samples a seed" in lines[1] and lines[1].endswith("**not met**")  # 0.05 < 0.25
-    assert lines[2].startswith("test (held-out pairs) shape minus its shape-shuffled") and lines[2].endswith(
+    assert lines[2].startswith("test, held-out objects' shape minus its shape-shuffled") and lines[2].endswith(
         "**not met**")
     assert lines[3] == "seeds: 3 (0, 1, 2) of the 3 the targets are judged on"
     one_seed = frame[frame["seed"] == 1]
@@ -199,11 +205,11 @@ def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_basel
 def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds():
     import pandas as pd
 
-    short = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.3, ("val", "all_correct"): 0.04},
-                                profile="cpu-64", steps=10800)
+    short = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.3, ("test", HELD_OUT_SHAPE): 0.3,
+                                 ("val", "all_correct"): 0.04}, profile="cpu-64", steps=10800)
     # Twice as long: all-correct up to 0.3 and held-out shape above its shape-shuffled baseline (0.3, 0.33).
-    long = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.45, ("val", "all_correct"): 0.3},
-                               profile="cpu-64-long", steps=21600)
+    long = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.45, ("test", HELD_OUT_SHAPE): 0.45,
+                                ("val", "all_correct"): 0.3}, profile="cpu-64-long", steps=21600)
     rows = pd.concat([short, long], ignore_index=True)
     table = tw.verdicts_at_both_budgets(rows, 3.0, 64)
     assert sorted(set(zip(table["profile"], table["steps"]))) == [
@@ -212,7 +218,7 @@ def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds():
     own = "{}, w=3: own captions @ {} steps"
     assert growth[(f"{own} - {own}".format("val", 21600, "val", 10800), "all_correct")] == "supported"  # 15 -> 93
     assert growth[(f"{own} - {own}".format("val", 21600, "val", 10800), "colour")] == "unresolved"  # 153 both
-    assert growth[(f"{own} - {own}".format("test", 21600, "test", 10800), "shape")] == "supported"  # 93 -> 138
+    assert growth[(f"{own} - {own}".format("test", 21600, "test", 10800), HELD_OUT_SHAPE)] == "supported"  # 93->138
     lines = tw.longer_training_lines(rows, table, 3.0)
     assert lines[0].startswith("seeds judged at both budgets: 3 (0, 1, 2)")
     assert lines[1].startswith("target val shape >= 2x its shuffled-caption baseline: met at 10800 steps, **met** at "
@@ -223,11 +229,12 @@ def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds():
     # Held-out shape moves above both its baselines; nothing else changes.
     assert lines[4:6] == ["test, w=3: own captions - test, w=3: shuffled captions (shape): unresolved at 10800, "
                           "supported at 21600",
-                          "test, w=3: own captions - test, w=3: shape word shuffled (shape): unresolved at 10800, "
+                          "test, w=3: own captions - test, w=3: shape word shuffled (held_out_shape): unresolved at 10800, "
                           "supported at 21600"]
     assert "val all_correct: 0.050 at 10800 steps -> 0.310 at 21600" in "\n".join(lines)
     assert lines[-2:] == [f"FD-shapes-clf@100 on {split} at w = 3, mean over the seeds: 100 at 10800 steps -> 100 at "
-                          "21600 (floor 50; descriptive)" for split in ("val", "test")]
+                          "21600; the same captions drawn again score 20, other real scenes 50 (descriptive)"
+                          for split in ("val", "test")]
     # The same samples at both budgets: every growth row is 0 and nothing changes.
     same = pd.concat([short, short.assign(profile="cpu-64-long", steps=21600)], ignore_index=True)
     same_table = tw.verdicts_at_both_budgets(same, 3.0, 64)

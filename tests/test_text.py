@@ -11,8 +11,8 @@ from vitdiff.data import make_dataset
 from vitdiff.diffusion import DiffusionLoss, make_process
 from vitdiff.models import create_model
 from vitdiff.sampling import sample
-from vitdiff.shapes import (ABSENT, COLOURS, HELD_OUT_PAIRS, SHAPES, ShapesDataset, parse_caption, predict_attributes,
-                            sample_scenes, score_counts, score_predictions, shape_shuffled_baseline, shapes_tokenizer,
+from vitdiff.shapes import (ABSENT, COLOURS, HELD_OUT_PAIRS, HELD_OUT_SHAPE, SHAPES, ShapesDataset, held_out_objects,
+                            parse_caption, predict_attributes, sample_scenes, score_counts, score_predictions, shape_shuffled_baseline, shapes_tokenizer,
                             shuffled_caption_baseline, text_alignment_accuracy, train_attribute_classifier)
 from vitdiff.text import (FrozenCLIPEncoder, PrecomputedTextEmbeddings, TextEncoder, TextToImage, WordTokenizer)
 
@@ -303,6 +303,45 @@ def test_counts_and_the_shape_shuffled_baseline():
     assert shape_shuffled_baseline(one, one)["shape"] == 0.0 == shape_shuffled_baseline(one, one)["all_correct"]
     # The whole-caption shuffle also scores shape against slots the other caption names: it sits lower here.
     assert shuffled_caption_baseline(captions, captions)["count"] < 1.0
+
+
+def test_composition_is_judged_on_the_held_out_objects_alone():
+    # Every test caption names a held-out pair; half of them name a seen pair too.
+    captions = torch.as_tensor(sample_scenes(400, seed=3, split="test")["attributes"])
+    held = held_out_objects(captions)
+    assert held.any(1).all() and held.sum() < (captions[:, :, 0] != ABSENT).sum()
+    # A model that draws every seen pair right and a held-out pair's shape at random does not compose, yet over
+    # every object the captions name its shape beats the shape-shuffled baseline, on the seen pairs alone.
+    drawn = captions.clone()
+    drawn[:, :, 0][held] = torch.randint(len(SHAPES), (int(held.sum()),), generator=torch.Generator().manual_seed(0))
+    rates, null = score_predictions(drawn, captions), shape_shuffled_baseline(drawn, captions)
+    assert rates["shape"] - null["shape"] > 0.15
+    assert abs(rates[HELD_OUT_SHAPE] - null[HELD_OUT_SHAPE]) < 0.06
+    assert score_counts(drawn, captions)[HELD_OUT_SHAPE][1] == int(held.sum())
+    # Drawing each held-out pair as the colour's next shape (always a pair seen in training) scores 0, below the null.
+    seen = captions.clone()
+    seen[:, :, 0][held] = (captions[:, :, 0][held] + 1) % len(SHAPES)
+    assert not held_out_objects(seen).any()
+    assert score_predictions(seen, captions)[HELD_OUT_SHAPE] == 0.0 < shape_shuffled_baseline(seen, captions)[
+        HELD_OUT_SHAPE]
+    # The baselines judge the true captions' held-out objects, whatever shape a shuffled caption gives them.
+    assert shuffled_caption_baseline(captions, captions)[HELD_OUT_SHAPE] < 1.0
+    # Captions of seen pairs only (val) have no such row.
+    val = torch.as_tensor(sample_scenes(50, split="val")["attributes"])
+    assert HELD_OUT_SHAPE not in score_counts(val, val) and HELD_OUT_SHAPE not in shape_shuffled_baseline(val, val)
+
+
+def test_a_perfect_generator_of_the_captions_redraws_their_scenes_with_new_jitter():
+    from vitdiff.text_alignment import fd_shapes
+
+    captions = ShapesDataset("val", image_size=32, num_samples=64, seed=5)
+    real, redrawn = captions.images(), captions.redrawn_images(seed=1)
+    assert torch.equal(redrawn, captions.redrawn_images(seed=1)) and not torch.equal(redrawn, real)
+    # Only positions move, a little: the judge reads the same attributes off the redrawn scenes as off the real ones.
+    assert torch.equal(predict_attributes(redrawn), predict_attributes(real))
+    # Matched to its captions, the redraw sits far below the FD of other real scenes of the split.
+    other = ShapesDataset("val", image_size=32, num_samples=64, seed=6).images()
+    assert fd_shapes(redrawn, real) < 0.5 * fd_shapes(other, real)
 
 
 # --------------------------------------------------------------------------- resolution

@@ -49,10 +49,13 @@ def results_table(frame) -> list[str]:
 def alignment_table(frame) -> list[str]:
     """Text alignment rows (one per seed, split, guidance and attribute; notebook 07): per (recipe if any, split,
     guidance) and attribute, the mean over seeds of the accuracy against the samples' own captions / against
-    shuffled captions."""
+    shuffled captions (— where a split has no such row: held_out_shape is judged on test only), and FD beside the
+    same captions redrawn (where measured) and other real scenes of the split."""
     keys = [key for key in ("recipe", "steps", "split", "guidance") if key in frame]
     attributes = list(dict.fromkeys(frame["attribute"]))
-    header = [*keys, "seeds", *attributes, "empty caption: all_correct", "FD (floor)"]
+    redrawn = "fd_redrawn" in frame
+    header = [*keys, "seeds", *attributes, "empty caption: all_correct",
+              "FD (captions redrawn / other scenes)" if redrawn else "FD (other scenes)"]
     lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
     for group_key, rows in frame.groupby(keys, sort=False):
         by_attribute = rows.groupby("attribute", sort=False)[["accuracy", "shuffled_baseline",
@@ -60,9 +63,10 @@ def alignment_table(frame) -> list[str]:
         cells = [str(value) if not isinstance(value, float) else f"{value:g}" for value in group_key]
         cells.append(str(rows["seed"].nunique()))
         cells += [f"{by_attribute.loc[name, 'accuracy']:.3f} / {by_attribute.loc[name, 'shuffled_baseline']:.3f}"
-                  for name in attributes]
+                  if name in by_attribute.index else "—" for name in attributes]
         cells.append(f"{by_attribute.loc['all_correct', 'empty_caption_baseline']:.3f}")
-        cells.append(f"{rows['fd'].mean():.4g} ({rows['fd_floor'].mean():.4g})")
+        references = [rows["fd_redrawn"].mean()] if redrawn else []
+        cells.append(f"{rows['fd'].mean():.4g} ({' / '.join(f'{value:.4g}' for value in references + [rows['fd_floor'].mean()])})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

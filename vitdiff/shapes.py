@@ -237,8 +237,19 @@ class ShapesDataset(ImageDataset):
         return self.num_samples
 
     def image(self, index: int) -> torch.Tensor:
-        pixels = render_scene(self.attributes[index].numpy(), self.centres[index], self.image_size, self.supersample)
+        return self._render(self.attributes[index].numpy(), self.centres[index])
+
+    def _render(self, attributes: np.ndarray, centres: np.ndarray) -> torch.Tensor:
+        pixels = render_scene(attributes, centres, self.image_size, self.supersample)
         return torch.from_numpy(np.array(pixels)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+    def redrawn_images(self, seed: int) -> torch.Tensor:
+        """Every scene drawn again for its caption, with new position jitter (all a caption leaves open): what a
+        perfect generator of these captions draws, (N, 3, S, S)."""
+        attributes = self.attributes.numpy()
+        jitter = np.random.default_rng(seed).uniform(-1, 1, size=(len(attributes), 2, 2))
+        centres = _centres(attributes[:, :, 3], jitter, attributes[:, 1, 0] != ABSENT)
+        return torch.stack([self._render(a, c) for a, c in zip(attributes, centres)])
 
     def load(self, index: int) -> tuple[torch.Tensor, str | torch.Tensor]:
         caption = self.captions[index]
@@ -382,9 +393,24 @@ def text_alignment_accuracy(images: torch.Tensor, attributes: torch.Tensor,
     return score_predictions(predict_attributes(images, classifier), attributes)
 
 
-def score_counts(predicted: torch.Tensor, attributes: torch.Tensor) -> dict[str, tuple[int, int]]:
+# Shape judged on the held-out objects alone: a test caption can also name a seen pair, whose shape a model that
+# does not compose still gets right, so shape over every object a test caption names overstates composition.
+HELD_OUT_SHAPE = "held_out_shape"
+
+
+def held_out_objects(attributes: torch.Tensor) -> torch.Tensor:
+    """(N, 2) bool: the objects the captions name whose colour-shape pair is one of ``HELD_OUT_PAIRS``."""
+    attributes = np.asarray(attributes)
+    return torch.from_numpy(_is_held_out(attributes[:, :, 1], attributes[:, :, 0]))
+
+
+def score_counts(predicted: torch.Tensor, attributes: torch.Tensor,
+                 held_out: torch.Tensor | None = None) -> dict[str, tuple[int, int]]:
     """(number correct, number judged) per metric: samples for ``count`` and ``all_correct``, the objects the
-    captions name for each attribute. The unit a count-based test needs (:func:`score_predictions`: the rates)."""
+    captions name for each attribute, and for ``HELD_OUT_SHAPE`` (only where there are any) the objects in
+    ``held_out`` (default :func:`held_out_objects` of ``attributes``; a baseline scoring other captions passes the
+    true captions' objects) that the captions name. The unit a count-based test needs (:func:`score_predictions`:
+    the rates)."""
     present = attributes[:, :, 0] != ABSENT
     count_ok = (predicted[:, 1, 0] != ABSENT) == present[:, 1]
     matches = predicted == attributes  # (N, 2, 4)
@@ -394,12 +420,16 @@ def score_counts(predicted: torch.Tensor, attributes: torch.Tensor) -> dict[str,
         result[name] = (int(matches[:, :, column][present].sum()), n_objects)
     object_ok = matches.all(2) | ~present
     result["all_correct"] = (int((count_ok & object_ok.all(1)).sum()), n_samples)
+    held = (held_out_objects(attributes) if held_out is None else held_out) & present
+    if held.any():
+        result[HELD_OUT_SHAPE] = (int(matches[:, :, 0][held].sum()), int(held.sum()))
     return result
 
 
-def score_predictions(predicted: torch.Tensor, attributes: torch.Tensor) -> dict[str, float]:
+def score_predictions(predicted: torch.Tensor, attributes: torch.Tensor,
+                      held_out: torch.Tensor | None = None) -> dict[str, float]:
     """:func:`text_alignment_accuracy` on attributes already predicted by :func:`predict_attributes`."""
-    return {name: k / n for name, (k, n) in score_counts(predicted, attributes).items()}
+    return {name: k / n for name, (k, n) in score_counts(predicted, attributes, held_out).items()}
 
 
 def shuffled_caption_baseline(predicted: torch.Tensor, attributes: torch.Tensor, *, draws: int = 16,
@@ -411,7 +441,8 @@ def shuffled_caption_baseline(predicted: torch.Tensor, attributes: torch.Tensor,
     scenes but ignores its caption scores it on average. (Uniform guessing is the wrong chance: a two-object
     caption always names the left or upper object first, so position agreement is far above 1/4.)"""
     generator = torch.Generator().manual_seed(seed)
-    return _mean_score(predicted, (attributes[_derangement(len(attributes), generator)] for _ in range(draws)), draws)
+    return _mean_score(predicted, (attributes[_derangement(len(attributes), generator)] for _ in range(draws)), draws,
+                       held_out_objects(attributes))
 
 
 def shape_shuffled_baseline(predicted: torch.Tensor, attributes: torch.Tensor, *, draws: int = 16,
@@ -432,7 +463,7 @@ def shape_shuffled_baseline(predicted: torch.Tensor, attributes: torch.Tensor, *
         shuffled[:, :, 0][present] = shapes[_derangement(len(shapes), generator)]
         return shuffled
 
-    return _mean_score(predicted, (shape_shuffled() for _ in range(draws)), draws)
+    return _mean_score(predicted, (shape_shuffled() for _ in range(draws)), draws, held_out_objects(attributes))
 
 
 def _derangement(n: int, generator: torch.Generator) -> torch.Tensor:
@@ -443,11 +474,13 @@ def _derangement(n: int, generator: torch.Generator) -> torch.Tensor:
     return shifted
 
 
-def _mean_score(predicted: torch.Tensor, captions: Iterable[torch.Tensor], draws: int) -> dict[str, float]:
-    """:func:`score_predictions` averaged over ``draws`` alternative caption sets."""
+def _mean_score(predicted: torch.Tensor, captions: Iterable[torch.Tensor], draws: int,
+                held_out: torch.Tensor) -> dict[str, float]:
+    """:func:`score_predictions` averaged over ``draws`` alternative caption sets, ``HELD_OUT_SHAPE`` on the true
+    captions' held-out objects (``held_out``)."""
     totals: dict[str, float] = {}
     for attributes in captions:
-        for name, value in score_predictions(predicted, attributes).items():
+        for name, value in score_predictions(predicted, attributes, held_out).items():
             totals[name] = totals.get(name, 0.0) + value / draws
     return totals
 

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from .config import Config
+from .shapes import HELD_OUT_SHAPE
 from .workbook import code_key
 
 
@@ -48,7 +49,7 @@ ALIGNMENT_METRICS = ("all_correct", "shape", "colour", "size", "position", "coun
 
 
 # The metrics that shuffling only the shape word changes (the others equal the own-caption scores).
-SHAPE_SHUFFLED_METRICS = ("all_correct", "shape")
+SHAPE_SHUFFLED_METRICS = ("all_correct", "shape", HELD_OUT_SHAPE)
 
 
 def alignment_rows(model, process, config: Config, *, split: str = "test", guidances=(1.0,), n: int = 128,
@@ -65,9 +66,15 @@ def alignment_rows(model, process, config: Config, *, split: str = "test", guida
     empty caption judged against the true captions. Counts for a count-based test: ``k`` correct of ``n_judged``
     (the objects the captions name for an attribute, the samples for count and all-correct), and ``k_shuffled``,
     ``k_shape_shuffled``, ``k_empty`` of the same ``n_judged`` (a shuffled baseline's count is its mean over the
-    derangements, rounded). ``fd`` is FD-shapes-clf@n between the samples and the real images of the same
-    captions, ``fd_floor`` the FD between those real images and n other real scenes of the split (what a perfect
-    generator scores at this n). Samples are clipped to [-1, 1] first, as when saved."""
+    derangements, rounded). The test split has one more row, ``held_out_shape``: shape judged on the held-out
+    objects alone (:data:`vitdiff.shapes.HELD_OUT_SHAPE`), with the same baselines.
+
+    ``fd`` is FD-shapes-clf@n between the samples and the real images of the same captions; ``fd_redrawn`` the FD
+    between those real images and the same captions drawn again with new position jitter
+    (:meth:`vitdiff.shapes.ShapesDataset.redrawn_images`: what a perfect generator of these captions scores at this
+    n); ``fd_floor`` the FD between the real images and n other real scenes of the split (the split's own spread at
+    this n: samples matched to their captions can score below it). Samples are clipped to [-1, 1] first, as when
+    saved."""
     from .build import data_geometry
     from .generate import generate
     from .shapes import (ShapesDataset, load_attribute_classifier, predict_attributes, score_counts,
@@ -77,9 +84,11 @@ def alignment_rows(model, process, config: Config, *, split: str = "test", guida
     _, image_size = data_geometry(config)
     captions = ShapesDataset(split, image_size=image_size, num_samples=n, seed=10_000 + seed)
     real = captions.images()
-    # Other real scenes of the split: the FD of a perfect generator at this n (the metric's small-n floor).
+    # Other real scenes of the split (the split's spread at this n), and the same captions drawn again (a perfect
+    # generator of these captions).
     fd_floor = fd_shapes(ShapesDataset(split, image_size=image_size, num_samples=n, seed=20_000 + seed).images(),
                          real, classifier)
+    fd_redrawn = fd_shapes(captions.redrawn_images(seed=30_000 + seed), real, classifier)
 
     def draw(prompts: list[str], guidance: float) -> torch.Tensor:
         return generate(model, process, config, n=n, batch_size=batch_size, seed=seed, prompts=prompts,
@@ -95,7 +104,8 @@ def alignment_rows(model, process, config: Config, *, split: str = "test", guida
         shuffled = shuffled_caption_baseline(predicted, captions.attributes, seed=seed)
         shape_shuffled = shape_shuffled_baseline(predicted, captions.attributes, seed=seed)
         fd = fd_shapes(images, real, classifier)
-        for name in ALIGNMENT_METRICS:
+        # Shape on the held-out objects alone where the captions name any (the test split): the composition row.
+        for name in (name for name in (*ALIGNMENT_METRICS, HELD_OUT_SHAPE) if name in counts):
             (k, n_judged), k_empty = counts[name], empty[name][0]
             shape_only = name in SHAPE_SHUFFLED_METRICS
             rows.append({"split": split, "guidance": guidance, "attribute": name, "accuracy": k / n_judged,
@@ -104,7 +114,7 @@ def alignment_rows(model, process, config: Config, *, split: str = "test", guida
                          "empty_caption_baseline": k_empty / n_judged, "n": n, "k": k, "n_judged": n_judged,
                          "k_shuffled": round(shuffled[name] * n_judged),
                          "k_shape_shuffled": round(shape_shuffled[name] * n_judged) if shape_only else None,
-                         "k_empty": k_empty, "fd": fd, "fd_floor": fd_floor})
+                         "k_empty": k_empty, "fd": fd, "fd_floor": fd_floor, "fd_redrawn": fd_redrawn})
     return rows
 
 
@@ -112,7 +122,7 @@ def alignment_summary(frame):
     """Mean over seeds of accuracy and its baselines per (split, guidance, attribute), with the ratio of the
     accuracy to its shuffled-caption baseline. Rows filed before the shape-shuffled baseline lack its column."""
     columns = [column for column in ("accuracy", "shuffled_baseline", "shape_shuffled_baseline",
-                                     "empty_caption_baseline", "fd", "fd_floor") if column in frame]
+                                     "empty_caption_baseline", "fd", "fd_redrawn", "fd_floor") if column in frame]
     table = frame.groupby(["split", "guidance", "attribute"], sort=False)[columns].mean()
     return table.assign(ratio=table["accuracy"] / table["shuffled_baseline"])
 

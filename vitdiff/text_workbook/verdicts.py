@@ -2,6 +2,7 @@
 comparisons, and whether issue 24's targets are met."""
 from __future__ import annotations
 
+from ..shapes import HELD_OUT_SHAPE
 from ..text_alignment import ALIGNMENT_METRICS, alignment_summary
 
 
@@ -45,8 +46,9 @@ def alignment_arms(frame):
 
 def alignment_comparisons(guidance: float, image_size: int | None = None) -> list:
     """The pre-registered comparisons at one guidance scale: every attribute on val (seen colour-shape pairs),
-    shape and all-correct on test (held-out pairs), each against its shuffled-caption baseline; then shape on val
-    and test against its shape-shuffled baseline (composition: shape follows the caption on held-out pairs).
+    shape and all-correct on test (captions naming a held-out pair), each against its shuffled-caption baseline;
+    then shape on val, and on test's held-out objects alone (``held_out_shape``), against its shape-shuffled
+    baseline (composition: shape follows the caption on pairs never seen).
 
     Each is a count test (``test="rate"``): correct samples or objects pooled over the seeds, the own captions'
     count against the baseline's (the mean over its derangements, rounded) of the same number judged. Both counts
@@ -61,7 +63,7 @@ def alignment_comparisons(guidance: float, image_size: int | None = None) -> lis
                  "test": "do samples compose held-out colour-shape pairs (test)?"}
     chosen = [("val", name, SHUFFLED) for name in ALIGNMENT_METRICS] + [
         ("test", "shape", SHUFFLED), ("test", "all_correct", SHUFFLED),
-        ("val", "shape", SHAPE_SHUFFLED), ("test", "shape", SHAPE_SHUFFLED)]
+        ("val", "shape", SHAPE_SHUFFLED), ("test", HELD_OUT_SHAPE, SHAPE_SHUFFLED)]
     return [Comparison(questions[split], claim, alignment_arm(split, guidance, OWN),
                        alignment_arm(split, guidance, baseline), metric, direction="higher", test="rate")
             for split, metric, baseline in chosen]
@@ -80,7 +82,7 @@ def target_checks(frame, table, guidance: float) -> list[tuple[str, str, bool]]:
     n = int(frame["n"].iloc[0])
     shape, all_correct = summary.loc[("val", guidance, "shape")], summary.loc[("val", guidance, "all_correct")]
     comparison = f"{alignment_arm('test', guidance, OWN)} - {alignment_arm('test', guidance, SHAPE_SHUFFLED)}"
-    held_out = table[(table["comparison"] == comparison) & (table["metric"] == "shape")].iloc[0]
+    held_out = table[(table["comparison"] == comparison) & (table["metric"] == HELD_OUT_SHAPE)].iloc[0]
     return [
         (f"val shape >= {TARGET_SHAPE_RATIO:g}x its shuffled-caption baseline",
          f"val shape: {shape['accuracy']:.3f} vs shuffled-caption baseline {shape['shuffled_baseline']:.3f}, "
@@ -91,7 +93,7 @@ def target_checks(frame, table, guidance: float) -> list[tuple[str, str, bool]]:
          f"seed; shuffled-caption baseline {all_correct['shuffled_baseline']:.3f})",
          all_correct["accuracy"] >= TARGET_ALL_CORRECT),
         ("held-out shape above its shape-shuffled baseline (interval above 0)",
-         f"test (held-out pairs) shape minus its shape-shuffled baseline: {held_out['mean_diff']:+.3f} "
+         f"test, held-out objects' shape minus its shape-shuffled baseline: {held_out['mean_diff']:+.3f} "
          f"[{held_out['ci_low']:+.3f}, {held_out['ci_high']:+.3f}] over {held_out['n_seeds']} seed(s)",
          held_out["verdict"] == "supported")]
 

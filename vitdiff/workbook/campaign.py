@@ -120,10 +120,12 @@ def filed_rows(notebook: str, profile: Profile, folder: Path | None = None):
     return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["variant", "seed"])
 
 
-def status(jobs: list[Job], rows) -> dict[str, list[Job]]:
+def status(jobs: list[Job], rows, unmeasured: set[tuple[str, int]] = frozenset()) -> dict[str, list[Job]]:
     """Jobs by state: ``done`` (a filed row with the same keys), ``stale`` (a filed row with other keys),
-    ``legacy`` (a row filed before runs carried keys: readable as filed, not verifiable), ``missing`` (no row)."""
-    states: dict[str, list[Job]] = {"done": [], "stale": [], "legacy": [], "missing": []}
+    ``legacy`` (a row filed before runs carried keys: readable as filed, not verifiable), ``missing`` (no row), and
+    ``incomplete``: a current row whose (arm, seed) is in ``unmeasured`` (:func:`unmeasured_budgets`), filed again
+    from a run that has every budget or trained again."""
+    states: dict[str, list[Job]] = {"done": [], "stale": [], "legacy": [], "missing": [], "incomplete": []}
     keyed = {"config_key", "code_key"} <= set(rows.columns)
     for job in jobs:
         mine = rows[(rows["variant"] == job.arm) & (rows["seed"] == job.seed)]
@@ -132,10 +134,27 @@ def status(jobs: list[Job], rows) -> dict[str, list[Job]]:
         elif not keyed or mine["code_key"].isna().iloc[0]:
             states["legacy"].append(job)
         elif mine["config_key"].iloc[0] == job.config_key and mine["code_key"].iloc[0] == job.code_key:
-            states["done"].append(job)
+            states["incomplete" if (job.arm, job.seed) in unmeasured else "done"].append(job)
         else:
             states["stale"].append(job)
     return states
+
+
+def unmeasured_budgets(notebook: str, profile: Profile, folder: Path | None = None) -> set[tuple[str, int]]:
+    """The filed runs of a notebook whose curve lacks the Fréchet metric at one of the profile's budgets before its
+    last step: a pause whose measurement was lost (a run killed between its checkpoint and its measurement, filed
+    before :func:`measure_missed_pause`), which leaves that budget's verdicts a seed short."""
+    import pandas as pd
+
+    path = (folder or results_dir(Path(), True)) / notebook / f"{profile.name}_curves.csv"
+    rows = filed_rows(notebook, profile, folder)
+    budgets = {steps for steps in profile.budgets if steps < profile.steps}
+    if not budgets or not len(rows):
+        return set()
+    curves = pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["variant", "seed", "step", "fd"])
+    measured = curves[curves["fd"].notna()].groupby(["variant", "seed"])["step"].agg(set)
+    return {(arm, int(seed)) for arm, seed in zip(rows["variant"], rows["seed"])
+            if not budgets <= measured.get((arm, seed), set())}
 
 
 def describe(notebook: str, profile: Profile, states: dict[str, list[Job]], rows) -> str:
@@ -143,8 +162,10 @@ def describe(notebook: str, profile: Profile, states: dict[str, list[Job]], rows
     of the filed runs of each arm (of all arms where an arm has none yet)."""
     todo = states["stale"] + states["missing"]
     legacy = f", {len(states['legacy'])} filed before runs carried keys" if states["legacy"] else ""
-    line = (f"{notebook} @ {profile.name}: {len(states['done'])} done{legacy}, {len(states['stale'])} stale, "
-            f"{len(states['missing'])} missing")
+    incomplete = states.get("incomplete", [])
+    unmeasured = f", {len(incomplete)} lacking a budget's measurement" if incomplete else ""
+    line = (f"{notebook} @ {profile.name}: {len(states['done'])} done{legacy}, {len(states['stale'])} stale"
+            f"{unmeasured}, {len(states['missing'])} missing")
     more = [job for job in todo if job.seed not in profile.seeds]
     if more:
         line += (f" ({len(more)} of them seeds beyond the profile's {len(profile.seeds)}, where the loss MDE is "
@@ -379,8 +400,9 @@ def share_filed_runs(jobs: list[Job], profile: Profile, folder: Path) -> list[Jo
     for notebook in STUDIES:
         other_jobs = plan(notebook, profile)
         if other_jobs[0].study.notebook != jobs[0].study.notebook:
-            rows = filed_rows(other_jobs[0].study.notebook, profile, folder)
-            done_elsewhere += status(other_jobs, rows)["done"]
+            other = other_jobs[0].study.notebook
+            rows = filed_rows(other, profile, folder)
+            done_elsewhere += status(other_jobs, rows, unmeasured_budgets(other, profile, folder))["done"]
     todo = []
     for job in jobs:
         config = make_config(job.study.variant(job.arm), profile, job.seed, runs)
@@ -457,6 +479,13 @@ def run(notebook: str, profile: Profile, *, workers: int = 2, commit: bool = Fal
         shared = share_filed_runs(todo, profile, folder)
         if commit and len(shared) < len(todo):
             commit_filed(folder, name, profile, f"{len(todo) - len(shared)} run(s) filed from other notebooks")
+        unmeasured = [job for job in shared if job in states["incomplete"]]
+        if unmeasured:  # training them again would read the finished run back, the same curve without the budget
+            print(f"{name}: {', '.join(f'{job.arm} seed {job.seed}' for job in unmeasured)} lack a budget's "
+                  "measurement and no other notebook files the same run with it: their rows stand, a seed short at "
+                  "that budget (to measure it, remove the run's folder under outputs/ and its row, then run the "
+                  "campaign again)", flush=True)
+            shared = [job for job in shared if job not in unmeasured]
         tried |= {(job.arm, job.seed) for job in todo}
         todo = shared[:limit] if limit else shared
         print(describe(name, profile, states, rows), f"; training {len(todo)} now", flush=True)
@@ -472,8 +501,8 @@ def _todo(notebook: str, profile: Profile, folder: Path, *, probe: bool, budget_
     rows = filed_rows(name, profile, folder)
     if probe:  # a probe is its budget arms alone
         jobs = [job for job in jobs if job.arm in job.study.budget_arms]
-    states = status(jobs, rows)
-    todo = states["stale"] + states["missing"]
+    states = status(jobs, rows, unmeasured_budgets(name, profile, folder))
+    todo = states["stale"] + states["incomplete"] + states["missing"]
     if budget_only:
         todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
     if profile_seeds_only:
@@ -601,8 +630,9 @@ def main(argv: list[str] | None = None) -> int:
                     continue
                 jobs = [job for job in plan(notebook, shown)
                         if not args.probe or job.arm in job.study.budget_arms]
-                rows = filed_rows(jobs[0].study.notebook, shown)
-                print(describe(jobs[0].study.notebook, shown, status(jobs, rows), rows))
+                name = jobs[0].study.notebook
+                rows = filed_rows(name, shown)
+                print(describe(name, shown, status(jobs, rows, unmeasured_budgets(name, shown)), rows))
             else:
                 run(notebook, profile, workers=args.workers, commit=args.commit, limit=args.limit,
                     budget_only=args.budget_only, probe=args.probe, arms=args.arms,
