@@ -2,7 +2,8 @@
 FD, precision/recall) at each budget, the sample picture, and the start-up of a run and of a worker process.
 
 Reads the filed rows of a long profile (``experiments/results/0[2-5]*/<profile>.csv``: each run records its seconds
-by part) and times a worker's Python start-up (importing vitdiff's workbook, as a spawned worker does) here.
+by part; a row filed from another notebook's run, ``same_run_as``, is counted where it was trained) and times a
+worker's Python start-up (importing vitdiff's workbook, as a spawned worker does) here.
 
     python benchmarks/campaign_time.py [--profile cpu-long] [--json experiments/results/benchmarks/campaign_time.json]
 
@@ -34,17 +35,23 @@ def worker_start_s(repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def trained_rows(path: Path):
+    """The rows of a results file whose runs were trained for it (not filed from another notebook's run)."""
+    frame = pd.read_csv(path)
+    return frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
+
+
 def breakdown(profile: str) -> list[dict]:
     rows = []
     for path in sorted((REPO / "experiments" / "results").glob(f"0[2-5]_*/{profile}.csv")):
-        frame = pd.read_csv(path)
-        if not set(PARTS) <= set(frame.columns):
+        frame = trained_rows(path)
+        if not set(PARTS) <= set(frame.columns) or not len(frame):
             continue
         total = frame["wall_s"].sum()
         rows.append({"notebook": path.parent.name, "runs": len(frame), "wall_s_per_run": total / len(frame),
                      **{part.replace("_s", "_share"): frame[part].sum() / total for part in PARTS}})
     if rows:
-        frames = pd.concat(pd.read_csv(REPO / "experiments" / "results" / row["notebook"] / f"{profile}.csv")
+        frames = pd.concat(trained_rows(REPO / "experiments" / "results" / row["notebook"] / f"{profile}.csv")
                            for row in rows)
         total = frames["wall_s"].sum()
         rows.append({"notebook": "all", "runs": len(frames), "wall_s_per_run": total / len(frames),

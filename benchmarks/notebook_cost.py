@@ -3,9 +3,11 @@
     python benchmarks/notebook_cost.py [--json experiments/results/benchmarks/notebook_cost.json]
 
 For every study of notebooks 02-05 (:mod:`vitdiff.workbook.studies`) and every workbook profile: the number of
-runs (arms x seeds), the training FLOPs of all of them (3 x the forward GFLOPs of each arm, DiT's convention, x batch
-x steps; evaluation not included), the CPU-hours the filed rows of that profile record (``wall_s``, else
-``train_s`` for rows filed before runs recorded their wall time; blank where nothing is filed), and an
+runs the profile plans (arms x its seeds: what the notebook costs run as it is), the training FLOPs of all of them
+(3 x the forward GFLOPs of each arm, DiT's convention, x batch x steps; evaluation not included), the runs filed
+(more where seeds were added, e.g. 03 at cpu with 8), the CPU-hours those filed runs record (``wall_s``, else
+``train_s`` for rows filed before runs recorded their wall time; a row filed from another notebook's run,
+``same_run_as``, counts where it was trained; blank where nothing is filed), and an
 **estimate** of GPU-hours from the FLOPs alone at an assumed sustained rate (``--tflops``, default 200: a fifth of an
 H100's dense bf16 peak). The tiny models are launch-bound on a GPU, so for them the estimate is a lower bound.
 """
@@ -37,7 +39,8 @@ def cost_rows(tflops: float) -> list[dict]:
             if filed.is_file():
                 frame = pd.read_csv(filed)
                 column = "wall_s" if "wall_s" in frame else "train_s"
-                cpu_hours, filed_runs = frame[column].sum() / 3600, len(frame)
+                trained = frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
+                cpu_hours, filed_runs = trained[column].sum() / 3600, len(frame)
             rows.append({"notebook": study.notebook, "profile": name, "runs": runs, "filed_runs": filed_runs,
                          "steps": profile.steps, "batch": profile.batch_size, "train_PFLOPs": train_pflops,
                          "cpu_hours_filed (measured)": cpu_hours,

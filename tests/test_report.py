@@ -66,3 +66,15 @@ def test_an_alignment_table_marks_the_rows_a_split_does_not_have():
     assert test.endswith("| 0.500 / 0.250 | 0.100 | 100 (30 / 200) |")
     # Rows filed before the redrawn captions were measured keep the old column.
     assert report.alignment_table(pd.DataFrame(rows).drop(columns="fd_redrawn"))[0].endswith("| FD (other scenes) |")
+
+
+def test_the_claims_table_says_how_many_seeds_each_verdict_rests_on():
+    verdicts = pd.DataFrame([{"notebook": "07", "profile": profile, "steps": None, "paper_claim": "draws captions",
+                              "verdict": verdict, "n_seeds": seeds}
+                             for profile, seeds in (("long", 1), ("short", 3))
+                             for verdict in ("supported", "unresolved")])
+    verdicts.loc[3, "n_seeds"] = 2  # a comparison short of a seed
+    header, _, long, short = report.claims_block(verdicts)
+    assert header.startswith("| claim (source) | notebook, profile, budget | seeds |")
+    assert long == "| draws captions | 07, long, final | 1 | 1 / 0 / 1 | 0 |"
+    assert short == "| draws captions | 07, short, final | 2–3 | 1 / 0 / 1 | 0 |"

@@ -510,6 +510,8 @@ def test_text_seeds_are_filed_one_by_one_and_read_back_while_config_and_code_are
     assert trained == [0, 1, 0, 1]
     refiled = pd.read_csv(folder / "smoke.csv")  # both stale seeds retrained, and both kept
     assert set(refiled["seed"]) == {0, 1} and set(refiled["code_key"]) == {"edited"}
+    # Judged again on one thread, their runs already finished: each row keeps the threads its seed trained on.
+    assert list(refiled.drop_duplicates("seed")["threads"]) == [1, 2]
     monkeypatch.setattr(tw.runs, "text_code_key", lambda config: "edited again")
     tw.run_text_seeds(tw.text_profile("smoke", seeds=[0]), tmp_path, workers=1, progress=False)
     assert trained == [0, 1, 0, 1, 0]

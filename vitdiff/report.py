@@ -91,11 +91,12 @@ def _number(value) -> str:
 
 def claims_block(verdicts) -> list[str]:
     """The paper's claims as claims, each with the workbook's current verdicts: per (notebook, profile) at its
-    largest budget, how many controlled rows support, contradict or leave it unresolved."""
+    largest budget, how many controlled rows support, contradict or leave it unresolved, and on how many seeds
+    (the fewest and most of its rows)."""
     if verdicts is None or not len(verdicts):
         return ["No verdicts are filed yet."]
-    lines = ["| claim (source) | notebook, profile, budget | controlled rows: supported / contradicted / unresolved "
-             "| descriptive rows |", "| --- | --- | --- | --- |"]
+    lines = ["| claim (source) | notebook, profile, budget | seeds | controlled rows: supported / contradicted / "
+             "unresolved | descriptive rows |", "| --- | --- | --- | --- | --- |"]
     claimed = verdicts[verdicts["paper_claim"] != ""]
     for claim, rows in claimed.groupby("paper_claim", sort=False):
         for (notebook, profile), mine in rows.groupby(["notebook", "profile"], sort=False):
@@ -104,7 +105,10 @@ def claims_block(verdicts) -> list[str]:
             steps = f"{int(mine['steps'].iloc[0])} steps" if mine["steps"].notna().any() else "final"
             counts = mine["verdict"].value_counts()
             controlled = " / ".join(str(counts.get(name, 0)) for name in ("supported", "contradicted", "unresolved"))
-            lines.append(f"| {claim} | {notebook}, {profile}, {steps} | {controlled} | {counts.get('descriptive', 0)} |")
+            fewest, most = int(mine["n_seeds"].min()), int(mine["n_seeds"].max())
+            seeds = f"{fewest}" if fewest == most else f"{fewest}–{most}"
+            lines.append(f"| {claim} | {notebook}, {profile}, {steps} | {seeds} | {controlled} | "
+                         f"{counts.get('descriptive', 0)} |")
     return lines
 
 
@@ -183,6 +187,8 @@ def render(results: Path) -> str:
                 lines += [f"Protocol: {json.loads(protocol.read_text())['protocol']}", ""]
             if render_rows is results_table:  # the protocol's seeds are the plan; what the table holds so far:
                 lines += [filed_line(frame), ""]
+                if "code_key" not in frame and "fd" in frame:
+                    lines += [LEGACY_FD, ""]
             if render_rows is alignment_table:
                 lines += ["Each cell: accuracy against the samples' own captions / the same samples against shuffled "
                           "captions (mean over seeds).", ""]
@@ -197,6 +203,13 @@ def render(results: Path) -> str:
                 if len(mine):
                     lines += ["", *verdict_lines(mine)]
     return "\n".join(lines + ["", END])
+
+
+# Under a results table whose rows were filed before runs carried code keys (02-05 at cpu): its protocol line is
+# today's, its FD is not.
+LEGACY_FD = ("These rows were filed before runs carried code keys: their FD was measured against the reference read "
+             "at 32x32, not the training split at the samples' size (`fd_validation/`), so it is not comparable "
+             "with FD elsewhere, and their verdicts use the loss alone.")
 
 
 def filed_line(frame) -> str:

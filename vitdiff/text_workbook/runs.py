@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from ..checkpoint import copy_atomically, write_atomically
+from ..checkpoint import copy_atomically, latest_path, load_checkpoint, write_atomically
 from ..config import Config
 from ..text_alignment import alignment_rows, text_code_key
 from ..workbook import Profile, config_key, model_cost, one_thread, save_figure
@@ -158,22 +158,40 @@ def run_text_seed(job: tuple) -> dict[str, list[dict]]:
         # count changes float summation order alone, and the row records it.
         torch.set_num_threads(threads)
         continue_shorter_run(profile, seed, runs_dir)
+        run_dir = text_run_dir(config, seed, runs_dir)
+        start = load_checkpoint(latest)["step"] if (latest := latest_path(run_dir)) is not None else 0
         trainer = train_text_model(profile, seed, runs_dir, progress=False)
+        trained_on = training_threads(run_dir, threads if trainer.step > start else None)
         params, gflops = model_cost(trainer.model.backbone)
         rows = [row for split in ("val", "test")
                 for row in alignment_rows(trainer.ema.module, trainer.process, trainer.config, split=split,
                                           guidances=setup.guidance, n=profile.eval_n, seed=seed)]
         grid = prompt_grid_figure(trainer.ema.module, trainer.process, trainer.config, profile,
-                                  guidance=VERDICT_GUIDANCE, seed=seed, threads=threads)
+                                  guidance=VERDICT_GUIDANCE, seed=seed, threads=trained_on)
         save_figure(grid, Path(trainer.out_dir), "prompt_grid")
     log = pd.read_json(Path(trainer.out_dir) / "metrics.jsonl", lines=True)
-    facts = {"seed": seed, "profile": profile.name, "steps": profile.steps, "threads": threads,
+    facts = {"seed": seed, "profile": profile.name, "steps": profile.steps, "threads": trained_on,
              "continued_from_step": continued_from_step(trainer.out_dir),
              "train_s": logged_training_seconds(log, config.data.batch_size),
              "params_M": params / 1e6, "gflops": gflops,
              "text_params_M": sum(p.numel() for p in trainer.model.text_encoder.parameters()) / 1e6, **keys}
     curve = log[["step", "loss"]]
     return {"rows": [{**facts, **row} for row in rows], "curve": curve.assign(seed=seed).to_dict("records")}
+
+
+# Written into a run directory by each call that trains it: the threads it trained on (a row records the training's
+# threads, not those of a later call that only judges the finished run).
+TRAINED_ON = "threads.json"
+
+
+def training_threads(run_dir: Path, threads: int | None) -> float:
+    """The threads a run trained on: ``threads`` (this call trained it), recorded in :data:`TRAINED_ON`; else the
+    count recorded by the last call that trained it, NaN for a run trained before the count was recorded."""
+    record = Path(run_dir) / TRAINED_ON
+    if threads is not None:
+        write_atomically(record, lambda handle: handle.write(json.dumps({"threads": threads}).encode()))
+        return threads
+    return json.loads(record.read_text())["threads"] if record.is_file() else float("nan")
 
 
 def logged_training_seconds(log, batch_size: int) -> float:
