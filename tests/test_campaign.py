@@ -2,7 +2,9 @@
 that accumulate, verdicts by budget, and a default re-run that reads the committed rows back."""
 import inspect
 import math
+import os
 import subprocess
+import sys
 from dataclasses import replace
 
 import pandas as pd
@@ -139,6 +141,24 @@ def test_a_default_rerun_reads_the_committed_rows_back_and_leaves_the_tree_clean
 
 
 _TIMES = ("startup_s", "train_s", "eval_loss_s", "eval_fd_s", "samples_s", "wall_s", "img_per_s")
+
+
+def test_the_notebook_run_headless_with_no_parameters_leaves_the_whole_tree_as_it_was(tmp_path):
+    # What a user runs: papermill, no parameters, so the notebook's default profile (cpu-long: the committed run).
+    def tree() -> str:
+        return subprocess.run(["git", "-C", str(wb.REPO_ROOT), "status", "--porcelain"], capture_output=True,
+                              text=True, check=True).stdout
+
+    before = tree()
+    env = {key: value for key, value in os.environ.items() if key != "VITDIFF_PROFILE"}
+    env |= {"PYTHONPATH": str(wb.REPO_ROOT), "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1",
+            "VITDIFF_OUT_DIR": str(tmp_path)}
+    result = subprocess.run([sys.executable, "-m", "papermill", "notebooks/04_skip_connections.ipynb",
+                             str(tmp_path / "out.ipynb")], cwd=wb.REPO_ROOT, env=env, capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert tree() == before
+    assert (tmp_path / "04_skip_connections" / "cpu-long").is_dir()  # its outputs went to the user's folder
 
 
 def test_a_run_killed_between_its_checkpoint_and_its_measurement_files_the_same_row(tmp_path, monkeypatch):
