@@ -176,9 +176,10 @@ def test_regenerating_gives_the_same_bytes_and_check_finds_stale_figures(tmp_pat
 
 
 def test_every_text_attribute_has_one_look():
+    from vitdiff.shapes import HELD_OUT_SHAPE
     from vitdiff.text_workbook import ALIGNMENT_METRICS
 
-    assert tuple(style.ATTRIBUTE_LOOKS) == ALIGNMENT_METRICS
+    assert tuple(style.ATTRIBUTE_LOOKS) == (*ALIGNMENT_METRICS, HELD_OUT_SHAPE)
 
 
 def test_the_recipe_search_figure_follows_the_run_trained_to_the_most_budgets():
@@ -205,3 +206,16 @@ def test_alignment_panels_draw_rates_of_none_and_all_correct():
                          for name, k in zip(style.ATTRIBUTE_LOOKS, (0, 96, 95, 1, 48, 96))])
     fig = figures.plot_alignment(rows, "a protocol line")
     assert len(fig.axes) == 2
+
+
+def test_the_composition_row_is_drawn_on_the_test_panel_alone():
+    rows = pd.DataFrame([{"seed": 0, "split": split, "guidance": w, "attribute": name, "k": 40, "n_judged": 96,
+                          "k_empty": 4, "shuffled_baseline": 0.3,
+                          "shape_shuffled_baseline": 0.3 if "shape" in name else float("nan")}
+                         for split in ("val", "test") for w in (1.0, 3.0)
+                         for name in [*style.ATTRIBUTE_LOOKS][:6 if split == "val" else 7]])
+    fig = figures.plot_alignment(rows, "a protocol line")
+    colour = matplotlib.colors.to_rgba(style.ATTRIBUTE_LOOKS["held_out_shape"].colour)
+    drawn = [sum(matplotlib.colors.to_rgba(line.get_color()) == colour for line in ax.lines) for ax in fig.axes]
+    assert drawn[0] == 0 and drawn[1] > 0
+    assert "held_out_shape" in [text.get_text() for text in fig.legends[0].get_texts()]

@@ -417,6 +417,8 @@ def _alignment_panels(frame, x: str, *, x_label: str, y_label: str, empty_at_zer
         rows = frame[frame["split"] == split]
         for name, look in style.ATTRIBUTE_LOOKS.items():
             pooled = rows[rows["attribute"] == name].groupby(x)[counts].sum(min_count=1)
+            if not len(pooled):
+                continue  # held_out_shape on val (no held-out objects), or rows filed before it existed
             accuracy = pooled["k"] / pooled["n_judged"]
             low, high = proportion_confint(pooled["k"], pooled["n_judged"], alpha=0.05, method="wilson")
             # At 0 or all correct a Wilson bound equals the rate up to rounding, which can leave it a hair outside.
@@ -435,7 +437,7 @@ def _alignment_panels(frame, x: str, *, x_label: str, y_label: str, empty_at_zer
         ax.set_xlabel(x_label)
     axes[0].set_ylabel(y_label)
     handles = [Line2D([], [], color=look.colour, marker=look.marker, label=name)
-               for name, look in style.ATTRIBUTE_LOOKS.items()]
+               for name, look in style.ATTRIBUTE_LOOKS.items() if name in set(frame["attribute"])]
     handles.append(Line2D([], [], color="grey", marker="o", label="own caption, 95% CI"))
     handles += [Line2D([], [], color="grey", ls=line_style, label=label)
                 for column, line_style, label in _ALIGNMENT_BASELINES if column in drawn]

@@ -75,10 +75,12 @@ ARMS: dict[str, ArmStyle] = {
     "heun": ArmStyle("#009E73", "h"),
     "dpmpp_2m": ArmStyle("#D55E00", "P"),
 }
-# Notebook 07's attributes of a caption (Okabe-Ito), the same in every figure; also their order in a legend.
+# Notebook 07's attributes of a caption (Okabe-Ito), the same in every figure; also their order in a legend. The
+# last, shape on the held-out objects alone (test split only), is the composition row.
 ATTRIBUTE_LOOKS = {"all_correct": ArmStyle("#000000", "o"), "shape": ArmStyle("#D55E00", "s"),
                    "colour": ArmStyle("#0072B2", "^"), "size": ArmStyle("#009E73", "D"),
-                   "position": ArmStyle("#CC79A7", "v"), "count": ArmStyle("#E69F00", "P")}
+                   "position": ArmStyle("#CC79A7", "v"), "count": ArmStyle("#E69F00", "P"),
+                   "held_out_shape": ArmStyle("#56B4E9", "X")}
 # The same model (same config, same numbers) under another notebook's name.
 SAME_AS = {"p4": "IU-ViT", "skip: concat_linear": "IU-ViT", "H: conv blocks + hi-res skip": "ASCEND-H"}
 UNKNOWN = ArmStyle("#666666", ".")
