@@ -202,7 +202,7 @@ def test_alignment_verdicts_and_targets_read_accuracy_against_its_shuffled_basel
                                                              "the lines above are provisional")
 
 
-def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds():
+def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds(tmp_path):
     import pandas as pd
 
     short = fake_alignment_rows({("val", "shape"): 0.6, ("test", "shape"): 0.3, ("test", HELD_OUT_SHAPE): 0.3,
@@ -241,6 +241,10 @@ def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds():
     growth = same_table[same_table["profile"] == "cpu-64 -> cpu-64-long"]
     assert (growth["mean_diff"] == 0).all() and set(growth["verdict"]) == {"unresolved"}
     assert "no pre-registered verdict changes with the budget" in tw.longer_training_lines(same, same_table, 3.0)
+    # The growth rows are filed (into the run's own results unless asked); each budget's own rows are its profile's.
+    tw.file_growth_verdicts(table, tmp_path)
+    filed = pd.read_csv(tmp_path / "results" / "verdicts.csv")
+    assert set(filed["profile"]) == {"cpu-64 -> cpu-64-long"} and len(filed) == len(growth)
     fig = tw.plot_both_budgets(rows, 3.0)
     assert [ax.get_xlabel() for ax in fig.axes] == ["training steps"] * 2 and "cpu-64 -> cpu-64-long" in (
         fig._suptitle.get_text())

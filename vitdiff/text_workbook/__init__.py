@@ -11,8 +11,8 @@ from ..text_alignment import (ALIGNMENT_METRICS, SHAPE_SHUFFLED_METRICS, alignme
 from . import figures, longer, profiles, runs, seeds, verdicts, widgets
 from .figures import (GRID_PROMPTS, prompt_grid, prompt_grid_figure, prompt_grid_file, show_captioned, show_examples,
                       show_prompt_grid)
-from .longer import (budget_pair, longer_training_lines, plot_both_budgets, rows_at_both_budgets,
-                     show_longer_training, verdicts_at_both_budgets)
+from .longer import (budget_pair, file_growth_verdicts, longer_training_lines, plot_both_budgets,
+                     rows_at_both_budgets, show_longer_training, verdicts_at_both_budgets)
 from .profiles import (TEXT_BASE_PROFILES, TEXT_CONTINUES, TEXT_PROFILE_CHANGES, TEXT_SETUPS, VERDICT_GUIDANCE,
                        TextSetup, make_text_config, resolution_shifted_noise, text_profile, text_protocol,
                        text_training_protocol)

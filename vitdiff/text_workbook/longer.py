@@ -122,6 +122,17 @@ def plot_both_budgets(rows, guidance: float):
                                                     f"{int(rows['n'].iloc[0])} captions per split")
 
 
+def file_growth_verdicts(table, out_dir: Path, file_results: bool = False) -> None:
+    """File the growth rows of :func:`verdicts_at_both_budgets` (profile "<shorter> -> <longer>") in the verdicts
+    file of the run's results (with ``file_results``, the committed one). The pre-registered rows at each budget are
+    not filed here: each profile's own run files them, on all of its seeds."""
+    from ..findings import update_verdicts
+    from ..workbook import results_dir
+
+    growth = table[table["profile"].str.contains(" -> ")]
+    update_verdicts(results_dir(out_dir, file_results) / "verdicts.csv", growth)
+
+
 def show_longer_training(rows, table, guidance: float) -> None:
     """Display the verdict table of both budgets and :func:`longer_training_lines`, the notebook's generated
     statement of what training longer changed."""
