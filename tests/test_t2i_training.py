@@ -232,6 +232,8 @@ def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds(tmp_pat
                           "test, w=3: own captions - test, w=3: shape word shuffled (held_out_shape): unresolved at 10800, "
                           "supported at 21600"]
     assert "val all_correct: 0.050 at 10800 steps -> 0.310 at 21600" in "\n".join(lines)
+    # Each seed's own change beside the pooled test, so seeds that disagree are seen.
+    assert "; by seed: 0 +0.260, 1 +0.260, 2 +0.260): **supported**" in "\n".join(lines)
     assert lines[-2:] == [f"FD-shapes-clf@100 on {split} at w = 3, mean over the seeds: 100 at 10800 steps -> 100 at "
                           "21600; the same captions drawn again score 20, other real scenes 50 (descriptive)"
                           for split in ("val", "test")]

@@ -98,11 +98,17 @@ def longer_training_lines(rows, table, guidance: float) -> list[str]:
     changed = verdict_changes(table[~growth])
     lines += changed or ["no pre-registered verdict changes with the budget"]
     accuracy = {steps: alignment_summary(rows[rows["steps"] == steps])["accuracy"] for steps in (short, long)}
+    by_seed = rows[rows["guidance"] == guidance].pivot_table(index=["split", "attribute", "seed"], columns="steps",
+                                                             values="accuracy")
     for row in table[growth].itertuples():
         split = row.comparison.split(",", 1)[0]
         key = (split, guidance, row.metric)
+        # The count test pools the seeds' samples: each seed's own change shows whether they agree.
+        changes = (by_seed.loc[(split, row.metric)][long] - by_seed.loc[(split, row.metric)][short]).dropna()
+        seeds = "; by seed: " + ", ".join(f"{int(seed)} {change:+.3f}" for seed, change in changes.items()) \
+            if len(changes) > 1 else ""
         lines.append(f"{split} {row.metric}: {accuracy[short][key]:.3f} at {short} steps -> {accuracy[long][key]:.3f} "
-                     f"at {long}, {row.mean_diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}] ({row.signs}): "
+                     f"at {long}, {row.mean_diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}] ({row.signs}{seeds}): "
                      f"**{row.verdict}**")
     # FD has one value a seed and split: a mean beside real images against real ones, not tested.
     fd = rows[rows["guidance"] == guidance].drop_duplicates(["seed", "split", "steps"])
