@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pandas as pd
 
+from vitdiff.workbook.campaign import own_runs
+
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("train_s", "eval_loss_s", "eval_fd_s", "samples_s", "startup_s")
 
@@ -35,28 +37,17 @@ def worker_start_s(repeats: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
-def trained_rows(path: Path):
-    """The rows of a results file whose runs were trained for it (not filed from another notebook's run)."""
-    frame = pd.read_csv(path)
-    return frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
-
-
 def breakdown(profile: str) -> list[dict]:
-    rows = []
-    for path in sorted((REPO / "experiments" / "results").glob(f"0[2-5]_*/{profile}.csv")):
-        frame = trained_rows(path)
-        if not set(PARTS) <= set(frame.columns) or not len(frame):
-            continue
+    def shares(notebook: str, frame) -> dict:
         total = frame["wall_s"].sum()
-        rows.append({"notebook": path.parent.name, "runs": len(frame), "wall_s_per_run": total / len(frame),
-                     **{part.replace("_s", "_share"): frame[part].sum() / total for part in PARTS}})
-    if rows:
-        frames = pd.concat(trained_rows(REPO / "experiments" / "results" / row["notebook"] / f"{profile}.csv")
-                           for row in rows)
-        total = frames["wall_s"].sum()
-        rows.append({"notebook": "all", "runs": len(frames), "wall_s_per_run": total / len(frames),
-                     **{part.replace("_s", "_share"): frames[part].sum() / total for part in PARTS}})
-    return rows
+        return {"notebook": notebook, "runs": len(frame), "wall_s_per_run": total / len(frame),
+                **{part.replace("_s", "_share"): frame[part].sum() / total for part in PARTS}}
+
+    frames = {path.parent.name: own_runs(pd.read_csv(path))
+              for path in sorted((REPO / "experiments" / "results").glob(f"0[2-5]_*/{profile}.csv"))}
+    frames = {notebook: frame for notebook, frame in frames.items() if set(PARTS) <= set(frame.columns) and len(frame)}
+    rows = [shares(notebook, frame) for notebook, frame in frames.items()]
+    return rows + [shares("all", pd.concat(frames.values()))] if rows else rows
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ import pandas as pd
 
 from vitdiff import workbook as wb
 from vitdiff.workbook import studies
+from vitdiff.workbook.campaign import own_runs
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,8 +40,7 @@ def cost_rows(tflops: float) -> list[dict]:
             if filed.is_file():
                 frame = pd.read_csv(filed)
                 column = "wall_s" if "wall_s" in frame else "train_s"
-                trained = frame[frame["same_run_as"].isna()] if "same_run_as" in frame else frame
-                cpu_hours, filed_runs = trained[column].sum() / 3600, len(frame)
+                cpu_hours, filed_runs = own_runs(frame)[column].sum() / 3600, len(frame)
             rows.append({"notebook": study.notebook, "profile": name, "runs": runs, "filed_runs": filed_runs,
                          "steps": profile.steps, "batch": profile.batch_size, "train_PFLOPs": train_pflops,
                          "cpu_hours_filed (measured)": cpu_hours,

@@ -221,15 +221,17 @@ def test_a_run_whose_budget_measurement_was_lost_is_filed_again_from_its_twin_th
     # The budget's measurement lost in 04 (a run filed before a missed pause was measured on resume).
     curves.loc[curves["step"] == 2, "fd"] = float("nan")
     curves.to_csv(curves_path, index=False)
-    assert campaign.unmeasured_budgets("04_skip_connections", profile, tmp_path) == {("skip: concat_linear", 0)}
     rows = campaign.filed_rows("04_skip_connections", profile, tmp_path)
+    assert campaign.unmeasured_budgets("04_skip_connections", profile, rows, tmp_path) == {
+        ("skip: concat_linear", 0)}
     states = campaign.status([concat], rows, {("skip: concat_linear", 0)})
     assert states["incomplete"] == [concat] and not states["done"]
     assert "1 done" not in campaign.describe("04_skip_connections", profile, states, rows)
     assert "1 lacking a budget's measurement" in campaign.describe("04_skip_connections", profile, states, rows)
     # 05 files the same run with the measurement: 04's row and curve are filed again from it, and are complete.
     assert campaign.share_filed_runs([concat], profile, tmp_path) == []
-    assert not campaign.unmeasured_budgets("04_skip_connections", profile, tmp_path)
+    assert not campaign.unmeasured_budgets("04_skip_connections", profile,
+                                           campaign.filed_rows("04_skip_connections", profile, tmp_path), tmp_path)
     assert campaign.filed_rows("04_skip_connections", profile, tmp_path).iloc[0]["same_run_as"] == (
         "05_vit_vs_unet: IU-ViT")
     # A twin that lacks the measurement too is no source: the run stays as filed.

@@ -65,8 +65,8 @@ def alignment_table(frame) -> list[str]:
         cells += [f"{by_attribute.loc[name, 'accuracy']:.3f} / {by_attribute.loc[name, 'shuffled_baseline']:.3f}"
                   if name in by_attribute.index else "—" for name in attributes]
         cells.append(f"{by_attribute.loc['all_correct', 'empty_caption_baseline']:.3f}")
-        references = [rows["fd_redrawn"].mean()] if redrawn else []
-        cells.append(f"{rows['fd'].mean():.4g} ({' / '.join(f'{value:.4g}' for value in references + [rows['fd_floor'].mean()])})")
+        references = [rows[column].mean() for column in ("fd_redrawn", "fd_floor") if column in rows]
+        cells.append(f"{rows['fd'].mean():.4g} ({' / '.join(f'{value:.4g}' for value in references)})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 

@@ -120,6 +120,12 @@ def filed_rows(notebook: str, profile: Profile, folder: Path | None = None):
     return pd.read_csv(path) if path.is_file() else pd.DataFrame(columns=["variant", "seed"])
 
 
+def own_runs(rows):
+    """The filed rows whose runs were trained for their notebook, not filed from another notebook's run
+    (``same_run_as``, :func:`share_filed_runs`): what counts a run's time once."""
+    return rows[rows["same_run_as"].isna()] if "same_run_as" in rows else rows
+
+
 def status(jobs: list[Job], rows, unmeasured: set[tuple[str, int]] = frozenset()) -> dict[str, list[Job]]:
     """Jobs by state: ``done`` (a filed row with the same keys), ``stale`` (a filed row with other keys),
     ``legacy`` (a row filed before runs carried keys: readable as filed, not verifiable), ``missing`` (no row), and
@@ -140,14 +146,14 @@ def status(jobs: list[Job], rows, unmeasured: set[tuple[str, int]] = frozenset()
     return states
 
 
-def unmeasured_budgets(notebook: str, profile: Profile, folder: Path | None = None) -> set[tuple[str, int]]:
-    """The filed runs of a notebook whose curve lacks the Fréchet metric at one of the profile's budgets before its
-    last step: a pause whose measurement was lost (a run killed between its checkpoint and its measurement, filed
-    before :func:`measure_missed_pause`), which leaves that budget's verdicts a seed short."""
+def unmeasured_budgets(notebook: str, profile: Profile, rows, folder: Path | None = None) -> set[tuple[str, int]]:
+    """The filed runs (``rows``: :func:`filed_rows`) of a notebook whose curve lacks the Fréchet metric at one of the
+    profile's budgets before its last step: a pause whose measurement was lost (a run killed between its checkpoint
+    and its measurement, filed before :func:`measure_missed_pause`), which leaves that budget's verdicts a seed
+    short."""
     import pandas as pd
 
     path = (folder or results_dir(Path(), True)) / notebook / f"{profile.name}_curves.csv"
-    rows = filed_rows(notebook, profile, folder)
     budgets = {steps for steps in profile.budgets if steps < profile.steps}
     if not budgets or not len(rows):
         return set()
@@ -402,7 +408,7 @@ def share_filed_runs(jobs: list[Job], profile: Profile, folder: Path) -> list[Jo
         if other_jobs[0].study.notebook != jobs[0].study.notebook:
             other = other_jobs[0].study.notebook
             rows = filed_rows(other, profile, folder)
-            done_elsewhere += status(other_jobs, rows, unmeasured_budgets(other, profile, folder))["done"]
+            done_elsewhere += status(other_jobs, rows, unmeasured_budgets(other, profile, rows, folder))["done"]
     todo = []
     for job in jobs:
         config = make_config(job.study.variant(job.arm), profile, job.seed, runs)
@@ -501,7 +507,7 @@ def _todo(notebook: str, profile: Profile, folder: Path, *, probe: bool, budget_
     rows = filed_rows(name, profile, folder)
     if probe:  # a probe is its budget arms alone
         jobs = [job for job in jobs if job.arm in job.study.budget_arms]
-    states = status(jobs, rows, unmeasured_budgets(name, profile, folder))
+    states = status(jobs, rows, unmeasured_budgets(name, profile, rows, folder))
     todo = states["stale"] + states["incomplete"] + states["missing"]
     if budget_only:
         todo = [job for job in todo if job.arm in job.study.budget_arms and job.seed in BUDGET_SEEDS]
@@ -632,7 +638,7 @@ def main(argv: list[str] | None = None) -> int:
                         if not args.probe or job.arm in job.study.budget_arms]
                 name = jobs[0].study.notebook
                 rows = filed_rows(name, shown)
-                print(describe(name, shown, status(jobs, rows, unmeasured_budgets(name, shown)), rows))
+                print(describe(name, shown, status(jobs, rows, unmeasured_budgets(name, shown, rows)), rows))
             else:
                 run(notebook, profile, workers=args.workers, commit=args.commit, limit=args.limit,
                     budget_only=args.budget_only, probe=args.probe, arms=args.arms,
