@@ -8,7 +8,7 @@ import pytest
 from scipy import stats
 
 from vitdiff.findings import (Comparison, answers, compare, compare_counts, decide, holm, paired_stats, read_verdicts,
-                              update_verdicts, verdict, verdict_table)
+                              combine_seed_differences, seed_heterogeneity, update_verdicts, verdict, verdict_table)
 
 
 def frame_from(arms: dict[str, list[float]]) -> pd.DataFrame:
@@ -135,13 +135,87 @@ def test_count_test_on_three_seeds_of_one_in_96_is_not_supported():
     assert t_row["ci_low"] == t_row["ci_high"]  # the collapse the count test exists for
     row = compare(frame, Comparison("q", "c", "arm", "ref", "all_correct", direction="higher", test="rate"))
     assert row["verdict"] == "unresolved" and row["ci_low"] < 0 < row["ci_high"]
-    assert row["signs"] == "1/96 1/96 1/96 vs 0/288"
+    assert row["signs"].startswith("1/96 1/96 1/96 vs 0/288; heterogeneity p ")
     assert row["p"] == pytest.approx(stats.boschloo_exact([[3, 0], [285, 288]], alternative="greater").pvalue)
     # The same test does resolve a real difference in counts.
     strong = compare_counts(60, 288, 20, 288, "higher")
     assert strong["ci_low"] > 0 and strong["p_support"] < 0.001 and strong["p_contradict"] > 0.5
     with pytest.raises(ValueError, match="0 <= k <= n"):
         compare_counts(5, 4, 0, 4)
+
+
+def breslow_day_tarone(tables: list[np.ndarray]) -> float:
+    """Breslow-Day's statistic from its definition (Breslow & Day 1980, with Tarone's 1985 correction): each
+    table's expected top-left cell under the Mantel-Haenszel common odds ratio, from the table's margins."""
+    from scipy.optimize import brentq
+
+    common = (sum(t[0, 0] * t[1, 1] / t.sum() for t in tables) / sum(t[0, 1] * t[1, 0] / t.sum() for t in tables))
+    statistic, deviations, variances = 0.0, 0.0, 0.0
+    for t in tables:
+        row, column, total = t[0].sum(), t[:, 0].sum(), t.sum()
+        low, high = max(0.0, row + column - total), min(row, column)
+        expected = brentq(lambda a: a * (total - row - column + a) - common * (row - a) * (column - a),
+                          low + 1e-9, high - 1e-9)
+        variance = 1 / (1 / expected + 1 / (row - expected) + 1 / (column - expected)
+                        + 1 / (total - row - column + expected))
+        statistic += (t[0, 0] - expected) ** 2 / variance
+        deviations += t[0, 0] - expected
+        variances += variance
+    return float(stats.chi2.sf(statistic - deviations ** 2 / variances, len(tables) - 1))
+
+
+def test_seed_heterogeneity_is_breslow_day_with_tarones_correction():
+    k_arm, n_arm, k_ref, n_ref = [27, 60, 45], [106, 107, 101], [35, 39, 30], [106, 107, 101]
+    tables = [np.array([[a, m - a], [r, q - r]], float) for a, m, r, q in zip(k_arm, n_arm, k_ref, n_ref)]
+    assert seed_heterogeneity(k_arm, n_arm, k_ref, n_ref) == pytest.approx(breslow_day_tarone(tables), rel=1e-6)
+    assert math.isnan(seed_heterogeneity([3], [10], [1], [10]))  # one seed: nothing to compare
+    assert seed_heterogeneity([0, 1, 0], [96] * 3, [0, 0, 1], [768] * 3) > 0.05  # empty cells: defined, no alarm
+
+
+def dersimonian_laird(effects: np.ndarray, variances: np.ndarray) -> tuple[float, float]:
+    """The random-effects mean and its standard error from DerSimonian & Laird's (1986) moment estimator."""
+    weights = 1 / variances
+    fixed = np.sum(weights * effects) / weights.sum()
+    q = np.sum(weights * (effects - fixed) ** 2)
+    tau2 = max(0.0, (q - (len(effects) - 1)) / (weights.sum() - np.sum(weights ** 2) / weights.sum()))
+    random_weights = 1 / (variances + tau2)
+    return float(np.sum(random_weights * effects) / random_weights.sum()), float(random_weights.sum() ** -0.5)
+
+
+def test_seed_differences_combine_by_dersimonian_laird_on_a_t_with_seeds_minus_one_df():
+    k_arm, k_ref, n = np.array([94, 120, 97]), np.array([19, 19, 18]), np.array([136, 134, 131])
+    arm, ref = (k_arm + 1) / (n + 2), (k_ref + 1) / (n + 2)
+    mean, se = dersimonian_laird(k_arm / n - k_ref / n, arm * (1 - arm) / (n + 2) + ref * (1 - ref) / (n + 2))
+    row = combine_seed_differences(k_arm, n, k_ref, n, "higher")
+    assert row["mean_diff"] == pytest.approx(mean)
+    assert row["ci_high"] - row["mean_diff"] == pytest.approx(stats.t.ppf(0.975, 2) * se)
+    assert row["p_support"] == pytest.approx(stats.t.sf(mean / se, 2))
+    assert row["p_support"] + row["p_contradict"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="two seeds"):
+        combine_seed_differences([3], [10], [1], [10])
+
+
+def counts_frame(arm_counts: list[int], ref_counts: list[int]) -> pd.DataFrame:
+    return pd.DataFrame([{"variant": name, "seed": seed, "shape": k / 107, "k_shape": k, "n_shape": 107}
+                         for name, counts in (("arm", arm_counts), ("ref", ref_counts))
+                         for seed, k in enumerate(counts)])
+
+
+def test_seeds_that_disagree_are_combined_as_seeds_not_pooled_as_samples():
+    """Two seeds where the arm wins big, one where it loses big: pooled, the arm is ahead (Boschloo p < 0.001), but
+    the samples of one seed say nothing about another seed's model; as three seeds the effect is unresolved. Seeds
+    that differ only in how far above the reference they lie keep their verdict; seeds that agree are pooled."""
+    comparison = Comparison("q", "c", "arm", "ref", "shape", direction="higher", test="rate")
+    assert compare_counts(125, 321, 80, 321, "higher")["p_support"] < 0.001
+    split = compare(counts_frame([60, 10, 55], [20, 40, 20]), comparison)
+    assert split["verdict"] == "unresolved" and split["ci_low"] < 0 < split["ci_high"]
+    assert "seeds disagree" in split["signs"] and "random-effects" in split["signs"]
+    far_apart = compare(counts_frame([100, 70, 60], [10, 12, 11]), comparison)
+    assert "seeds disagree" in far_apart["signs"] and far_apart["verdict"] == "supported"
+    steady = compare(counts_frame([60, 58, 55], [20, 22, 20]), comparison)
+    assert steady["verdict"] == "supported" and "disagree" not in steady["signs"]
+    pooled = compare_counts(173, 321, 62, 321, "higher")
+    assert (steady["ci_low"], steady["ci_high"]) == pytest.approx((pooled["ci_low"], pooled["ci_high"]))
 
 
 def test_a_confounded_comparison_carries_no_verdict_and_leaves_the_claims_family():

@@ -20,7 +20,16 @@ Each :class:`Comparison` names its test (``test``), chosen with the claim it ser
   Counts are pooled over the seeds both arms ran; the difference of the two proportions gets Newcombe's
   hybrid score interval and an exact one-sided test (Boschloo's, scipy). A t-interval over per-seed
   proportions, which collapses when the proportions happen to be equal (three seeds of 1 in 96), is never used.
-  Pooling assumes the seeds share one rate; the per-seed counts are kept in ``signs`` for inspection.
+  Pooling assumes the seeds share one effect. That is tested, not assumed: the per-seed 2x2 tables (arm and
+  reference, successes and failures) get the Breslow-Day test of equal odds ratios with Tarone's correction
+  (statsmodels' ``StratifiedTable.test_equal_odds``). Where it rejects (p < ``HETEROGENEITY_ALPHA``) the seeds
+  disagree, and pooled counts would treat one seed's samples as evidence about another's model. The seed then
+  becomes the unit again: each seed's difference of proportions (Agresti-Caffo variance, never zero) enters a
+  random-effects combination (DerSimonian-Laird, statsmodels' ``combine_effects``) whose interval and one-sided
+  p-values use a t with seeds - 1 degrees of freedom. Seeds that all lie far on one side keep their verdict; two
+  seeds pulling opposite ways give an interval that says nothing, as they should. ``signs`` says "seeds disagree"
+  and which interval was used. The test has little power with 2-3 seeds, so passing it is no evidence that they
+  agree; ``signs`` keeps the per-seed counts for the reader either way.
 
 **Multiplicity.** Holm's step-down correction (family-wise error) over the rows of a table that test one paper
 claim (rows without a claim form one family, "the notebook's own questions").
@@ -55,6 +64,7 @@ EQUIVALENCE_ALPHA = 0.05   # TOST's usual level: the 90% interval inside the mar
 # (its seed-to-seed sd at 400 steps was 1-5%); 10% of a Fréchet distance (its evaluation noise alone is a few %).
 DEFAULT_MARGINS = {"loss": 0.02, "fd": 0.10}
 MIN_PAIRED_SEEDS = 3  # the module docstring's **Seeds**: fewer get an interval, never a verdict
+HETEROGENEITY_ALPHA = 0.05  # the module docstring's ``"rate"``: seeds that disagree are combined, not pooled
 _METRIC_STATS = ("mean_diff", "ci_low", "ci_high", "mde", "mde_rel", "p", "verdict")
 VERDICT_COLUMNS = ("notebook", "profile", "steps", "paper_claim", "question", "comparison", "test", "metric",
                    "margin", "n_seeds", "mean_diff", "ci_low", "ci_high", "mde", "mde_rel", "p", "p_adj",
@@ -187,18 +197,64 @@ def compare_counts(k_arm: int, n_arm: int, k_ref: int, n_ref: int, direction: st
             "p_support": support, "p_contradict": contradict}
 
 
+def seed_heterogeneity(k_arm, n_arm, k_ref, n_ref) -> float:
+    """The p-value of the Breslow-Day test (Tarone-corrected) that every seed's 2x2 table ``[[k_arm, n_arm -
+    k_arm], [k_ref, n_ref - k_ref]]`` has the same odds ratio; NaN with fewer than two seeds. Tables with an empty
+    cell get 0.5 added to each cell (statsmodels' ``shift_zeros``), so a seed with no success still counts."""
+    import numpy as np
+    from statsmodels.stats.contingency_tables import StratifiedTable
+
+    tables = [np.array([[a, m - a], [r, q - r]], dtype=float) for a, m, r, q in zip(k_arm, n_arm, k_ref, n_ref)]
+    if len(tables) < 2:
+        return math.nan
+    return float(StratifiedTable(tables, shift_zeros=True).test_equal_odds(adjust=True).pvalue)
+
+
+def combine_seed_differences(k_arm, n_arm, k_ref, n_ref, direction: str = "higher") -> dict:
+    """Per-seed differences of proportions combined with random effects (DerSimonian-Laird): the mean, its 95%
+    interval and the one-sided p-values for the claimed direction (support) and the other (contradict), on a t
+    with seeds - 1 degrees of freedom. Each seed's variance uses Agresti-Caffo's adjusted proportions (one success
+    and one failure added to each group), so a seed with 0 of n still has a finite weight."""
+    import numpy as np
+    from scipy import stats
+    from statsmodels.stats.meta_analysis import combine_effects
+
+    k_arm, n_arm, k_ref, n_ref = (np.asarray(values, dtype=float) for values in (k_arm, n_arm, k_ref, n_ref))
+    if len(k_arm) < 2:
+        raise ValueError("a random-effects combination needs at least two seeds")
+    adjusted_arm, adjusted_ref = (k_arm + 1) / (n_arm + 2), (k_ref + 1) / (n_ref + 2)
+    variance = adjusted_arm * (1 - adjusted_arm) / (n_arm + 2) + adjusted_ref * (1 - adjusted_ref) / (n_ref + 2)
+    combined = combine_effects(k_arm / n_arm - k_ref / n_ref, variance, method_re="dl", use_t=True)
+    mean, se, df = float(combined.mean_effect_re), float(combined.sd_eff_w_re), len(k_arm) - 1
+    half = float(stats.t.ppf(0.975, df)) * se
+    higher, lower = float(stats.t.sf(mean / se, df)), float(stats.t.cdf(mean / se, df))
+    support, contradict = (higher, lower) if direction == "higher" else (lower, higher)
+    return {"mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_support": support,
+            "p_contradict": contradict}
+
+
 def _rate_stats(frame, comparison: Comparison, metric: str) -> dict:
-    """Pooled counts over the shared seeds (columns ``k_<metric>`` and ``n_<metric>``) -> :func:`compare_counts`."""
+    """Pooled counts over the shared seeds (columns ``k_<metric>`` and ``n_<metric>``) -> :func:`compare_counts`;
+    where the seeds disagree (:func:`seed_heterogeneity`), :func:`combine_seed_differences` instead."""
     k = _by_seed(frame, f"k_{metric}", comparison.arm, comparison.reference)
     n = _by_seed(frame, f"n_{metric}", comparison.arm, comparison.reference).loc[k.index]
-    counts = [int(round(k[name].sum())) for name in (comparison.arm, comparison.reference)]
-    totals = [int(round(n[name].sum())) for name in (comparison.arm, comparison.reference)]
-    per_seed = " ".join(f"{int(a)}/{int(b)}" for a, b in zip(k[comparison.arm], n[comparison.arm]))
-    result = {"n_seeds": len(k), "signs": f"{per_seed} vs {counts[1]}/{totals[1]}", "margin": math.nan,
-              "mde": math.nan}
+    arm, reference = comparison.arm, comparison.reference
+    counts = [int(round(k[name].sum())) for name in (arm, reference)]
+    totals = [int(round(n[name].sum())) for name in (arm, reference)]
+    per_seed = " ".join(f"{int(a)}/{int(b)}" for a, b in zip(k[arm], n[arm]))
+    p_heterogeneity = seed_heterogeneity(k[arm], n[arm], k[reference], n[reference])
+    disagree = p_heterogeneity < HETEROGENEITY_ALPHA
+    agreement = ("" if math.isnan(p_heterogeneity) else
+                 f"; seeds disagree (heterogeneity p {p_heterogeneity:.2g}): random-effects interval" if disagree
+                 else f"; heterogeneity p {p_heterogeneity:.2g}")
+    result = {"n_seeds": len(k), "signs": f"{per_seed} vs {counts[1]}/{totals[1]}{agreement}",
+              "margin": math.nan, "mde": math.nan}
     if not len(k):
         return {**result, "mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan,
                 "p_support": math.nan, "p_contradict": math.nan}
+    if disagree:
+        return {**result, **combine_seed_differences(k[arm], n[arm], k[reference], n[reference],
+                                                     comparison.direction)}
     return {**result, **compare_counts(counts[0], totals[0], counts[1], totals[1], comparison.direction)}
 
 
