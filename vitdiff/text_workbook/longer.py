@@ -54,7 +54,7 @@ _GROWTH = [("val", name) for name in ALIGNMENT_METRICS] + [("test", HELD_OUT_SHA
 def verdicts_at_both_budgets(rows, guidance: float, image_size: int | None = None):
     """One verdict table (``steps`` column) of the budget pair's common seeds: notebook 07's pre-registered
     comparisons (:func:`alignment_comparisons`) at each budget, then each attribute's accuracy against the samples'
-    own captions at the longer budget minus the shorter (a count test pooled over the seeds, Holm over the rows;
+    own captions at the longer budget minus the shorter (the count test of :mod:`vitdiff.findings`, Holm over the rows;
     its profile is "<shorter> -> <longer>"). The two budgets' samples come from different models of the same seeds,
     drawn for the same captions; the test treats them as independent."""
     import pandas as pd
@@ -103,7 +103,7 @@ def longer_training_lines(rows, table, guidance: float) -> list[str]:
     for row in table[growth].itertuples():
         split = row.comparison.split(",", 1)[0]
         key = (split, guidance, row.metric)
-        # The count test pools the seeds' samples: each seed's own change shows whether they agree.
+        # Each seed's own change beside the test's (pooled or, where the seeds disagree, combined) interval.
         changes = (by_seed.loc[(split, row.metric)][long] - by_seed.loc[(split, row.metric)][short]).dropna()
         seeds = "; by seed: " + ", ".join(f"{int(seed)} {change:+.3f}" for seed, change in changes.items()) \
             if len(changes) > 1 else ""

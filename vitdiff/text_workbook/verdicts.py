@@ -50,9 +50,10 @@ def alignment_comparisons(guidance: float, image_size: int | None = None) -> lis
     then shape on val, and on test's held-out objects alone (``held_out_shape``), against its shape-shuffled
     baseline (composition: shape follows the caption on pairs never seen).
 
-    Each is a count test (``test="rate"``): correct samples or objects pooled over the seeds, the own captions'
-    count against the baseline's (the mean over its derangements, rounded) of the same number judged. Both counts
-    come from the same samples and the test treats them as independent, which is conservative when they agree."""
+    Each is a count test (``test="rate"``): correct samples or objects pooled over the seeds (while they agree:
+    :mod:`vitdiff.findings`), the own captions' count against the baseline's (the mean over its derangements,
+    rounded) of the same number judged. Both counts come from the same samples and the test treats them as
+    independent, which is conservative when they agree."""
     from ..findings import Comparison
 
     # The paper's claim is about one pixel-space model *beyond 64x64*: a row says at which size it was measured.
