@@ -219,3 +219,31 @@ def test_the_composition_row_is_drawn_on_the_test_panel_alone():
     drawn = [sum(matplotlib.colors.to_rgba(line.get_color()) == colour for line in ax.lines) for ax in fig.axes]
     assert drawn[0] == 0 and drawn[1] > 0
     assert "held_out_shape" in [text.get_text() for text in fig.legends[0].get_texts()]
+
+
+def test_rate_verdicts_show_every_seed_and_cut_an_interval_wider_than_the_axis():
+    """Two seeds that disagree on a held-out row: one tick a seed, the random-effects interval cut at ±1 with an
+    arrow at each cut, and the verdict labelled as the seeds disagreeing; a row whose seeds agree has no arrow."""
+    from vitdiff.findings import Comparison, verdict_table
+    from vitdiff.text_workbook.verdicts import alignment_arms
+
+    rows = pd.DataFrame([{"seed": seed, "split": "test", "guidance": 3.0, "attribute": name, "accuracy": k / 107,
+                          "k": k, "n_judged": 107, "shuffled_baseline": 0.3, "k_shuffled": 32,
+                          "shape_shuffled_baseline": 0.3, "k_shape_shuffled": 32}
+                         for seed, held_out in ((0, 10), (1, 70)) for name, k in (("held_out_shape", held_out),
+                                                                                   ("shape", 60))])
+    arms = alignment_arms(rows)
+    comparisons = [Comparison("q", "c", "test, w=3: own captions", f"test, w=3: {baseline}", metric,
+                              direction="higher", test="rate")
+                   for metric, baseline in (("shape", "shuffled captions"), ("held_out_shape", "shape word shuffled"))]
+    table = verdict_table(arms, comparisons, notebook=figures.TEXT_NOTEBOOK, profile="p")
+    assert "seeds disagree" in table["signs"].iloc[1] and table["ci_high"].iloc[1] > 1
+    fig = figures.plot_rate_verdicts(arms, table, "a title")
+    ax = fig.axes[0]
+    ticks = [collection.get_offsets() for collection in ax.collections if len(collection.get_offsets()) == 2]
+    assert sorted(point[1] for offsets in ticks for point in offsets) == [0, 0, 1, 1]  # both seeds, both rows
+    arrows = [line for line in ax.lines if line.get_marker() in ("<", ">")]
+    assert sorted(line.get_xdata()[0] for line in arrows) == [-1.0, 1.0] and {l.get_ydata()[0] for l in arrows} == {1}
+    labels = [text.get_text() for text in ax.texts]
+    assert labels[1].endswith("seeds disagree)") and "disagree" not in labels[0]
+    assert min(text.get_fontsize() for text in _texts(fig)) >= style.MIN_FONT_PT

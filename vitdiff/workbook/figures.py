@@ -458,6 +458,46 @@ def plot_alignment(frame, protocol: str):
     return fig
 
 
+def plot_rate_verdicts(arms, verdicts, title: str = ""):
+    """Notebook 07's count verdicts seed by seed: each comparison's rate difference (own captions minus its
+    baseline) for every seed (tick), the verdict's 95% interval (bar; pooled counts, or the seeds combined by
+    random effects where they disagree, so the bar can be far wider than the ticks) and its mean (marker), the
+    verdict on the right. ``arms``: :func:`vitdiff.text_workbook.alignment_arms` of the rows; ``verdicts``: the
+    profile's verdict rows. An interval beyond ±1 (two seeds that disagree) is cut at the axis, an arrow at the cut."""
+    from ..findings import paired_differences
+
+    rows = verdicts.to_dict("records")
+    fig, ax = style.figure(TWO_COLUMN, 0.9 + 0.26 * len(rows))
+    labels = []
+    for y, row in enumerate(rows):
+        arm, reference = row["comparison"].split(" - ", 1)
+        labels.append(f"{arm.split(',')[0]} {row['metric']} − {reference.split(': ', 1)[-1]}")
+        look = style.ATTRIBUTE_LOOKS.get(row["metric"], style.UNKNOWN)
+        seeds = paired_differences(arms, row["metric"], arm, reference)
+        ax.scatter(seeds, [y] * len(seeds), marker="|", s=40, color="#555555", linewidths=0.9, zorder=2)
+        low, high = row["ci_low"], row["ci_high"]
+        if math.isfinite(low) and math.isfinite(high):
+            ax.hlines(y, max(low, -1.0), min(high, 1.0), color=look.colour, lw=1.6, zorder=3)
+            for end, cut in ((low, -1.0), (high, 1.0)):
+                if abs(end) > 1.0:
+                    ax.plot(cut, y, marker="<" if cut < 0 else ">", color=look.colour, ms=4, zorder=3)
+        ax.plot(row["mean_diff"], y, marker=look.marker, color=look.colour, markeredgecolor="black",
+                markeredgewidth=0.5, ms=5, ls="none", zorder=4)
+        disagree = " — seeds disagree" if "seeds disagree" in str(row["signs"]) else ""
+        ax.annotate(f"{row['verdict']} ({len(seeds)} seeds{disagree})", (1.01, y),
+                    xycoords=("axes fraction", "data"), va="center", fontsize=7)
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_xlim(-1.05, 1.05)
+    ax.set_yticks(range(len(rows)), labels, fontsize=7)
+    ax.set_ylim(len(rows) - 0.5, -0.5)
+    ax.set_xlabel("accuracy with own captions − with the baseline's captions (same samples)")
+    ax.grid(axis="y", visible=False)
+    heading = ("each seed (tick), the verdict's 95% interval (bar: pooled counts, random effects where the seeds "
+               "disagree), its estimate (marker)")
+    fig.suptitle(textwrap.fill(f"{title}: {heading}" if title else heading, 110))
+    return fig
+
+
 RECIPE_SEARCH = "recipe_search"  # notebook 07's recipe-search rows (experiments/text_recipe_search.py)
 
 
@@ -501,7 +541,13 @@ def _figure_makers(files: ResultsFiles, results: Path, samples) -> dict:
     if files.notebook == TEXT_NOTEBOOK and files.profile == RECIPE_SEARCH:
         return {"alignment_by_steps": lambda: plot_alignment_by_steps(files.runs)}
     if files.notebook == TEXT_NOTEBOOK:
-        return {"alignment_vs_guidance": lambda: plot_alignment(files.runs, files.protocol)}
+        from ..text_workbook.verdicts import alignment_arms
+
+        makers = {"alignment_vs_guidance": lambda: plot_alignment(files.runs, files.protocol)}
+        if len(files.verdicts):
+            makers["verdicts_by_seed"] = lambda: plot_rate_verdicts(alignment_arms(files.runs), files.verdicts,
+                                                                    f"notebook 07, profile {files.profile}")
+        return makers
     makers = {}
     if len(files.verdicts):
         makers["comparisons"] = lambda: plot_comparisons(files)
