@@ -223,7 +223,7 @@ def test_the_composition_row_is_drawn_on_the_test_panel_alone():
 
 def test_rate_verdicts_show_every_seed_and_cut_an_interval_wider_than_the_axis():
     """Two seeds that disagree on a held-out row: one tick a seed, the random-effects interval cut at ±1 with an
-    arrow at each cut, and the verdict labelled as the seeds disagreeing; a row whose seeds agree has no arrow."""
+    arrow at each end, and the verdict labelled as the seeds disagreeing; a row whose seeds agree has no arrow."""
     from vitdiff.findings import Comparison, verdict_table
     from vitdiff.text_workbook.verdicts import alignment_arms
 
@@ -237,7 +237,7 @@ def test_rate_verdicts_show_every_seed_and_cut_an_interval_wider_than_the_axis()
                               direction="higher", test="rate")
                    for metric, baseline in (("shape", "shuffled captions"), ("held_out_shape", "shape word shuffled"))]
     table = verdict_table(arms, comparisons, notebook=figures.TEXT_NOTEBOOK, profile="p")
-    assert "seeds disagree" in table["signs"].iloc[1] and table["ci_high"].iloc[1] > 1
+    assert "seeds disagree" in table["signs"].iloc[1] and (table["ci_low"].iloc[1], table["ci_high"].iloc[1]) == (-1, 1)
     fig = figures.plot_rate_verdicts(arms, table, "a title")
     ax = fig.axes[0]
     ticks = [collection.get_offsets() for collection in ax.collections if len(collection.get_offsets()) == 2]

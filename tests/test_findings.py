@@ -144,59 +144,56 @@ def test_count_test_on_three_seeds_of_one_in_96_is_not_supported():
         compare_counts(5, 4, 0, 4)
 
 
-def breslow_day_tarone(tables: list[np.ndarray]) -> float:
-    """Breslow-Day's statistic from its definition (Breslow & Day 1980, with Tarone's 1985 correction): each
-    table's expected top-left cell under the Mantel-Haenszel common odds ratio, from the table's margins."""
-    from scipy.optimize import brentq
-
-    common = (sum(t[0, 0] * t[1, 1] / t.sum() for t in tables) / sum(t[0, 1] * t[1, 0] / t.sum() for t in tables))
-    statistic, deviations, variances = 0.0, 0.0, 0.0
-    for t in tables:
-        row, column, total = t[0].sum(), t[:, 0].sum(), t.sum()
-        low, high = max(0.0, row + column - total), min(row, column)
-        expected = brentq(lambda a: a * (total - row - column + a) - common * (row - a) * (column - a),
-                          low + 1e-9, high - 1e-9)
-        variance = 1 / (1 / expected + 1 / (row - expected) + 1 / (column - expected)
-                        + 1 / (total - row - column + expected))
-        statistic += (t[0, 0] - expected) ** 2 / variance
-        deviations += t[0, 0] - expected
-        variances += variance
-    return float(stats.chi2.sf(statistic - deviations ** 2 / variances, len(tables) - 1))
+def agresti_caffo(k_arm, n_arm, k_ref, n_ref) -> tuple[np.ndarray, np.ndarray]:
+    arm, ref = (np.asarray(k_arm) + 1) / (np.asarray(n_arm) + 2), (np.asarray(k_ref) + 1) / (np.asarray(n_ref) + 2)
+    return (np.asarray(k_arm) / np.asarray(n_arm) - np.asarray(k_ref) / np.asarray(n_ref),
+            arm * (1 - arm) / (np.asarray(n_arm) + 2) + ref * (1 - ref) / (np.asarray(n_ref) + 2))
 
 
-def test_seed_heterogeneity_is_breslow_day_with_tarones_correction():
+def test_seed_heterogeneity_is_cochrans_q_on_the_differences_it_combines():
+    from statsmodels.stats.meta_analysis import combine_effects
+
     k_arm, n_arm, k_ref, n_ref = [27, 60, 45], [106, 107, 101], [35, 39, 30], [106, 107, 101]
-    tables = [np.array([[a, m - a], [r, q - r]], float) for a, m, r, q in zip(k_arm, n_arm, k_ref, n_ref)]
-    assert seed_heterogeneity(k_arm, n_arm, k_ref, n_ref) == pytest.approx(breslow_day_tarone(tables), rel=1e-6)
-    assert math.isnan(seed_heterogeneity([3], [10], [1], [10]))  # one seed: nothing to compare
-    assert seed_heterogeneity([0, 1, 0], [96] * 3, [0, 0, 1], [768] * 3) > 0.05  # empty cells: defined, no alarm
-
-
-def dersimonian_laird(effects: np.ndarray, variances: np.ndarray) -> tuple[float, float]:
-    """The random-effects mean and its standard error from DerSimonian & Laird's (1986) moment estimator."""
-    weights = 1 / variances
-    fixed = np.sum(weights * effects) / weights.sum()
-    q = np.sum(weights * (effects - fixed) ** 2)
-    tau2 = max(0.0, (q - (len(effects) - 1)) / (weights.sum() - np.sum(weights ** 2) / weights.sum()))
-    random_weights = 1 / (variances + tau2)
-    return float(np.sum(random_weights * effects) / random_weights.sum()), float(random_weights.sum() ** -0.5)
+    reference = combine_effects(*agresti_caffo(k_arm, n_arm, k_ref, n_ref), method_re="dl").test_homogeneity()
+    assert seed_heterogeneity(k_arm, n_arm, k_ref, n_ref) == pytest.approx(reference.pvalue, rel=1e-9)
+    # Mirror-image seeds (a common odds ratio of exactly 1, where Breslow-Day is undefined) disagree plainly.
+    assert seed_heterogeneity([60, 20], [96, 96], [20, 60], [96, 96]) < 1e-10
+    # Empty and full cells keep a finite variance; equal seeds do not alarm; one seed has nothing to compare.
+    assert 0.3 < seed_heterogeneity([0, 1, 0], [96] * 3, [0, 0, 1], [768] * 3) <= 1.0
+    assert seed_heterogeneity([96, 96], [96, 96], [96, 96], [96, 96]) == pytest.approx(1.0)
+    assert math.isnan(seed_heterogeneity([3], [10], [1], [10]))
 
 
 def test_seed_differences_combine_by_dersimonian_laird_on_a_t_with_seeds_minus_one_df():
-    k_arm, k_ref, n = np.array([94, 120, 97]), np.array([19, 19, 18]), np.array([136, 134, 131])
-    arm, ref = (k_arm + 1) / (n + 2), (k_ref + 1) / (n + 2)
-    mean, se = dersimonian_laird(k_arm / n - k_ref / n, arm * (1 - arm) / (n + 2) + ref * (1 - ref) / (n + 2))
+    from statsmodels.stats.meta_analysis import combine_effects
+
+    k_arm, k_ref, n = [94, 120, 97], [19, 19, 18], [136, 134, 131]
+    reference = combine_effects(*agresti_caffo(k_arm, n, k_ref, n), method_re="dl")
+    assert reference.tau2 > 0  # seeds that differ: the random effect is real
+    mean, se = reference.mean_effect_re, reference.sd_eff_w_re
     row = combine_seed_differences(k_arm, n, k_ref, n, "higher")
     assert row["mean_diff"] == pytest.approx(mean)
-    assert row["ci_high"] - row["mean_diff"] == pytest.approx(stats.t.ppf(0.975, 2) * se)
+    assert (row["ci_low"], row["ci_high"]) == pytest.approx((mean - stats.t.ppf(0.975, 2) * se,
+                                                             mean + stats.t.ppf(0.975, 2) * se))
     assert row["p_support"] == pytest.approx(stats.t.sf(mean / se, 2))
-    assert row["p_support"] + row["p_contradict"] == pytest.approx(1.0)
+    lower = combine_seed_differences(k_arm, n, k_ref, n, "lower")
+    assert (lower["p_support"], lower["p_contradict"]) == pytest.approx((row["p_contradict"], row["p_support"]))
+    # Seeds closer than their sampling noise (Q < df): no between-seed variance, the fixed-effect mean; statsmodels'
+    # moment estimate goes negative here, the estimator's definition clips it at 0.
+    differences, variances = agresti_caffo([50, 52, 51], [96] * 3, [30, 31, 30], [96] * 3)
+    weights = 1 / variances
+    close = combine_seed_differences([50, 52, 51], [96] * 3, [30, 31, 30], [96] * 3)
+    assert close["mean_diff"] == pytest.approx((weights * differences).sum() / weights.sum())
+    assert close["ci_high"] - close["mean_diff"] == pytest.approx(stats.t.ppf(0.975, 2) * weights.sum() ** -0.5)
+    # Two seeds that disagree: t on 1 df, the interval cut to the range of a difference of proportions.
+    split = combine_seed_differences([27, 60], [106, 107], [42, 19], [106, 107])
+    assert (split["ci_low"], split["ci_high"]) == (-1.0, 1.0)
     with pytest.raises(ValueError, match="two seeds"):
         combine_seed_differences([3], [10], [1], [10])
 
 
-def counts_frame(arm_counts: list[int], ref_counts: list[int]) -> pd.DataFrame:
-    return pd.DataFrame([{"variant": name, "seed": seed, "shape": k / 107, "k_shape": k, "n_shape": 107}
+def counts_frame(arm_counts: list[int], ref_counts: list[int], n: int = 107) -> pd.DataFrame:
+    return pd.DataFrame([{"variant": name, "seed": seed, "shape": k / max(n, 1), "k_shape": k, "n_shape": n}
                          for name, counts in (("arm", arm_counts), ("ref", ref_counts))
                          for seed, k in enumerate(counts)])
 
@@ -209,13 +206,19 @@ def test_seeds_that_disagree_are_combined_as_seeds_not_pooled_as_samples():
     assert compare_counts(125, 321, 80, 321, "higher")["p_support"] < 0.001
     split = compare(counts_frame([60, 10, 55], [20, 40, 20]), comparison)
     assert split["verdict"] == "unresolved" and split["ci_low"] < 0 < split["ci_high"]
-    assert "seeds disagree" in split["signs"] and "random-effects" in split["signs"]
+    assert "seeds disagree" in split["signs"] and "the seeds' interval" in split["signs"]
     far_apart = compare(counts_frame([100, 70, 60], [10, 12, 11]), comparison)
     assert "seeds disagree" in far_apart["signs"] and far_apart["verdict"] == "supported"
     steady = compare(counts_frame([60, 58, 55], [20, 22, 20]), comparison)
     assert steady["verdict"] == "supported" and "disagree" not in steady["signs"]
     pooled = compare_counts(173, 321, 62, 321, "higher")
     assert (steady["ci_low"], steady["ci_high"]) == pytest.approx((pooled["ci_low"], pooled["ci_high"]))
+
+
+def test_a_seed_that_judged_nothing_is_left_out_of_a_count_verdict():
+    frame = pd.concat([counts_frame([60, 58], [20, 22]), counts_frame([0], [0], n=0).assign(seed=2)])
+    row = compare(frame, Comparison("q", "c", "arm", "ref", "shape", direction="higher", test="rate"))
+    assert row["n_seeds"] == 2 and row["signs"].startswith("60/107 58/107 vs 42/214")
 
 
 def test_a_confounded_comparison_carries_no_verdict_and_leaves_the_claims_family():

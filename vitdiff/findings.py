@@ -20,16 +20,17 @@ Each :class:`Comparison` names its test (``test``), chosen with the claim it ser
   Counts are pooled over the seeds both arms ran; the difference of the two proportions gets Newcombe's
   hybrid score interval and an exact one-sided test (Boschloo's, scipy). A t-interval over per-seed
   proportions, which collapses when the proportions happen to be equal (three seeds of 1 in 96), is never used.
-  Pooling assumes the seeds share one effect. That is tested, not assumed: the per-seed 2x2 tables (arm and
-  reference, successes and failures) get the Breslow-Day test of equal odds ratios with Tarone's correction
-  (statsmodels' ``StratifiedTable.test_equal_odds``). Where it rejects (p < ``HETEROGENEITY_ALPHA``) the seeds
-  disagree, and pooled counts would treat one seed's samples as evidence about another's model. The seed then
-  becomes the unit again: each seed's difference of proportions (Agresti-Caffo variance, never zero) enters a
-  random-effects combination (DerSimonian-Laird, statsmodels' ``combine_effects``) whose interval and one-sided
-  p-values use a t with seeds - 1 degrees of freedom. Seeds that all lie far on one side keep their verdict; two
-  seeds pulling opposite ways give an interval that says nothing, as they should. ``signs`` says "seeds disagree"
-  and which interval was used. The test has little power with 2-3 seeds, so passing it is no evidence that they
-  agree; ``signs`` keeps the per-seed counts for the reader either way.
+  Pooling assumes the seeds share one effect. That is tested, not assumed, on the scale the verdict is read on:
+  each seed's difference of proportions, with Agresti-Caffo's variance (one success and one failure added to
+  each group, so never zero), gets Cochran's Q test of one common difference (chi-squared, seeds - 1 df). Where it
+  rejects (p < ``HETEROGENEITY_ALPHA``) the seeds disagree, and pooled counts would let one seed's samples vouch
+  for another seed's model. The seed then becomes the unit again: the seeds' differences are combined by random
+  effects (DerSimonian-Laird; the rejection makes the between-seed variance positive) and the interval and
+  one-sided p-values use a t with seeds - 1 degrees of freedom (conservative with few seeds: with two, the interval
+  is the mean ± 12.7 standard errors, so two seeds that disagree decide nothing, and even two on the same side
+  rarely do). The interval is cut to [-1, 1], the range of a difference of proportions. ``signs`` says "seeds
+  disagree" and that the interval is the seeds'. The test has little power with 2-3 seeds, so passing it is no
+  evidence that they agree; ``signs`` keeps the per-seed counts for the reader either way.
 
 **Multiplicity.** Holm's step-down correction (family-wise error) over the rows of a table that test one paper
 claim (rows without a claim form one family, "the notebook's own questions").
@@ -197,57 +198,76 @@ def compare_counts(k_arm: int, n_arm: int, k_ref: int, n_ref: int, direction: st
             "p_support": support, "p_contradict": contradict}
 
 
-def seed_heterogeneity(k_arm, n_arm, k_ref, n_ref) -> float:
-    """The p-value of the Breslow-Day test (Tarone-corrected) that every seed's 2x2 table ``[[k_arm, n_arm -
-    k_arm], [k_ref, n_ref - k_ref]]`` has the same odds ratio; NaN with fewer than two seeds. Tables with an empty
-    cell get 0.5 added to each cell (statsmodels' ``shift_zeros``), so a seed with no success still counts."""
+def _seed_differences(k_arm, n_arm, k_ref, n_ref):
+    """Each seed's difference of proportions ``k_arm/n_arm - k_ref/n_ref`` and its variance from Agresti-Caffo's
+    adjusted proportions (one success and one failure added to each group), which is never zero."""
     import numpy as np
-    from statsmodels.stats.contingency_tables import StratifiedTable
 
-    tables = [np.array([[a, m - a], [r, q - r]], dtype=float) for a, m, r, q in zip(k_arm, n_arm, k_ref, n_ref)]
-    if len(tables) < 2:
+    k_arm, n_arm, k_ref, n_ref = (np.asarray(values, dtype=float) for values in (k_arm, n_arm, k_ref, n_ref))
+    adjusted_arm, adjusted_ref = (k_arm + 1) / (n_arm + 2), (k_ref + 1) / (n_ref + 2)
+    variance = adjusted_arm * (1 - adjusted_arm) / (n_arm + 2) + adjusted_ref * (1 - adjusted_ref) / (n_ref + 2)
+    return k_arm / n_arm - k_ref / n_ref, variance
+
+
+def seed_heterogeneity(k_arm, n_arm, k_ref, n_ref) -> float:
+    """Cochran's Q test that every seed has the same difference of proportions (:func:`_seed_differences`): the
+    p-value on a chi-squared with seeds - 1 df; NaN with fewer than two seeds."""
+    from scipy import stats
+
+    differences, variance = _seed_differences(k_arm, n_arm, k_ref, n_ref)
+    if len(differences) < 2:
         return math.nan
-    return float(StratifiedTable(tables, shift_zeros=True).test_equal_odds(adjust=True).pvalue)
+    weights = 1 / variance
+    common = (weights * differences).sum() / weights.sum()
+    return float(stats.chi2.sf((weights * (differences - common) ** 2).sum(), len(differences) - 1))
 
 
 def combine_seed_differences(k_arm, n_arm, k_ref, n_ref, direction: str = "higher") -> dict:
-    """Per-seed differences of proportions combined with random effects (DerSimonian-Laird): the mean, its 95%
-    interval and the one-sided p-values for the claimed direction (support) and the other (contradict), on a t
-    with seeds - 1 degrees of freedom. Each seed's variance uses Agresti-Caffo's adjusted proportions (one success
-    and one failure added to each group), so a seed with 0 of n still has a finite weight."""
-    import numpy as np
+    """The seeds' differences of proportions (:func:`_seed_differences`) combined with random effects: the
+    DerSimonian-Laird mean (its between-seed variance clipped at 0, as the estimator defines it), its 95% interval
+    cut to [-1, 1], and the one-sided p-values for the claimed direction (support) and the other (contradict), on
+    a t with seeds - 1 degrees of freedom."""
     from scipy import stats
-    from statsmodels.stats.meta_analysis import combine_effects
 
-    k_arm, n_arm, k_ref, n_ref = (np.asarray(values, dtype=float) for values in (k_arm, n_arm, k_ref, n_ref))
-    if len(k_arm) < 2:
+    differences, variance = _seed_differences(k_arm, n_arm, k_ref, n_ref)
+    df = len(differences) - 1
+    if df < 1:
         raise ValueError("a random-effects combination needs at least two seeds")
-    adjusted_arm, adjusted_ref = (k_arm + 1) / (n_arm + 2), (k_ref + 1) / (n_ref + 2)
-    variance = adjusted_arm * (1 - adjusted_arm) / (n_arm + 2) + adjusted_ref * (1 - adjusted_ref) / (n_ref + 2)
-    combined = combine_effects(k_arm / n_arm - k_ref / n_ref, variance, method_re="dl", use_t=True)
-    mean, se, df = float(combined.mean_effect_re), float(combined.sd_eff_w_re), len(k_arm) - 1
+    weights = 1 / variance
+    fixed = (weights * differences).sum() / weights.sum()
+    q = (weights * (differences - fixed) ** 2).sum()
+    between = max(0.0, (q - df) / (weights.sum() - (weights ** 2).sum() / weights.sum()))
+    random_weights = 1 / (variance + between)
+    mean = float((random_weights * differences).sum() / random_weights.sum())
+    se = float(random_weights.sum() ** -0.5)
     half = float(stats.t.ppf(0.975, df)) * se
     higher, lower = float(stats.t.sf(mean / se, df)), float(stats.t.cdf(mean / se, df))
     support, contradict = (higher, lower) if direction == "higher" else (lower, higher)
-    return {"mean_diff": mean, "ci_low": mean - half, "ci_high": mean + half, "p_support": support,
-            "p_contradict": contradict}
+    return {"mean_diff": mean, "ci_low": max(-1.0, mean - half), "ci_high": min(1.0, mean + half),
+            "p_support": support, "p_contradict": contradict}
 
 
 def _rate_stats(frame, comparison: Comparison, metric: str) -> dict:
     """Pooled counts over the shared seeds (columns ``k_<metric>`` and ``n_<metric>``) -> :func:`compare_counts`;
-    where the seeds disagree (:func:`seed_heterogeneity`), :func:`combine_seed_differences` instead."""
-    k = _by_seed(frame, f"k_{metric}", comparison.arm, comparison.reference)
-    n = _by_seed(frame, f"n_{metric}", comparison.arm, comparison.reference).loc[k.index]
+    where the seeds disagree (:func:`seed_heterogeneity`), :func:`combine_seed_differences` instead. A seed where
+    either arm judged nothing (n = 0) is left out."""
     arm, reference = comparison.arm, comparison.reference
+    k = _by_seed(frame, f"k_{metric}", arm, reference)
+    n = _by_seed(frame, f"n_{metric}", arm, reference).loc[k.index]
+    judged = (n[arm] > 0) & (n[reference] > 0)
+    k, n = k[judged], n[judged]
     counts = [int(round(k[name].sum())) for name in (arm, reference)]
     totals = [int(round(n[name].sum())) for name in (arm, reference)]
     per_seed = " ".join(f"{int(a)}/{int(b)}" for a, b in zip(k[arm], n[arm]))
     p_heterogeneity = seed_heterogeneity(k[arm], n[arm], k[reference], n[reference])
     disagree = p_heterogeneity < HETEROGENEITY_ALPHA
-    agreement = ("" if math.isnan(p_heterogeneity) else
-                 f"; seeds disagree (heterogeneity p {p_heterogeneity:.2g}): random-effects interval" if disagree
-                 else f"; heterogeneity p {p_heterogeneity:.2g}")
-    result = {"n_seeds": len(k), "signs": f"{per_seed} vs {counts[1]}/{totals[1]}{agreement}",
+    if math.isnan(p_heterogeneity):
+        heterogeneity_note = ""
+    elif disagree:
+        heterogeneity_note = f"; seeds disagree (heterogeneity p {p_heterogeneity:.2g}): the seeds' interval"
+    else:
+        heterogeneity_note = f"; heterogeneity p {p_heterogeneity:.2g}"
+    result = {"n_seeds": len(k), "signs": f"{per_seed} vs {counts[1]}/{totals[1]}{heterogeneity_note}",
               "margin": math.nan, "mde": math.nan}
     if not len(k):
         return {**result, "mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan,

@@ -26,8 +26,8 @@ from .runs import (CURVE_FRACTIONS, LOSS_SIGMAS, Variant, config_key, evaluate_r
                    run_rows, run_variant, save_results, file_run, slug, code_key, pause_points, sigma_column,
                    sigma_losses, summarize)
 from .figures import (check_outputs, class_labels, notebook_figures, paper_style, plot_alignment, plot_findings,
-                      plot_quality_vs_gflops, plot_rate_verdicts, sample_file, save_figure, save_samples, show_class_rows, show_conclusion,
-                      show_figures, show_grid, stale_figures)
+                      plot_quality_vs_gflops, plot_rate_verdicts, sample_file, save_figure, save_samples,
+                      show_class_rows, show_conclusion, show_figures, show_grid, stale_figures)
 from .widgets import explorer, sample_explorer
 from .studies import SCALES, STUDIES, Study, study
 from .budget import show_budget

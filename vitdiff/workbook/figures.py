@@ -463,7 +463,7 @@ def plot_rate_verdicts(arms, verdicts, title: str = ""):
     baseline) for every seed (tick), the verdict's 95% interval (bar; pooled counts, or the seeds combined by
     random effects where they disagree, so the bar can be far wider than the ticks) and its mean (marker), the
     verdict on the right. ``arms``: :func:`vitdiff.text_workbook.alignment_arms` of the rows; ``verdicts``: the
-    profile's verdict rows. An interval beyond ±1 (two seeds that disagree) is cut at the axis, an arrow at the cut."""
+    profile's verdict rows. An interval that reaches ±1 (cut there: two seeds that disagree) ends in an arrow."""
     from ..findings import paired_differences
 
     rows = verdicts.to_dict("records")
@@ -479,12 +479,12 @@ def plot_rate_verdicts(arms, verdicts, title: str = ""):
         if math.isfinite(low) and math.isfinite(high):
             ax.hlines(y, max(low, -1.0), min(high, 1.0), color=look.colour, lw=1.6, zorder=3)
             for end, cut in ((low, -1.0), (high, 1.0)):
-                if abs(end) > 1.0:
+                if abs(end) >= 1.0:  # the random-effects interval is cut to [-1, 1] (vitdiff.findings)
                     ax.plot(cut, y, marker="<" if cut < 0 else ">", color=look.colour, ms=4, zorder=3)
         ax.plot(row["mean_diff"], y, marker=look.marker, color=look.colour, markeredgecolor="black",
                 markeredgewidth=0.5, ms=5, ls="none", zorder=4)
         disagree = " — seeds disagree" if "seeds disagree" in str(row["signs"]) else ""
-        ax.annotate(f"{row['verdict']} ({len(seeds)} seeds{disagree})", (1.01, y),
+        ax.annotate(f"{row['verdict']} ({int(row['n_seeds'])} seeds{disagree})", (1.01, y),
                     xycoords=("axes fraction", "data"), va="center", fontsize=7)
     ax.axvline(0, color="black", lw=0.6)
     ax.set_xlim(-1.05, 1.05)
