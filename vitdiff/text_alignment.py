@@ -13,7 +13,7 @@ import torch
 
 from .config import Config
 from .shapes import HELD_OUT_SHAPE
-from .workbook import code_key
+from .workbook.runs import code_key
 
 
 def fd_shapes_label(n: int) -> str:
