@@ -209,6 +209,14 @@ def _seed_differences(k_arm, n_arm, k_ref, n_ref):
     return k_arm / n_arm - k_ref / n_ref, variance
 
 
+def _cochran_q(differences, variance) -> float:
+    """Cochran's Q: the inverse-variance weighted squared spread of the seeds' differences around their
+    fixed-effect mean (the statistic of :func:`seed_heterogeneity`, the moment of :func:`combine_seed_differences`)."""
+    weights = 1 / variance
+    common = (weights * differences).sum() / weights.sum()
+    return float((weights * (differences - common) ** 2).sum())
+
+
 def seed_heterogeneity(k_arm, n_arm, k_ref, n_ref) -> float:
     """Cochran's Q test that every seed has the same difference of proportions (:func:`_seed_differences`): the
     p-value on a chi-squared with seeds - 1 df; NaN with fewer than two seeds."""
@@ -217,9 +225,7 @@ def seed_heterogeneity(k_arm, n_arm, k_ref, n_ref) -> float:
     differences, variance = _seed_differences(k_arm, n_arm, k_ref, n_ref)
     if len(differences) < 2:
         return math.nan
-    weights = 1 / variance
-    common = (weights * differences).sum() / weights.sum()
-    return float(stats.chi2.sf((weights * (differences - common) ** 2).sum(), len(differences) - 1))
+    return float(stats.chi2.sf(_cochran_q(differences, variance), len(differences) - 1))
 
 
 def combine_seed_differences(k_arm, n_arm, k_ref, n_ref, direction: str = "higher") -> dict:
@@ -234,9 +240,8 @@ def combine_seed_differences(k_arm, n_arm, k_ref, n_ref, direction: str = "highe
     if df < 1:
         raise ValueError("a random-effects combination needs at least two seeds")
     weights = 1 / variance
-    fixed = (weights * differences).sum() / weights.sum()
-    q = (weights * (differences - fixed) ** 2).sum()
-    between = max(0.0, (q - df) / (weights.sum() - (weights ** 2).sum() / weights.sum()))
+    spread = weights.sum() - (weights ** 2).sum() / weights.sum()
+    between = max(0.0, (_cochran_q(differences, variance) - df) / spread)
     random_weights = 1 / (variance + between)
     mean = float((random_weights * differences).sum() / random_weights.sum())
     se = float(random_weights.sum() ** -0.5)
