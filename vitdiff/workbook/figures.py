@@ -96,6 +96,32 @@ def _verdict_points(files: ResultsFiles) -> list[dict]:
     return points
 
 
+def _draw_verdict_row(ax, y: int, verdict: dict, seeds, look: style.ArmStyle, note: str, *,
+                      bound: float | None = None) -> None:
+    """One verdict at height ``y``: each seed's difference (tick), the verdict's interval (bar), its estimate
+    (marker) and ``note`` right of the axes. ``bound``: the interval is cut at +-bound, a cut end drawn as an arrow."""
+    ax.scatter(seeds, [y] * len(seeds), marker="|", s=30, color="#555555", linewidths=0.8, zorder=2)
+    low, high = verdict["ci_low"], verdict["ci_high"]
+    if math.isfinite(low) and math.isfinite(high):
+        cuts = (-bound, bound) if bound is not None else (-math.inf, math.inf)
+        ax.hlines(y, max(low, cuts[0]), min(high, cuts[1]), color=look.colour, lw=1.6, zorder=3)
+        for end, cut in zip((low, high), cuts):
+            if abs(end) >= abs(cut):
+                ax.plot(cut, y, marker="<" if cut < 0 else ">", color=look.colour, ms=4, zorder=3)
+    ax.plot(verdict["mean_diff"], y, marker=look.marker, color=look.colour, markeredgecolor="black",
+            markeredgewidth=0.5, ms=5, ls="none", zorder=4)
+    ax.annotate(note, (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=7)
+
+
+def _label_verdict_rows(ax, labels: list[str], x_label: str, fontsize: float | None = None) -> None:
+    """The axes of :func:`_draw_verdict_row`'s rows: zero marked, one labelled row a verdict, top to bottom."""
+    ax.axvline(0, color="black", lw=0.6)
+    ax.set_yticks(range(len(labels)), labels, **({} if fontsize is None else {"fontsize": fontsize}))
+    ax.set_ylim(len(labels) - 0.5, -0.5)
+    ax.set_xlabel(x_label)
+    ax.grid(axis="y", visible=False)
+
+
 def plot_comparisons(files: ResultsFiles):
     """Each comparison's mean paired difference (arm - reference) with the verdict's own 95% interval and the
     per-seed differences, one panel per metric (a loss and an FD never share an axis), the verdict on the right."""
@@ -110,28 +136,16 @@ def plot_comparisons(files: ResultsFiles):
         mine = [p for p in points if p["metric"] == metric]
         for y, point in enumerate(mine):
             arm, reference = point["comparison"].split(" - ", 1)
-            look = files.style(arm)
             runs = files.runs
             if _is_number(point.get("steps")) and "steps" in runs:  # the runs of the verdict's budget
                 runs = runs[runs["steps"] == point["steps"]]
                 if not len(runs) and files.curves is not None:  # an earlier budget: the runs' pause there
                     runs = files.curves[files.curves["step"] == point["steps"]]
-            seeds = paired_differences(runs, metric, arm, reference)
-            ax.scatter(seeds, [y] * len(seeds), marker="|", s=30, color="#555555", linewidths=0.8, zorder=2)
-            low, high = point["ci_low"], point["ci_high"]
-            if math.isfinite(low) and math.isfinite(high):
-                ax.hlines(y, low, high, color=look.colour, lw=1.6, zorder=3)
-            ax.plot(point["mean_diff"], y, marker=look.marker, color=look.colour, markeredgecolor="black",
-                    markeredgewidth=0.5, ms=5, ls="none", zorder=4)
             budget = f", {int(point['steps'])} steps" if _is_number(point.get("steps")) else ""
             side = "" if point["role"] == "primary" else " (secondary)"
-            ax.annotate(f"{point['verdict']}{side} ({point['signs']}{budget})", (1.01, y),
-                        xycoords=("axes fraction", "data"), va="center", fontsize=7)
-        ax.axvline(0, color="black", lw=0.6)
-        ax.set_yticks(range(len(mine)), [p["comparison"] for p in mine])
-        ax.set_ylim(len(mine) - 0.5, -0.5)
-        ax.set_xlabel(f"arm − reference: {files.label(metric)}")
-        ax.grid(axis="y", visible=False)
+            _draw_verdict_row(ax, y, point, paired_differences(runs, metric, arm, reference), files.style(arm),
+                              f"{point['verdict']}{side} ({point['signs']}{budget})")
+        _label_verdict_rows(ax, [p["comparison"] for p in mine], f"arm − reference: {files.label(metric)}")
     fig.suptitle("mean paired difference (marker), the verdict's 95% interval (bar), each seed (tick)")
     return fig
 
@@ -472,26 +486,14 @@ def plot_rate_verdicts(arms, verdicts, title: str = ""):
     for y, row in enumerate(rows):
         arm, reference = row["comparison"].split(" - ", 1)
         labels.append(f"{arm.split(',')[0]} {row['metric']} − {reference.split(': ', 1)[-1]}")
-        look = style.ATTRIBUTE_LOOKS.get(row["metric"], style.UNKNOWN)
-        seeds = paired_differences(arms, row["metric"], arm, reference)
-        ax.scatter(seeds, [y] * len(seeds), marker="|", s=40, color="#555555", linewidths=0.9, zorder=2)
-        low, high = row["ci_low"], row["ci_high"]
-        if math.isfinite(low) and math.isfinite(high):
-            ax.hlines(y, max(low, -1.0), min(high, 1.0), color=look.colour, lw=1.6, zorder=3)
-            for end, cut in ((low, -1.0), (high, 1.0)):
-                if abs(end) >= 1.0:  # the random-effects interval is cut to [-1, 1] (vitdiff.findings)
-                    ax.plot(cut, y, marker="<" if cut < 0 else ">", color=look.colour, ms=4, zorder=3)
-        ax.plot(row["mean_diff"], y, marker=look.marker, color=look.colour, markeredgecolor="black",
-                markeredgewidth=0.5, ms=5, ls="none", zorder=4)
         disagree = " — seeds disagree" if "seeds disagree" in str(row["signs"]) else ""
-        ax.annotate(f"{row['verdict']} ({int(row['n_seeds'])} seeds{disagree})", (1.01, y),
-                    xycoords=("axes fraction", "data"), va="center", fontsize=7)
-    ax.axvline(0, color="black", lw=0.6)
+        # bound 1: the random-effects interval is cut to [-1, 1] (vitdiff.findings)
+        _draw_verdict_row(ax, y, row, paired_differences(arms, row["metric"], arm, reference),
+                          style.ATTRIBUTE_LOOKS.get(row["metric"], style.UNKNOWN),
+                          f"{row['verdict']} ({int(row['n_seeds'])} seeds{disagree})", bound=1.0)
     ax.set_xlim(-1.05, 1.05)
-    ax.set_yticks(range(len(rows)), labels, fontsize=7)
-    ax.set_ylim(len(rows) - 0.5, -0.5)
-    ax.set_xlabel("accuracy with own captions − with the baseline's captions (same samples)")
-    ax.grid(axis="y", visible=False)
+    _label_verdict_rows(ax, labels, "accuracy with own captions − with the baseline's captions (same samples)",
+                        fontsize=7)
     heading = ("each seed (tick), the verdict's 95% interval (bar: pooled counts, random effects where the seeds "
                "disagree), its estimate (marker)")
     fig.suptitle(textwrap.fill(f"{title}: {heading}" if title else heading, 110))
