@@ -24,13 +24,18 @@ Each :class:`Comparison` names its test (``test``), chosen with the claim it ser
   each seed's difference of proportions, with Agresti-Caffo's variance (one success and one failure added to
   each group, so never zero), gets Cochran's Q test of one common difference (chi-squared, seeds - 1 df). Where it
   rejects (p < ``HETEROGENEITY_ALPHA``) the seeds disagree, and pooled counts would let one seed's samples vouch
-  for another seed's model. The seed then becomes the unit again: the seeds' differences are combined by random
-  effects (DerSimonian-Laird; the rejection makes the between-seed variance positive) and the interval and
-  one-sided p-values use a t with seeds - 1 degrees of freedom (conservative with few seeds: with two, the interval
-  is the mean ± 12.7 standard errors, so two seeds that disagree decide nothing, and even two on the same side
-  rarely do). The interval is cut to [-1, 1], the range of a difference of proportions. ``signs`` says "seeds
-  disagree" and that the interval is the seeds'. The test has little power with 2-3 seeds, so passing it is no
-  evidence that they agree; ``signs`` keeps the per-seed counts for the reader either way.
+  for another seed's model. The claim is then read seed by seed: "every seed's model lies on the claimed side",
+  an intersection-union test (Berger 1982): each seed's own counts get the exact test above, and the row's p is
+  the *largest* seed's p (the claim holds only if each seed's test rejects at alpha; no multiplicity correction
+  is needed within the row, Holm still runs over the table). Seeds that differ only in how far they lie on the
+  same side keep their verdict; seeds on opposite sides decide nothing. The interval runs from the lowest seed's
+  lower Newcombe bound to the highest seed's upper one: with 95% confidence it covers every seed's difference (the
+  seed with the smallest difference is above the lowest bound, the one with the largest below the highest, each
+  with 97.5%), so it excludes 0 where each seed alone does. Its estimate is the seeds' mean difference. The verdict
+  then speaks of the seeds run, not of a further seed's model, which is all that seeds known to differ can say.
+  ``signs`` says "seeds disagree" and that the verdict is every seed's. The heterogeneity test has little power
+  with 2-3 seeds, so passing it is no evidence that they agree; ``signs`` keeps the per-seed counts for the
+  reader either way.
 
 **Multiplicity.** Holm's step-down correction (family-wise error) over the rows of a table that test one paper
 claim (rows without a claim form one family, "the notebook's own questions").
@@ -65,7 +70,7 @@ EQUIVALENCE_ALPHA = 0.05   # TOST's usual level: the 90% interval inside the mar
 # (its seed-to-seed sd at 400 steps was 1-5%); 10% of a Fréchet distance (its evaluation noise alone is a few %).
 DEFAULT_MARGINS = {"loss": 0.02, "fd": 0.10}
 MIN_PAIRED_SEEDS = 3  # the module docstring's **Seeds**: fewer get an interval, never a verdict
-HETEROGENEITY_ALPHA = 0.05  # the module docstring's ``"rate"``: seeds that disagree are combined, not pooled
+HETEROGENEITY_ALPHA = 0.05  # the module docstring's ``"rate"``: seeds that disagree are judged one by one
 _METRIC_STATS = ("mean_diff", "ci_low", "ci_high", "mde", "mde_rel", "p", "verdict")
 VERDICT_COLUMNS = ("notebook", "profile", "steps", "paper_claim", "question", "comparison", "test", "metric",
                    "margin", "n_seeds", "mean_diff", "ci_low", "ci_high", "mde", "mde_rel", "p", "p_adj",
@@ -209,52 +214,38 @@ def _seed_differences(k_arm, n_arm, k_ref, n_ref):
     return k_arm / n_arm - k_ref / n_ref, variance
 
 
-def _cochran_q(differences, variance) -> float:
-    """Cochran's Q: the inverse-variance weighted squared spread of the seeds' differences around their
-    fixed-effect mean (the statistic of :func:`seed_heterogeneity`, the moment of :func:`combine_seed_differences`)."""
-    weights = 1 / variance
-    common = (weights * differences).sum() / weights.sum()
-    return float((weights * (differences - common) ** 2).sum())
-
-
 def seed_heterogeneity(k_arm, n_arm, k_ref, n_ref) -> float:
     """Cochran's Q test that every seed has the same difference of proportions (:func:`_seed_differences`): the
-    p-value on a chi-squared with seeds - 1 df; NaN with fewer than two seeds."""
+    inverse-variance weighted squared spread of the seeds' differences around their fixed-effect mean, its p-value
+    on a chi-squared with seeds - 1 df; NaN with fewer than two seeds."""
     from scipy import stats
 
     differences, variance = _seed_differences(k_arm, n_arm, k_ref, n_ref)
     if len(differences) < 2:
         return math.nan
-    return float(stats.chi2.sf(_cochran_q(differences, variance), len(differences) - 1))
-
-
-def combine_seed_differences(k_arm, n_arm, k_ref, n_ref, direction: str = "higher") -> dict:
-    """The seeds' differences of proportions (:func:`_seed_differences`) combined with random effects: the
-    DerSimonian-Laird mean (its between-seed variance clipped at 0, as the estimator defines it), its 95% interval
-    cut to [-1, 1], and the one-sided p-values for the claimed direction (support) and the other (contradict), on
-    a t with seeds - 1 degrees of freedom."""
-    from scipy import stats
-
-    differences, variance = _seed_differences(k_arm, n_arm, k_ref, n_ref)
-    df = len(differences) - 1
-    if df < 1:
-        raise ValueError("a random-effects combination needs at least two seeds")
     weights = 1 / variance
-    spread = weights.sum() - (weights ** 2).sum() / weights.sum()
-    between = max(0.0, (_cochran_q(differences, variance) - df) / spread)
-    random_weights = 1 / (variance + between)
-    mean = float((random_weights * differences).sum() / random_weights.sum())
-    se = float(random_weights.sum() ** -0.5)
-    half = float(stats.t.ppf(0.975, df)) * se
-    higher, lower = float(stats.t.sf(mean / se, df)), float(stats.t.cdf(mean / se, df))
-    support, contradict = (higher, lower) if direction == "higher" else (lower, higher)
-    return {"mean_diff": mean, "ci_low": max(-1.0, mean - half), "ci_high": min(1.0, mean + half),
-            "p_support": support, "p_contradict": contradict}
+    common = (weights * differences).sum() / weights.sum()
+    q = float((weights * (differences - common) ** 2).sum())
+    return float(stats.chi2.sf(q, len(differences) - 1))
+
+
+def compare_every_seed(k_arm, n_arm, k_ref, n_ref, direction: str = "higher") -> dict:
+    """The module docstring's intersection-union test over seeds that disagree: :func:`compare_counts` on each
+    seed's own counts; p = the largest seed's (support and contradict alike), the interval from the lowest seed's
+    bound to the highest's (it covers every seed's difference with 95% confidence), the seeds' mean difference."""
+    per_seed = [compare_counts(*(int(round(count)) for count in seed), direction)
+                for seed in zip(k_arm, n_arm, k_ref, n_ref)]
+    if not per_seed:
+        raise ValueError("a test over seeds needs at least one seed")
+    return {"mean_diff": sum(seed["mean_diff"] for seed in per_seed) / len(per_seed),
+            "ci_low": min(seed["ci_low"] for seed in per_seed), "ci_high": max(seed["ci_high"] for seed in per_seed),
+            "p_support": max(seed["p_support"] for seed in per_seed),
+            "p_contradict": max(seed["p_contradict"] for seed in per_seed)}
 
 
 def _rate_stats(frame, comparison: Comparison, metric: str) -> dict:
     """Pooled counts over the shared seeds (columns ``k_<metric>`` and ``n_<metric>``) -> :func:`compare_counts`;
-    where the seeds disagree (:func:`seed_heterogeneity`), :func:`combine_seed_differences` instead. A seed where
+    where the seeds disagree (:func:`seed_heterogeneity`), :func:`compare_every_seed` instead. A seed where
     either arm judged nothing (n = 0) is left out."""
     arm, reference = comparison.arm, comparison.reference
     k = _by_seed(frame, f"k_{metric}", arm, reference)
@@ -269,7 +260,7 @@ def _rate_stats(frame, comparison: Comparison, metric: str) -> dict:
     if math.isnan(p_heterogeneity):
         heterogeneity_note = ""
     elif disagree:
-        heterogeneity_note = f"; seeds disagree (heterogeneity p {p_heterogeneity:.2g}): the seeds' interval"
+        heterogeneity_note = f"; seeds disagree (heterogeneity p {p_heterogeneity:.2g}): judged seed by seed"
     else:
         heterogeneity_note = f"; heterogeneity p {p_heterogeneity:.2g}"
     result = {"n_seeds": len(k), "signs": f"{per_seed} vs {counts[1]}/{totals[1]}{heterogeneity_note}",
@@ -278,8 +269,7 @@ def _rate_stats(frame, comparison: Comparison, metric: str) -> dict:
         return {**result, "mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan,
                 "p_support": math.nan, "p_contradict": math.nan}
     if disagree:
-        return {**result, **combine_seed_differences(k[arm], n[arm], k[reference], n[reference],
-                                                     comparison.direction)}
+        return {**result, **compare_every_seed(k[arm], n[arm], k[reference], n[reference], comparison.direction)}
     return {**result, **compare_counts(counts[0], totals[0], counts[1], totals[1], comparison.direction)}
 
 

@@ -103,7 +103,7 @@ def longer_training_lines(rows, table, guidance: float) -> list[str]:
     for row in table[growth].itertuples():
         split = row.comparison.split(",", 1)[0]
         key = (split, guidance, row.metric)
-        # Each seed's own change beside the test's (pooled or, where the seeds disagree, combined) interval.
+        # Each seed's own change beside the test's interval (pooled, or seed by seed where the seeds disagree).
         changes = (by_seed.loc[(split, row.metric)][long] - by_seed.loc[(split, row.metric)][short]).dropna()
         seeds = "; by seed: " + ", ".join(f"{int(seed)} {change:+.3f}" for seed, change in changes.items()) \
             if len(changes) > 1 else ""

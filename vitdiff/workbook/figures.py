@@ -96,18 +96,13 @@ def _verdict_points(files: ResultsFiles) -> list[dict]:
     return points
 
 
-def _draw_verdict_row(ax, y: int, verdict: dict, seeds, look: style.ArmStyle, note: str, *,
-                      bound: float | None = None) -> None:
+def _draw_verdict_row(ax, y: int, verdict: dict, seeds, look: style.ArmStyle, note: str) -> None:
     """One verdict at height ``y``: each seed's difference (tick), the verdict's interval (bar), its estimate
-    (marker) and ``note`` right of the axes. ``bound``: the interval is cut at +-bound, a cut end drawn as an arrow."""
+    (marker) and ``note`` right of the axes."""
     ax.scatter(seeds, [y] * len(seeds), marker="|", s=30, color="#555555", linewidths=0.8, zorder=2)
     low, high = verdict["ci_low"], verdict["ci_high"]
     if math.isfinite(low) and math.isfinite(high):
-        cuts = (-bound, bound) if bound is not None else (-math.inf, math.inf)
-        ax.hlines(y, max(low, cuts[0]), min(high, cuts[1]), color=look.colour, lw=1.6, zorder=3)
-        for end, cut in zip((low, high), cuts):
-            if abs(end) >= abs(cut):
-                ax.plot(cut, y, marker="<" if cut < 0 else ">", color=look.colour, ms=4, zorder=3)
+        ax.hlines(y, low, high, color=look.colour, lw=1.6, zorder=3)
     ax.plot(verdict["mean_diff"], y, marker=look.marker, color=look.colour, markeredgecolor="black",
             markeredgewidth=0.5, ms=5, ls="none", zorder=4)
     ax.annotate(note, (1.01, y), xycoords=("axes fraction", "data"), va="center", fontsize=7)
@@ -474,10 +469,10 @@ def plot_alignment(frame, protocol: str):
 
 def plot_rate_verdicts(arms, verdicts, title: str = ""):
     """Notebook 07's count verdicts seed by seed: each comparison's rate difference (own captions minus its
-    baseline) for every seed (tick), the verdict's 95% interval (bar; pooled counts, or the seeds combined by
-    random effects where they disagree, so the bar can be far wider than the ticks) and its mean (marker), the
-    verdict on the right. ``arms``: :func:`vitdiff.text_workbook.alignment_arms` of the rows; ``verdicts``: the
-    profile's verdict rows. An interval that reaches ±1 (cut there: two seeds that disagree) ends in an arrow."""
+    baseline) for every seed (tick), the verdict's 95% interval (bar; pooled counts, or where the seeds disagree
+    the span that covers every seed's difference, so the bar reaches past the outer ticks) and its estimate
+    (marker), the verdict on the right. ``arms``: :func:`vitdiff.text_workbook.alignment_arms` of the rows;
+    ``verdicts``: the profile's verdict rows."""
     from ..findings import paired_differences
 
     rows = verdicts.to_dict("records")
@@ -487,15 +482,14 @@ def plot_rate_verdicts(arms, verdicts, title: str = ""):
         arm, reference = row["comparison"].split(" - ", 1)
         labels.append(f"{arm.split(',')[0]} {row['metric']} − {reference.split(': ', 1)[-1]}")
         disagree = " — seeds disagree" if "seeds disagree" in str(row["signs"]) else ""
-        # bound 1: the random-effects interval is cut to [-1, 1] (vitdiff.findings)
         _draw_verdict_row(ax, y, row, paired_differences(arms, row["metric"], arm, reference),
                           style.ATTRIBUTE_LOOKS.get(row["metric"], style.UNKNOWN),
-                          f"{row['verdict']} ({int(row['n_seeds'])} seeds{disagree})", bound=1.0)
+                          f"{row['verdict']} ({int(row['n_seeds'])} seeds{disagree})")
     ax.set_xlim(-1.05, 1.05)
     _label_verdict_rows(ax, labels, "accuracy with own captions − with the baseline's captions (same samples)",
                         fontsize=7)
-    heading = ("each seed (tick), the verdict's 95% interval (bar: pooled counts, random effects where the seeds "
-               "disagree), its estimate (marker)")
+    heading = ("each seed (tick), the verdict's 95% interval (bar: pooled counts; where the seeds disagree, "
+               "covering every seed), its estimate (marker)")
     fig.suptitle(textwrap.fill(f"{title}: {heading}" if title else heading, 110))
     return fig
 
