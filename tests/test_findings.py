@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from scipy import stats
 
-from vitdiff.findings import (Comparison, answers, compare, compare_counts, compare_every_seed, decide, holm,
-                              paired_stats, read_verdicts, seed_heterogeneity, update_verdicts, verdict, verdict_table)
+from vitdiff.findings import (Comparison, answers, compare, compare_counts, compare_every_seed, count_interval, decide,
+                              every_seed_interval, holm, paired_stats, read_verdicts, seed_heterogeneity,
+                              update_verdicts, verdict, verdict_table)
 
 
 def frame_from(arms: dict[str, list[float]]) -> pd.DataFrame:
@@ -150,7 +151,7 @@ def agresti_caffo(k_arm, n_arm, k_ref, n_ref) -> tuple[np.ndarray, np.ndarray]:
             arm * (1 - arm) / (np.asarray(n_arm) + 2) + ref * (1 - ref) / (np.asarray(n_ref) + 2))
 
 
-def test_seed_heterogeneity_is_cochrans_q_on_the_differences_it_combines():
+def test_seed_heterogeneity_is_cochrans_q_on_the_seeds_differences_of_proportions():
     from statsmodels.stats.meta_analysis import combine_effects
 
     k_arm, n_arm, k_ref, n_ref = [27, 60, 45], [106, 107, 101], [35, 39, 30], [106, 107, 101]
@@ -188,18 +189,15 @@ def test_seeds_that_disagree_are_tested_seed_by_seed_and_the_largest_p_decides()
 def test_the_every_seed_interval_covers_every_seeds_difference_at_least_95_percent_of_the_time():
     """Its coverage, simulated: three seeds with different true differences (the case it is used for), the
     interval counted as covering only when every seed's true difference lies inside it."""
-    from statsmodels.stats.proportion import confint_proportions_2indep
-
     rng = np.random.default_rng(11)
     true_arm, true_ref, n = np.array([0.45, 0.6, 0.8]), 0.3, 100
     trials, covered = 400, 0
     for _ in range(trials):
-        k_arm, k_ref = rng.binomial(n, true_arm), rng.binomial(n, true_ref, 3)
-        bounds = [confint_proportions_2indep(a, n, r, n, method="newcomb", compare="diff")
-                  for a, r in zip(k_arm, k_ref)]
-        low, high = min(b[0] for b in bounds), max(b[1] for b in bounds)
+        low, high = every_seed_interval(rng.binomial(n, true_arm), [n] * 3, rng.binomial(n, true_ref, 3), [n] * 3)
         covered += bool(low <= (true_arm - true_ref).min() and (true_arm - true_ref).max() <= high)
     assert covered / trials >= 0.95 - 2 * math.sqrt(0.05 * 0.95 / trials)
+    # One seed: its own Newcombe interval.
+    assert every_seed_interval([30], [100], [20], [100]) == count_interval(30, 100, 20, 100)
 
 
 def counts_frame(arm_counts: list[int], ref_counts: list[int], n: int = 107) -> pd.DataFrame:
@@ -225,6 +223,22 @@ def test_seeds_that_disagree_are_judged_seed_by_seed_not_pooled_as_samples():
     assert steady["verdict"] == "supported" and "disagree" not in steady["signs"]
     pooled = compare_counts(173, 321, 62, 321, "higher")
     assert (steady["ci_low"], steady["ci_high"]) == pytest.approx((pooled["ci_low"], pooled["ci_high"]))
+    # Every seed far below, by different amounts: contradicted, each seed's reference count listed.
+    below = compare(counts_frame([10, 30, 20], [70, 50, 90]), comparison)
+    assert "seeds disagree" in below["signs"] and below["verdict"] == "contradicted"
+    assert below["signs"].startswith("10/107 30/107 20/107 vs 70/107 50/107 90/107; seeds disagree")
+
+
+def test_a_row_judged_seed_by_seed_is_holm_adjusted_with_its_family():
+    """The seed-by-seed p enters its claim's family like any other: two rows, Holm over 2."""
+    frame = pd.concat([counts_frame([100, 70, 60], [10, 12, 11]),
+                       counts_frame([50, 52, 49], [40, 41, 39]).assign(variant=lambda f: f["variant"] + "2")])
+    comparisons = [Comparison("q", "c", "arm", "ref", "shape", direction="higher", test="rate"),
+                   Comparison("q", "c", "arm2", "ref2", "shape", direction="higher", test="rate")]
+    table = verdict_table(frame, comparisons, notebook="n", profile="p")
+    assert "seeds disagree" in table["signs"].iloc[0] and "disagree" not in table["signs"].iloc[1]
+    assert list(table["p_adj"]) == pytest.approx(holm(list(table["p"])))
+    assert list(table["correction"]) == ["holm over 2", "holm over 2"]
 
 
 def test_a_seed_that_judged_nothing_is_left_out_of_a_count_verdict():

@@ -224,8 +224,8 @@ def test_a_longer_budget_is_judged_against_the_shorter_on_the_same_seeds(tmp_pat
     assert lines[1].startswith("target val shape >= 2x its shuffled-caption baseline: met at 10800 steps, **met** at "
                                "21600")
     assert lines[2].startswith("target val all_correct >= 0.25: not met at 10800 steps, **met** at 21600")
-    assert lines[3].startswith("target held-out shape above its shape-shuffled baseline (interval above 0): not met "
-                               "at 10800 steps, **met** at 21600")
+    assert lines[3].startswith("target held-out shape above its shape-shuffled baseline (interval above 0, verdict "
+                               "supported): not met at 10800 steps, **met** at 21600")
     # Held-out shape moves above both its baselines; nothing else changes.
     assert lines[4:6] == ["test, w=3: own captions - test, w=3: shuffled captions (shape): unresolved at 10800, "
                           "supported at 21600",

@@ -28,17 +28,19 @@ Each :class:`Comparison` names its test (``test``), chosen with the claim it ser
   an intersection-union test (Berger 1982): each seed's own counts get the exact test above, and the row's p is
   the *largest* seed's p (the claim holds only if each seed's test rejects at alpha; no multiplicity correction
   is needed within the row, Holm still runs over the table). Seeds that differ only in how far they lie on the
-  same side keep their verdict; seeds on opposite sides decide nothing. The interval runs from the lowest seed's
-  lower Newcombe bound to the highest seed's upper one: with 95% confidence it covers every seed's difference (the
-  seed with the smallest difference is above the lowest bound, the one with the largest below the highest, each
-  with 97.5%), so it excludes 0 where each seed alone does. Its estimate is the seeds' mean difference. The verdict
-  then speaks of the seeds run, not of a further seed's model, which is all that seeds known to differ can say.
-  ``signs`` says "seeds disagree" and that the verdict is every seed's. The heterogeneity test has little power
-  with 2-3 seeds, so passing it is no evidence that they agree; ``signs`` keeps the per-seed counts for the
-  reader either way.
-
+  same side keep their verdict; seeds on opposite sides decide nothing: **contradicted** likewise needs every
+  seed significantly on the other side. The interval runs from the lowest seed's lower Newcombe bound to the
+  highest seed's upper one (:func:`every_seed_interval`): it covers every seed's difference at once with about
+  95% confidence, so it excludes 0 where each seed alone does on the same side; it is not an interval of the
+  seeds' mean, the estimate shown beside it. The verdict then speaks of the seeds run, not of a further seed's
+  model, which is all that seeds known to differ can say. ``signs`` lists each seed's counts of both arms and
+  says "seeds disagree". The heterogeneity test has little power with 2-3 seeds, so passing it is no evidence
+  that they agree; ``signs`` keeps the per-seed counts for the reader either way.
 **Multiplicity.** Holm's step-down correction (family-wise error) over the rows of a table that test one paper
-claim (rows without a claim form one family, "the notebook's own questions").
+claim (rows without a claim form one family, "the notebook's own questions"). Every verdict follows its adjusted
+p-value; the interval beside it is not adjusted, and for counts the exact test and Newcombe's interval can
+disagree at the margin (an interval just clear of 0 with p just above alpha), so a row's verdict, not its interval
+alone, is the finding.
 
 **Confounds.** A comparison that differs in more than the factor its question names carries ``confound`` (what
 else differs). It is filed as ``descriptive``: its interval is shown, it gets no verdict and never enters the
@@ -106,7 +108,8 @@ class Comparison:
 
 
 def verdict(ci_low: float, ci_high: float, direction: str) -> str:
-    """A 95% interval's reading for a single superiority row (the rule the adjusted p-values reduce to)."""
+    """A 95% interval's reading for a single paired superiority row (what its test's verdict reduces to without
+    a family correction; count rows follow their exact test, module docstring)."""
     if direction not in ("lower", "higher"):
         raise ValueError(f"direction must be 'lower' or 'higher', got {direction!r}")
     if not (math.isfinite(ci_low) and math.isfinite(ci_high)):
@@ -182,24 +185,42 @@ def paired_stats(arm, reference, comparison: Comparison, metric: str) -> dict:
     return result
 
 
-def compare_counts(k_arm: int, n_arm: int, k_ref: int, n_ref: int, direction: str = "higher") -> dict:
-    """Two pooled proportions ``k_arm/n_arm - k_ref/n_ref``: Newcombe's 95% interval of the difference and the
-    exact one-sided Boschloo p-values for the claimed direction (support) and the other (contradict)."""
-    from scipy import stats
-    from statsmodels.stats.proportion import confint_proportions_2indep
-
-    if direction not in ("lower", "higher"):
-        raise ValueError(f"direction must be 'lower' or 'higher', got {direction!r}")
+def _check_counts(k_arm: int, n_arm: int, k_ref: int, n_ref: int) -> None:
     for k, n in ((k_arm, n_arm), (k_ref, n_ref)):
         if not (0 <= k <= n) or n < 1:
             raise ValueError(f"counts must satisfy 0 <= k <= n and n >= 1, got k={k}, n={n}")
+
+
+def count_interval(k_arm: int, n_arm: int, k_ref: int, n_ref: int) -> tuple[float, float]:
+    """Newcombe's (hybrid score) 95% interval of ``k_arm/n_arm - k_ref/n_ref``."""
+    from statsmodels.stats.proportion import confint_proportions_2indep
+
+    _check_counts(k_arm, n_arm, k_ref, n_ref)
     low, high = confint_proportions_2indep(k_arm, n_arm, k_ref, n_ref, method="newcomb", compare="diff",
                                            alpha=0.05)
+    return float(low), float(high)
+
+
+def _count_p_values(k_arm: int, n_arm: int, k_ref: int, n_ref: int, direction: str) -> tuple[float, float]:
+    """The exact one-sided Boschloo p-values (support: the claimed direction, contradict: the other)."""
+    from scipy import stats
+
+    if direction not in ("lower", "higher"):
+        raise ValueError(f"direction must be 'lower' or 'higher', got {direction!r}")
+    _check_counts(k_arm, n_arm, k_ref, n_ref)
     table = [[k_arm, k_ref], [n_arm - k_arm, n_ref - k_ref]]
     greater = float(stats.boschloo_exact(table, alternative="greater").pvalue)
     less = float(stats.boschloo_exact(table, alternative="less").pvalue)
-    support, contradict = (greater, less) if direction == "higher" else (less, greater)
-    return {"mean_diff": k_arm / n_arm - k_ref / n_ref, "ci_low": float(low), "ci_high": float(high),
+    return (greater, less) if direction == "higher" else (less, greater)
+
+
+def compare_counts(k_arm: int, n_arm: int, k_ref: int, n_ref: int, direction: str = "higher") -> dict:
+    """Two pooled proportions ``k_arm/n_arm - k_ref/n_ref``: Newcombe's 95% interval of the difference
+    (:func:`count_interval`) and the exact one-sided Boschloo p-values for the claimed direction (support) and the
+    other (contradict)."""
+    support, contradict = _count_p_values(k_arm, n_arm, k_ref, n_ref, direction)
+    low, high = count_interval(k_arm, n_arm, k_ref, n_ref)
+    return {"mean_diff": k_arm / n_arm - k_ref / n_ref, "ci_low": low, "ci_high": high,
             "p_support": support, "p_contradict": contradict}
 
 
@@ -229,18 +250,32 @@ def seed_heterogeneity(k_arm, n_arm, k_ref, n_ref) -> float:
     return float(stats.chi2.sf(q, len(differences) - 1))
 
 
-def compare_every_seed(k_arm, n_arm, k_ref, n_ref, direction: str = "higher") -> dict:
-    """The module docstring's intersection-union test over seeds that disagree: :func:`compare_counts` on each
-    seed's own counts; p = the largest seed's (support and contradict alike), the interval from the lowest seed's
-    bound to the highest's (it covers every seed's difference with 95% confidence), the seeds' mean difference."""
-    per_seed = [compare_counts(*(int(round(count)) for count in seed), direction)
-                for seed in zip(k_arm, n_arm, k_ref, n_ref)]
-    if not per_seed:
+def _seed_counts(k_arm, n_arm, k_ref, n_ref) -> list[tuple[int, int, int, int]]:
+    """Each seed's four counts, rounded (a shuffled baseline's count is a mean over derangements), never truncated."""
+    seeds = [tuple(int(round(count)) for count in seed) for seed in zip(k_arm, n_arm, k_ref, n_ref)]
+    if not seeds:
         raise ValueError("a test over seeds needs at least one seed")
-    return {"mean_diff": sum(seed["mean_diff"] for seed in per_seed) / len(per_seed),
-            "ci_low": min(seed["ci_low"] for seed in per_seed), "ci_high": max(seed["ci_high"] for seed in per_seed),
-            "p_support": max(seed["p_support"] for seed in per_seed),
-            "p_contradict": max(seed["p_contradict"] for seed in per_seed)}
+    return seeds
+
+
+def every_seed_interval(k_arm, n_arm, k_ref, n_ref) -> tuple[float, float]:
+    """From the lowest seed's lower :func:`count_interval` bound to the highest seed's upper one: it covers every
+    seed's difference at once with about 95% confidence (the seed with the smallest difference lies above the lowest
+    bound, the one with the largest below the highest, each with about 97.5%, as far as Newcombe's approximate
+    interval holds its tails)."""
+    bounds = [count_interval(*seed) for seed in _seed_counts(k_arm, n_arm, k_ref, n_ref)]
+    return min(low for low, _ in bounds), max(high for _, high in bounds)
+
+
+def compare_every_seed(k_arm, n_arm, k_ref, n_ref, direction: str = "higher") -> dict:
+    """The module docstring's intersection-union test over seeds that disagree: each seed's own exact test, p = the
+    largest seed's (support and contradict alike), :func:`every_seed_interval`, the seeds' mean difference."""
+    seeds = _seed_counts(k_arm, n_arm, k_ref, n_ref)
+    p_values = [_count_p_values(*seed, direction) for seed in seeds]
+    low, high = every_seed_interval(k_arm, n_arm, k_ref, n_ref)
+    return {"mean_diff": sum(a / n - r / m for a, n, r, m in seeds) / len(seeds), "ci_low": low, "ci_high": high,
+            "p_support": max(support for support, _ in p_values),
+            "p_contradict": max(contradict for _, contradict in p_values)}
 
 
 def _rate_stats(frame, comparison: Comparison, metric: str) -> dict:
@@ -254,16 +289,19 @@ def _rate_stats(frame, comparison: Comparison, metric: str) -> dict:
     k, n = k[judged], n[judged]
     counts = [int(round(k[name].sum())) for name in (arm, reference)]
     totals = [int(round(n[name].sum())) for name in (arm, reference)]
-    per_seed = " ".join(f"{int(a)}/{int(b)}" for a, b in zip(k[arm], n[arm]))
+    per_seed, per_seed_reference = (" ".join(f"{int(round(a))}/{int(b)}" for a, b in zip(k[name], n[name]))
+                                    for name in (arm, reference))
     p_heterogeneity = seed_heterogeneity(k[arm], n[arm], k[reference], n[reference])
     disagree = p_heterogeneity < HETEROGENEITY_ALPHA
     if math.isnan(p_heterogeneity):
         heterogeneity_note = ""
     elif disagree:
-        heterogeneity_note = f"; seeds disagree (heterogeneity p {p_heterogeneity:.2g}): judged seed by seed"
+        heterogeneity_note = (f"; seeds disagree (heterogeneity p {p_heterogeneity:.2g}): judged seed by seed, "
+                              "the interval covers every seed's difference")
     else:
         heterogeneity_note = f"; heterogeneity p {p_heterogeneity:.2g}"
-    result = {"n_seeds": len(k), "signs": f"{per_seed} vs {counts[1]}/{totals[1]}{heterogeneity_note}",
+    reference_counts = per_seed_reference if disagree else f"{counts[1]}/{totals[1]}"
+    result = {"n_seeds": len(k), "signs": f"{per_seed} vs {reference_counts}{heterogeneity_note}",
               "margin": math.nan, "mde": math.nan}
     if not len(k):
         return {**result, "mean_diff": math.nan, "ci_low": math.nan, "ci_high": math.nan,
