@@ -364,3 +364,30 @@ def test_text_to_image_256_trains_on_cpu_at_batch_1(tokenizer):
     changed = {name for name, p in model.named_parameters() if not torch.equal(before[name], p)}
     assert "text_encoder.token_embed.weight" in changed and "backbone.context_embed.weight" in changed
     assert len(changed) > 0.8 * len(before)
+
+
+def test_held_out_shapes_drawn_tabulates_each_held_out_pair_by_the_shape_drawn():
+    """Each held-out object counted once, under its pair, by what was drawn; the shares agree with the count test's
+    held-out row on the same predictions."""
+    import pandas as pd
+
+    from vitdiff.text_alignment import held_out_shapes_drawn
+
+    captions = torch.as_tensor(sample_scenes(300, seed=4, split="test")["attributes"])
+    held = held_out_objects(captions)
+    drawn = captions.clone()
+    # Every held-out object drawn as the colour's next shape (a pair seen in training), but the first one right and
+    # the second one missing (a sample with fewer objects than its caption).
+    drawn[:, :, 0][held] = (captions[:, :, 0][held] + 1) % len(SHAPES)
+    first, second = held.nonzero()[:2]
+    drawn[first[0], first[1], 0] = captions[first[0], first[1], 0]
+    drawn[second[0], second[1]] = ABSENT
+    table = held_out_shapes_drawn(drawn, captions).set_index("pair")
+    assert list(table.index) == [f"{colour} {shape}" for colour, shape in HELD_OUT_PAIRS]
+    assert table["n"].sum() == int(held.sum()) == table[[*SHAPES, "absent"]].to_numpy().sum()
+    assert table["absent"].sum() == 1
+    assert (table["asked"] * table["n"]).round().sum() == 1 == score_counts(drawn, captions)[HELD_OUT_SHAPE][0]
+    pd.testing.assert_series_equal(table["asked"] + table["seen_with_colour"] + table["absent"] / table["n"],
+                                   pd.Series(1.0, index=table.index), check_names=False)
+    with pytest.raises(ValueError, match="must both be"):
+        held_out_shapes_drawn(drawn[:, :1], captions)

@@ -127,6 +127,35 @@ def alignment_summary(frame):
     return table.assign(ratio=table["accuracy"] / table["shuffled_baseline"])
 
 
+def held_out_shapes_drawn(predicted: torch.Tensor, attributes: torch.Tensor):
+    """What the held-out objects came out as: for each of :data:`vitdiff.shapes.HELD_OUT_PAIRS`, the objects
+    the captions name with that pair, and how many the judge saw drawn as each shape (``absent``: the sample has
+    fewer objects than its caption). ``asked``: the share drawn as the caption's shape; ``seen_with_colour``: the
+    share drawn as one of the shapes the colour comes with in training (the two other shapes), what a model that
+    draws the colour it is asked for but not the unseen pairing falls back to. Descriptive: no test, one row a pair.
+    ``predicted`` and ``attributes`` are (N, 2, 4) (:func:`vitdiff.shapes.predict_attributes`, the captions')."""
+    import pandas as pd
+
+    from .shapes import ABSENT, COLOURS, HELD_OUT_PAIRS, SHAPES
+
+    attributes, predicted = torch.as_tensor(attributes), torch.as_tensor(predicted)
+    if attributes.shape != predicted.shape:
+        raise ValueError(f"predicted {tuple(predicted.shape)} and caption attributes {tuple(attributes.shape)} "
+                         "must both be (N, 2, 4)")
+    rows = []
+    for colour, shape in HELD_OUT_PAIRS:
+        named = (attributes[:, :, 1] == COLOURS.index(colour)) & (attributes[:, :, 0] == SHAPES.index(shape))
+        drawn = predicted[:, :, 0][named]
+        counts = {name: int((drawn == index).sum()) for index, name in enumerate(SHAPES)}
+        counts["absent"] = int((drawn == ABSENT).sum())
+        n = int(named.sum())
+        rows.append({"pair": f"{colour} {shape}", "n": n, **counts,
+                     "asked": counts[shape] / n if n else float("nan"),
+                     "seen_with_colour": sum(counts[other] for other in SHAPES if other != shape) / n
+                     if n else float("nan")})
+    return pd.DataFrame(rows)
+
+
 def text_code_key(config: Config) -> str:
     """The code a text seed's numbers depend on: the model's and the numeric modules' (:func:`code_key`), the
     shapes set with its judge (:mod:`vitdiff.shapes`) and this module's measuring functions (:func:`alignment_rows`,
