@@ -238,7 +238,8 @@ def test_rate_verdicts_show_every_seed_and_an_interval_covering_seeds_that_disag
                    for metric, baseline in (("shape", "shuffled captions"), ("held_out_shape", "shape word shuffled"))]
     table = verdict_table(arms, comparisons, notebook=figures.TEXT_NOTEBOOK, profile="p")
     disagreeing = table.iloc[1]
-    assert "seeds disagree" in disagreeing["signs"] and disagreeing["ci_low"] < 10 / 107 - 0.3 < 70 / 107 - 0.3 < disagreeing["ci_high"]
+    assert "seeds disagree" in disagreeing["signs"]
+    assert disagreeing["ci_low"] < 10 / 107 - 0.3 < 70 / 107 - 0.3 < disagreeing["ci_high"]
     fig = figures.plot_rate_verdicts(arms, table, "a title")
     ax = fig.axes[0]
     ticks = [collection.get_offsets() for collection in ax.collections if len(collection.get_offsets()) == 2]
