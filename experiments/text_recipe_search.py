@@ -19,8 +19,14 @@ Progressive resolution: a 32x32 run (patch 4) grown to 64x64 (patch 8, one more 
         --model decoder_channels=[64,32,32] --model hires_channels=16 --model decoder_blocks=1 \\
         --grow-from outputs/07_text_to_image/recipe_search/seed0-<key of the 32x32 run>
 
-(its rows count the 64x64 training only; the source run has rows of its own). A run that exists (same recipe) is
-read back, with the training time (wall and CPU seconds) measured when it was
+(its rows count the 64x64 training only; the source run has rows of its own). The same flag at the source's own
+size continues a trained model (a fresh optimiser from its EMA weights), e.g. with and without colour-word dropout
+(`vitdiff.text_workbook.word_dropout`), the pair differing in the captions alone:
+
+    python experiments/text_recipe_search.py "64x64 continued, colour words dropped p=0.3" --profile cpu-64 \\
+        --steps 5400 --seed 2 --colour-dropout 0.3 --grow-from outputs/07_text_to_image/cpu-64-long/runs/seed2-<key>
+
+A run that exists (same recipe) is read back, with the training time (wall and CPU seconds) measured when it was
 trained; more steps extend it from its checkpoint, and the times add up."""
 from __future__ import annotations
 
@@ -98,6 +104,8 @@ def main() -> int:
                              "recipe_search_NAME_prompt_grid.png beside the table")
     parser.add_argument("--grow-from", type=Path, metavar="RUN_DIR",
                         help="start from this run's model at a smaller image size (progressive resolution)")
+    parser.add_argument("--colour-dropout", type=float, default=0.0, metavar="P",
+                        help="drop each training caption's colour words with probability P (default 0: none)")
     parser.add_argument("--runs-dir", type=Path, default=REPO_ROOT / "outputs" / "07_text_to_image" / "recipe_search")
     args = parser.parse_args()
     # A bad config key or value is one line on stderr (exit 2), as with `vitdiff train`.
@@ -107,13 +115,15 @@ def main() -> int:
 def search_step(args: argparse.Namespace) -> None:
     config_changes, model_changes = dict(args.set), dict(args.model)
     grown = {"grown_from": str(args.grow_from)} if args.grow_from else {}
+    dropout = {"colour_word_dropout": args.colour_dropout} if args.colour_dropout else {}
     setup = tw.TEXT_SETUPS[args.profile]
     tw.TEXT_SETUPS[args.profile] = replace(setup, image_size=args.image_size or setup.image_size,
                                            model={**setup.model, **model_changes})
     profile = tw.text_profile(args.profile, steps=args.steps, seeds=[args.seed]).with_overrides(**config_changes)
     with one_thread():
         trainer, train_s, cpu_s = timed_training(
-            lambda: tw.train_text_model(profile, args.seed, args.runs_dir, progress=True, grow_from=args.grow_from),
+            lambda: tw.train_text_model(profile, args.seed, args.runs_dir, progress=True, grow_from=args.grow_from,
+                                       colour_dropout=args.colour_dropout),
             args.steps)
         rows = [row for split in ("val", "test")
                 for row in tw.alignment_rows(trainer.ema.module, trainer.process, trainer.config, split=split,
@@ -126,7 +136,7 @@ def search_step(args: argparse.Namespace) -> None:
                                       cpu_s=cpu_s, profile=args.profile,
                                       image_size=tw.TEXT_SETUPS[args.profile].image_size,
                                       noise=json.dumps(profile.process_kwargs),
-                                      changes=json.dumps({**config_changes, **model_changes, **grown}))
+                                      changes=json.dumps({**config_changes, **model_changes, **grown, **dropout}))
     if RESULTS.is_file():
         old = pd.read_csv(RESULTS)
         # Rows are per (recipe, seed, steps): a second seed joins the first, a longer run keeps the shorter one.

@@ -613,3 +613,44 @@ def test_the_recipe_search_counts_the_time_of_a_run_stopped_and_resumed(tmp_path
 
     _, train_s, cpu_s = search.timed_training(resumed, 10)
     assert train_s >= first["train_time.json"] + 0.1 and cpu_s >= first["train_cpu_time.json"] + 0.1
+
+
+def test_colour_word_dropout_drops_colour_words_alone_at_its_rate_and_redraws_each_epoch():
+    from vitdiff.shapes import COLOURS
+    from vitdiff.text_workbook.word_dropout import ColourWordDropout
+
+    shapes = ShapesDataset("train", image_size=16, num_samples=600, return_attributes=False)
+    full = [ColourWordDropout(shapes, 0.0).caption(i, c) for i, c in enumerate(shapes.captions)]
+    none = [ColourWordDropout(shapes, 1.0).caption(i, c) for i, c in enumerate(shapes.captions)]
+    assert full == shapes.captions
+    assert none == [" ".join(w for w in c.split() if w not in COLOURS) for c in shapes.captions]
+    dropped = ColourWordDropout(shapes, 0.3)
+    colour_words = sum(w in COLOURS for c in shapes.captions for w in c.split())
+    kept = [dropped.caption(i, c) for i, c in enumerate(shapes.captions)]
+    share = 1 - sum(w in COLOURS for c in kept for w in c.split()) / colour_words
+    assert abs(share - 0.3) < 4 * (0.3 * 0.7 / colour_words) ** 0.5, share  # ~900 words: within 4 s.e.
+    assert kept == [dropped.caption(i, c) for i, c in enumerate(shapes.captions)]  # fixed within an epoch
+    dropped.set_epoch(1)
+    assert shapes.epoch == 1 and kept != [dropped.caption(i, c) for i, c in enumerate(shapes.captions)]
+    image, caption = dropped[3]
+    assert torch.equal(image, shapes[3][0]) and caption == dropped.caption(3, shapes.captions[3])
+    assert dropped.captions is shapes.captions  # the tokenizer is built from the full captions
+    with pytest.raises(ValueError, match=r"\[0, 1\]"):
+        ColourWordDropout(shapes, 1.5)
+    with pytest.raises(TypeError, match="data.dataset=shapes"):
+        ColourWordDropout(torch.utils.data.TensorDataset(torch.zeros(2)), 0.3)
+
+
+def test_a_colour_word_dropout_run_lives_apart_and_shares_the_vocabulary(tmp_path):
+    from vitdiff.text_workbook.word_dropout import ColourWordDropout
+
+    profile = tw.text_profile("smoke", steps=2)
+    plain = tw.train_text_model(profile, 0, tmp_path, progress=False)
+    dropped = tw.train_text_model(profile, 0, tmp_path, progress=False, colour_dropout=0.5)
+    assert dropped.out_dir.parent == tmp_path / "colour-word-dropout-0.5" and plain.out_dir.parent == tmp_path
+    assert isinstance(dropped.dataset, ColourWordDropout) and dropped.step == 2
+    assert dropped.model.tokenizer.vocab == plain.model.tokenizer.vocab
+    # Same seed, same images and noise: only the captions differ, so the models part.
+    differ = [name for name, value in dropped.model.state_dict().items()
+              if not torch.equal(value, plain.model.state_dict()[name])]
+    assert differ and all(name.startswith(("backbone.", "text_encoder.")) for name in differ), differ

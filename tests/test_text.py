@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import importlib.util
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -391,3 +392,39 @@ def test_held_out_shapes_drawn_tabulates_each_held_out_pair_by_the_shape_drawn()
                                    pd.Series(1.0, index=table.index), check_names=False)
     with pytest.raises(ValueError, match="must both be"):
         held_out_shapes_drawn(drawn[:, :1], captions)
+
+
+def test_held_out_shapes_compares_two_models_item_by_item_on_the_held_out_objects(tmp_path):
+    """The experiment's paired row: the same captions' held-out objects, McNemar on those one model alone draws
+    right; a model sampled on other captions is refused, and a redone row replaces its earlier self."""
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location("held_out_shapes",
+                                                  Path(__file__).resolve().parents[1] / "experiments" /
+                                                  "held_out_shapes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    captions = torch.as_tensor(sample_scenes(200, seed=5, split="test")["attributes"])
+    held = held_out_objects(captions)
+    wrong = captions.clone()
+    wrong[:, :, 0][held] = (captions[:, :, 0][held] + 1) % len(SHAPES)
+    better = wrong.clone()
+    first_ten = held.nonzero()[:10]
+    better[first_ten[:, 0], first_ten[:, 1], 0] = captions[first_ten[:, 0], first_ten[:, 1], 0]
+    arm, reference = (script.HeldOutSamples(drawn, captions, 100, 64) for drawn in (better, wrong))
+    assert script.asked_shape_drawn(arm).sum() == 10 and len(script.asked_shape_drawn(arm)) == int(held.sum())
+    row = script.paired_row(arm, reference, names=("dropout", "control"), seed=2, n=200, guidance=3.0)
+    assert (row["arm_only"], row["ref_only"], row["n"]) == (10, 0, int(held.sum()))
+    assert row["p_support"] == pytest.approx(0.5 ** 10) and row["verdict"] == "supported"
+    assert script.paired_row(reference, arm, names=("control", "dropout"), seed=2, n=200,
+                             guidance=3.0)["verdict"] == "contradicted"
+    other = script.HeldOutSamples(wrong, torch.as_tensor(sample_scenes(200, seed=6, split="test")["attributes"]),
+                                  100, 64)
+    with pytest.raises(ValueError, match="same seed and -n"):
+        script.paired_row(arm, other, names=("a", "b"), seed=2, n=200, guidance=3.0)
+    table = tmp_path / "paired.csv"
+    for k in (1, 2):
+        script.replace_rows(table, pd.DataFrame([{**row, "k_arm": k}]), ["arm", "reference", "captions"])
+    script.replace_rows(table, pd.DataFrame([{**row, "captions": 96}]), ["arm", "reference", "captions"])
+    filed = pd.read_csv(table)
+    assert sorted(zip(filed["captions"], filed["k_arm"])) == [(96, 10), (200, 2)]

@@ -224,6 +224,36 @@ def compare_counts(k_arm: int, n_arm: int, k_ref: int, n_ref: int, direction: st
             "p_support": support, "p_contradict": contradict}
 
 
+def compare_paired_outcomes(arm, reference, direction: str = "higher") -> dict:
+    """Two models judged on the same items (same captions and noise), one success or failure each: the
+    difference of their success rates with the exact McNemar test, i.e. a binomial test on the discordant items
+    (those exactly one model gets right), one-sided for the claimed direction (support) and the other (contradict).
+    The 95% interval is conditional on the number of discordant items d of n: Clopper-Pearson's interval of the
+    share the arm wins among them, mapped to the difference (2 share - 1) d / n. ``arm``/``reference``: booleans."""
+    import numpy as np
+    from scipy import stats
+
+    if direction not in ("lower", "higher"):
+        raise ValueError(f"direction must be 'lower' or 'higher', got {direction!r}")
+    arm, reference = np.asarray(arm, dtype=bool), np.asarray(reference, dtype=bool)
+    if arm.shape != reference.shape or arm.ndim != 1 or not len(arm):
+        raise ValueError(f"paired outcomes need two equal, non-empty 1-d arrays, got {arm.shape} and "
+                         f"{reference.shape}")
+    n, arm_only, reference_only = len(arm), int((arm & ~reference).sum()), int((reference & ~arm).sum())
+    discordant = arm_only + reference_only
+    result = {"n": n, "k_arm": int(arm.sum()), "k_ref": int(reference.sum()), "arm_only": arm_only,
+              "ref_only": reference_only, "mean_diff": (arm_only - reference_only) / n}
+    if not discordant:  # the models agree on every item: no evidence either way
+        return {**result, "ci_low": 0.0, "ci_high": 0.0, "p_support": 1.0, "p_contradict": 1.0}
+    # The interval from the two-sided test: a one-sided test's proportion_ci is one-sided too.
+    low, high = stats.binomtest(arm_only, discordant).proportion_ci(confidence_level=0.95, method="exact")
+    greater, less = (float(stats.binomtest(arm_only, discordant, alternative=side).pvalue)
+                     for side in ("greater", "less"))
+    support, contradict = (greater, less) if direction == "higher" else (less, greater)
+    return {**result, "ci_low": (2 * low - 1) * discordant / n, "ci_high": (2 * high - 1) * discordant / n,
+            "p_support": support, "p_contradict": contradict}
+
+
 def _seed_differences(k_arm, n_arm, k_ref, n_ref):
     """Each seed's difference of proportions ``k_arm/n_arm - k_ref/n_ref`` and its variance from Agresti-Caffo's
     adjusted proportions (one success and one failure added to each group), which is never zero."""

@@ -25,25 +25,30 @@ def text_run_dir(config: Config, seed: int, runs_dir: Path) -> Path:
 
 
 def train_text_model(profile: Profile, seed: int, runs_dir: Path, *, progress: bool = True,
-                     grow_from: Path | None = None):
+                     grow_from: Path | None = None, colour_dropout: float = 0.0):
     """Train one seed in ``runs_dir/seed<seed>-<key>`` and return its Trainer. The key hashes what a checkpoint
     must share to be resumed, so a re-run continues (or just reloads) the run, more steps extend it, and a changed
     model or recipe starts a new run instead of failing on the old checkpoint.
 
     ``grow_from`` (a run directory or checkpoint of the same model at a smaller image size) starts the run from
     that model's EMA weights (:func:`vitdiff.models.grow.grow_state_dict`: progressive resolution); such runs live
-    in ``runs_dir/grown-from-<source run>-step<its step>/``, so a source trained on grows a new run."""
+    in ``runs_dir/grown-from-<source run>-step<its step>/``, so a source trained on grows a new run.
+    ``colour_dropout`` > 0 drops each training caption's colour words with that probability
+    (:mod:`.word_dropout`, the recipe search's switch); such runs live in ``colour-word-dropout-<p>/`` below."""
     from ..checkpoint import load_checkpoint
     from ..trainer import Trainer
+    from .word_dropout import dropout_runs_dir, dropout_trainer
 
     source = None
     if grow_from is not None:
         checkpoint = Path(grow_from) / "last.pt" if Path(grow_from).is_dir() else Path(grow_from)
         source = load_checkpoint(checkpoint)
         runs_dir = runs_dir / f"grown-from-{checkpoint.parent.name}-step{source['step']}"
+    if colour_dropout:
+        runs_dir = dropout_runs_dir(runs_dir, colour_dropout)
     config = make_text_config(profile, seed, runs_dir)
     config.out_dir = str(text_run_dir(config, seed, runs_dir))
-    trainer = Trainer(config, progress=progress)
+    trainer = (dropout_trainer(colour_dropout) if colour_dropout else Trainer)(config, progress=progress)
     if source is not None and trainer.step == 0:  # not again when the grown run resumes
         grow_trainer(trainer, source)
     record = trainer.fit()
