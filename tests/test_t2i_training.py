@@ -654,3 +654,20 @@ def test_a_colour_word_dropout_run_lives_apart_and_shares_the_vocabulary(tmp_pat
     differ = [name for name, value in dropped.model.state_dict().items()
               if not torch.equal(value, plain.model.state_dict()[name])]
     assert differ and all(name.startswith(("backbone.", "text_encoder.")) for name in differ), differ
+
+
+def test_held_out_shapes_sees_the_samples_the_notebook_judged(tmp_path):
+    """experiments/held_out_shapes.py draws the test captions as alignment_rows does (its captions' seed, batch size,
+    clamp), so its held-out counts are the filed rows' `held_out_shape` k: this guards the repetition."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("held_out_shapes", ROOT / "experiments" / "held_out_shapes.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    trainer = tw.train_text_model(tw.text_profile("smoke", steps=2), 1, tmp_path, progress=False)
+    rows = text_alignment.alignment_rows(trainer.ema.module, trainer.process, trainer.config, split="test",
+                                         guidances=(3.0,), n=70, seed=1)
+    held_out = next(row for row in rows if row["attribute"] == HELD_OUT_SHAPE)
+    samples = script.held_out_samples(trainer.out_dir, seed=1, n=70, guidance=3.0)
+    drawn = script.asked_shape_drawn(samples)
+    assert (int(drawn.sum()), len(drawn)) == (held_out["k"], held_out["n_judged"])
