@@ -78,3 +78,19 @@ def test_the_claims_table_says_how_many_seeds_each_verdict_rests_on():
     assert header.startswith("| claim (source) | notebook, profile, budget | seeds |")
     assert long == "| draws captions | 07, long, final | 1 | 1 / 0 / 1 | 0 |"
     assert short == "| draws captions | 07, short, final | 2–3 | 1 / 0 / 1 | 0 |"
+
+
+def test_held_out_tables_show_each_pairs_shapes_and_the_paired_comparison(tmp_path):
+    folder = tmp_path / "07_text_to_image"
+    folder.mkdir()
+    pd.DataFrame([{"pair": "blue square", "n": 26, "circle": 22, "square": 1, "triangle": 3, "absent": 0,
+                   "asked": 1 / 26, "seen_with_colour": 25 / 26, "model": "m", "steps": 10, "image_size": 64,
+                   "guidance": 3, "seed": 2, "captions": 96}]).to_csv(folder / "held_out_shapes.csv", index=False)
+    pd.DataFrame([{"arm": "dropout", "reference": "control", "seed": 2, "captions": 384, "guidance": 3.0, "n": 400,
+                   "k_arm": 120, "k_ref": 100, "arm_only": 40, "ref_only": 20, "mean_diff": 0.05, "ci_low": 0.01,
+                   "ci_high": 0.09, "p_support": 0.0067, "p_contradict": 0.996, "verdict": "supported"}]
+                 ).to_csv(folder / "held_out_paired.csv", index=False)
+    text = report.render(tmp_path)
+    assert "| m | 96 | 1/26 (22, 1, 3, 0) |" in text
+    assert "| dropout | control | 2 | 384 | 3 | 400 | 120 | 100 | 40 / 20 | +0.050 [+0.010, +0.090] | 0.0067 | " \
+           "supported |" in text

@@ -71,6 +71,41 @@ def alignment_table(frame) -> list[str]:
     return lines
 
 
+def held_out_shapes_table(frame) -> list[str]:
+    """What each model drew for each held-out colour-shape pair (``experiments/held_out_shapes.py``): the objects
+    drawn as each shape, of those the captions name, one row per (model, captions sampled)."""
+    pairs = list(dict.fromkeys(frame["pair"]))
+    header = ["model", "captions", *[f"{pair}: as asked (circle, square, triangle, absent)" for pair in pairs]]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for (model, captions), rows in frame.groupby(["model", "captions"], sort=False):
+        by_pair = rows.set_index("pair")
+        cells = [str(model), str(int(captions))]
+        for pair in pairs:
+            if pair not in by_pair.index:
+                cells.append("—")
+                continue
+            row = by_pair.loc[pair]
+            drawn = ", ".join(str(int(row[shape])) for shape in ("circle", "square", "triangle", "absent"))
+            cells.append(f"{int(round(row['asked'] * row['n']))}/{int(row['n'])} ({drawn})")
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
+def paired_outcomes_table(frame) -> list[str]:
+    """Two models on the same items (``experiments/held_out_shapes.py --against``): each one's successes, the items
+    one model alone got right, the difference with its 95% interval, the one-sided p and the verdict."""
+    header = ["arm", "reference", "seed", "captions", "guidance", "items", "arm right", "reference right",
+              "arm alone / reference alone", "difference [95% CI]", "p (arm higher)", "verdict"]
+    lines = ["| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    for row in frame.itertuples():
+        cells = [row.arm, row.reference, str(row.seed), str(row.captions), f"{row.guidance:g}", str(row.n),
+                 str(row.k_arm), str(row.k_ref), f"{row.arm_only} / {row.ref_only}",
+                 f"{row.mean_diff:+.3f} [{row.ci_low:+.3f}, {row.ci_high:+.3f}]", f"{row.p_support:.3g}",
+                 row.verdict]
+        lines.append("| " + " | ".join(cells) + " |")
+    return lines
+
+
 VALIDATION_KEYS = ("monotone ", "floor fd_resized 16x16", "eval seeds fd", "training seeds fd")
 
 
@@ -179,6 +214,10 @@ def render(results: Path) -> str:
                 render_rows = alignment_table
             elif {"variant", "seed"} <= set(frame.columns):
                 render_rows = results_table
+            elif {"pair", "asked", "model"} <= set(frame.columns):
+                render_rows = held_out_shapes_table
+            elif {"arm", "reference", "arm_only", "ref_only"} <= set(frame.columns):
+                render_rows = paired_outcomes_table
             else:
                 continue  # not a notebook's per-run rows (e.g. a record of probes): not a results table
             lines += ["", f"### {folder.name} — `{table.stem}`", ""]
