@@ -95,6 +95,8 @@ def main() -> int:
     args = parser.parse_args()
     if (args.against is None) != (args.against_name is None):
         parser.error("--against and --against-name go together")
+    if args.against_name == args.name:
+        parser.error("--against-name must differ from --name: the two models' rows are told apart by name")
 
     def tabulate() -> None:
         models = [(args.name, args.run_dir)] + ([(args.against_name, args.against)] if args.against else [])
@@ -116,12 +118,15 @@ def main() -> int:
 
 
 def replace_rows(path: Path, frame: pd.DataFrame, keys: list[str]) -> None:
-    """Write ``frame`` into the table at ``path``, in place of the rows it redoes (the same ``keys``)."""
+    """Write ``frame`` into the table at ``path``, in place of the rows it redoes (the same ``keys``); atomically, so
+    a killed run never truncates a filed table."""
+    from vitdiff.checkpoint import write_atomically
+
     if path.is_file():
         old = pd.read_csv(path)
         redone = old.set_index(keys).index.isin(frame.set_index(keys).index)
         frame = pd.concat([old[~redone], frame], ignore_index=True)
-    frame.to_csv(path, index=False, float_format="%.6g")
+    write_atomically(path, lambda handle: frame.to_csv(handle, index=False, float_format="%.6g"))
 
 
 if __name__ == "__main__":

@@ -86,7 +86,8 @@ def held_out_shapes_table(frame) -> list[str]:
                 continue
             row = by_pair.loc[pair]
             drawn = ", ".join(str(int(row[shape])) for shape in ("circle", "square", "triangle", "absent"))
-            cells.append(f"{int(round(row['asked'] * row['n']))}/{int(row['n'])} ({drawn})")
+            asked_shape = pair.split()[-1]  # the filed count of objects drawn as the pair's shape
+            cells.append(f"{int(row[asked_shape])}/{int(row['n'])} ({drawn})")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
